@@ -1,0 +1,33 @@
+# Lifelong: `make run` and `make test` are the whole set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/default.toml
+
+.PHONY: run test bench install clean lint
+
+run: $(STAMP)  ## set up, then run the default pipeline (naive vs replay vs joint on Split-Digits)
+	$(BIN)/lifelong run $(CONFIG)
+
+test: $(STAMP)  ## set up, then run the whole test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## benchmarks: ratios measured side by side in one run
+	$(BIN)/python -m bench
+
+install: $(STAMP)
+
+# Reinstall whenever pyproject.toml changes. torch/torchvision are pinned in pyproject.toml;
+# pip takes those exact builds from this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .lifelong mlruns.db mlartifacts .pytest_cache

@@ -1,0 +1,1 @@
+import lifelong  # noqa: F401  (sets Prefect/MLflow environment before they are imported)

@@ -1,0 +1,116 @@
+"""The ``lifelong`` command: run pipelines, list strategies and streams, read results."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
+from lifelong.config import ConfigError, load_config
+
+app = typer.Typer(
+    name="lifelong",
+    help="Continual and federated learning pipelines: Prefect flows, Avalanche strategies, "
+    "Flower rounds, MLflow tracking.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: built-in defaults)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set training.epochs=3")] = [],
+) -> None:
+    """Run a pipeline: every configured strategy on the configured stream, tracked in MLflow."""
+    try:
+        cfg = load_config(config, set_)
+        from tasks.streams import build_stream
+
+        stream = build_stream(cfg.stream, cfg.seed)  # missing or bad data fails here, before any work
+        from tasks.models import build_model
+
+        build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    from flows.continual import run_continual
+
+    result = run_continual(cfg)
+    print_results_table(result)
+
+
+def print_results_table(result) -> None:
+    from tasks.metrics import matrix_summary  # noqa: F401  (keeps the import cost out of --help)
+
+    cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]
+    typer.echo("")
+    typer.echo(f"{'strategy':<16}" + "".join(f"{c:>15}" for c in cols))
+    for r in result.results:
+        typer.echo(f"{r.label:<16}" + "".join(
+            f"{r.summary[c]:>15.3f}" if c in r.summary else f"{'n/a':>15}" for c in cols))
+    typer.echo("")
+    typer.echo(f"MLflow run: {result.parent_run_id}  (store: {result.tracking_uri})")
+    typer.echo(f"  lifelong results {result.parent_run_id}")
+    typer.echo(f"  mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+@app.command()
+def strategies() -> None:
+    """List the available strategies and plugins, with the paper each comes from."""
+    from strategies.catalogue import CATALOGUE
+
+    for s in CATALOGUE:
+        typer.echo(f"{s.name:<14} {s.kind:<9} {s.summary}")
+        typer.echo(f"{'':<24} paper: {s.paper}")
+        typer.echo(f"{'':<24} implementation: {s.implementation}")
+
+
+@app.command()
+def streams() -> None:
+    """List the task streams: the embedded digits, standard benchmarks, and bring-your-own npz."""
+    from tasks.streams import describe_streams
+
+    for name, text in describe_streams().items():
+        typer.echo(f"{name:<16} {text}")
+
+
+@app.command()
+def results(
+    run_id: Annotated[str, typer.Argument(help="An MLflow run id printed by `lifelong run`")],
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: ./mlruns.db)")] = None,
+) -> None:
+    """Print the accuracy matrix and summary of a finished run (and of each strategy in it)."""
+    from lifelong.tracking import read_results
+
+    try:
+        res = read_results(run_id, tracking_uri)
+    except LookupError as exc:
+        _fail(str(exc))
+    for r in [res, *res.children]:
+        if r.matrix is None and not r.children and r is res:
+            typer.echo(f"run {r.run_id} ({r.name}, {r.status}) has no accuracy matrix")
+        if r.matrix is None:
+            continue
+        typer.echo(f"\n{r.name}  [{r.run_id}]  {r.status}")
+        typer.echo(" " * 14 + "".join(f"{c:>8}" for c in r.columns))
+        for label, row in zip(r.rows, r.matrix):
+            typer.echo(f"{label:<14}" + "".join(f"{v:>8.3f}" for v in row))
+        finals = {k.removeprefix("final/"): v for k, v in r.metrics.items() if k.startswith("final/")}
+        typer.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(finals.items())))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="lifelong")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""One typed, validated configuration for every Lifelong run.
+
+A config is a TOML file (see ``configs/``) validated by pydantic. Every section
+forbids unknown keys, and every error names the key and what it accepts, so a
+mistake is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- stream
+
+#: Built-in streams: name -> (dataset, scenarios it can be, the default scenario).
+BUILTIN_STREAMS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "split_digits": ("digits", ("class", "task"), "class"),
+    "permuted_digits": ("digits", ("domain",), "domain"),
+    "rotated_digits": ("digits", ("domain",), "domain"),
+    "split_mnist": ("mnist", ("class", "task"), "class"),
+    "permuted_mnist": ("mnist", ("domain",), "domain"),
+    "rotated_mnist": ("mnist", ("domain",), "domain"),
+    "split_cifar10": ("cifar10", ("class", "task"), "class"),
+    "split_cifar100": ("cifar100", ("class", "task"), "class"),
+    "npz": ("npz", ("class", "task", "domain"), "class"),
+}
+#: Number of classes of the built-in datasets (for checks before any data is read).
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+
+StreamName = Literal[
+    "split_digits", "permuted_digits", "rotated_digits", "split_mnist", "permuted_mnist",
+    "rotated_mnist", "split_cifar10", "split_cifar100", "npz",
+]
+
+
+class StreamConfig(_Section):
+    """What is learned: a stream of experiences."""
+
+    name: StreamName = "split_digits"
+    #: class-, task- or domain-incremental; defaults to what the stream's name says.
+    scenario: Literal["class", "task", "domain"] | None = None
+    n_experiences: int = Field(5, ge=1)
+    #: Domain shift of a domain-incremental npz stream: a pixel permutation or a rotation per
+    #: experience, or ``given`` to split by the file's own ``domain`` array.
+    domain_shift: Literal["permute", "rotate", "given"] | None = None
+    #: Largest rotation (degrees) of rotated streams; experience i is rotated by i/(n-1) of it.
+    max_rotation: float = Field(90.0, ge=0, le=360)
+    #: Bring-your-own data: an .npz file with ``x``, ``y`` (optionally ``x_test``, ``y_test``, ``domain``).
+    path: Path | None = None
+    #: Where standard benchmarks (MNIST, CIFAR) are read from; nothing is downloaded.
+    data_dir: Path = Path("data")
+    #: Test share carved out of data that has no test split of its own (digits, npz without x_test).
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    #: Keep the natural class order (0,1 | 2,3 | ...) or shuffle it with the run's seed.
+    class_order: Literal["natural", "shuffled"] = "natural"
+
+    @property
+    def dataset(self) -> str:
+        return BUILTIN_STREAMS[self.name][0]
+
+    @property
+    def resolved_scenario(self) -> str:
+        return self.scenario or BUILTIN_STREAMS[self.name][2]
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamConfig":
+        dataset, allowed, _ = BUILTIN_STREAMS[self.name]
+        scenario = self.resolved_scenario
+        if scenario not in allowed:
+            raise ValueError(
+                f"stream.scenario: {self.name!r} can be {_one_of(allowed)}, not {scenario!r}"
+            )
+        if self.name == "npz" and self.path is None:
+            raise ValueError("stream.path: an npz stream needs the path of an .npz file with x and y arrays")
+        if self.name != "npz" and self.path is not None:
+            raise ValueError(f"stream.path: only the npz stream reads a file; {self.name!r} has its own data")
+        if self.domain_shift is not None and scenario != "domain":
+            raise ValueError("stream.domain_shift: only a domain-incremental stream has a domain shift")
+        if self.name == "npz" and scenario == "domain" and self.domain_shift is None:
+            raise ValueError(
+                "stream.domain_shift: a domain-incremental npz stream needs one of "
+                "'permute', 'rotate', 'given' (split by the file's `domain` array)"
+            )
+        n_classes = DATASET_CLASSES.get(dataset)
+        if scenario in ("class", "task") and n_classes is not None:
+            _check_class_split(n_classes, self.n_experiences)
+        return self
+
+
+def _check_class_split(n_classes: int, n_experiences: int) -> None:
+    """A class-incremental split must give every experience the same number of classes."""
+    if n_experiences > n_classes or n_classes % n_experiences:
+        divisors = [d for d in range(1, n_classes + 1) if n_classes % d == 0]
+        raise ValueError(
+            f"stream.n_experiences: {n_experiences} experiences cannot split {n_classes} classes evenly; "
+            f"use one of {divisors}"
+        )
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Section):
+    """The network: an MLP or a small CNN (input size taken from the stream)."""
+
+    name: Literal["mlp", "cnn"] = "cnn"
+    hidden: int = Field(256, ge=1)
+    #: Channels of the CNN's two convolution blocks.
+    channels: tuple[int, int] = (32, 64)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(1024, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    #: Evaluate on the experiences seen so far every this many iterations (0: only after each experience).
+    eval_every: int = Field(10, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+class NaiveSpec(_Section):
+    """Fine-tuning on each experience in turn: the lower bound that shows forgetting."""
+
+    name: Literal["naive"]
+    label: str | None = None
+
+
+class ReplaySpec(_Section):
+    """Experience replay with a fixed memory, filled class-balanced... by Avalanche's storage policy."""
+
+    name: Literal["replay"]
+    label: str | None = None
+    mem_size: int = Field(200, ge=1)
+    #: Replayed samples per mini-batch (default: the training batch size).
+    batch_size_mem: int | None = Field(None, ge=1)
+
+
+class JointSpec(_Section):
+    """Training on all experiences at once: the upper bound (not a continual learner)."""
+
+    name: Literal["joint"]
+    label: str | None = None
+
+
+StrategySpec = Annotated[Union[NaiveSpec, ReplaySpec, JointSpec], Field(discriminator="name")]
+
+
+def strategy_label(spec: Any) -> str:
+    return spec.label or spec.name
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingConfig(_Section):
+    #: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``.
+    uri: str | None = None
+    experiment: str = "lifelong"
+    run_name: str | None = None
+    log_model: bool = True
+    log_plots: bool = True
+
+
+# --------------------------------------------------------------------------- the whole config
+
+
+class Config(_Section):
+    seed: int = 0
+    stream: StreamConfig = StreamConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    #: One or more strategies, each run on the same stream with the same seed, side by side.
+    strategies: list[StrategySpec] = Field(
+        default_factory=lambda: [NaiveSpec(name="naive")], min_length=1
+    )
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "Config":
+        labels = [strategy_label(s) for s in self.strategies]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(
+                f"strategies: labels must be unique, {dup} appear twice; give each a distinct `label`"
+            )
+        return self
+
+    def flat(self) -> dict[str, str]:
+        """The config as flat ``section.key`` strings (MLflow parameters)."""
+        return {k: str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the defaults), apply ``key=value`` overrides, validate.
+
+    Raises :class:`ConfigError` with one line per problem, naming each key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` in place; the value is read as TOML, else taken as a string.
+
+    List items are addressed by index: ``strategies.1.mem_size=100``.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. training.epochs=3")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            idx = _list_index(node, part, key)
+            node = node[idx]
+            continue
+        if part not in node:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(err["loc"][:-1])
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif err["type"] == "union_tag_invalid":
+            tags = err.get("ctx", {}).get("expected_tags", "")
+            msg = f"unknown {err['ctx'].get('discriminator', 'name')} {err['input'].get('name')!r}; allowed: {tags}"
+        elif err["type"] == "literal_error":
+            msg = f"{err['input']!r} is not allowed; expected {err['ctx']['expected']}"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{loc or 'config'}: {msg}" if not msg.startswith(loc or "\0") else msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the discriminator tag ('naive', 'replay'...) into the error location.
+    return isinstance(part, str) and any(
+        part == m.model_fields["name"].annotation.__args__[0] for m in _STRATEGY_MODELS
+    )
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is Config and part == "strategies":
+            model = list
+            continue
+        if model is list:  # a strategy spec, addressed by its tag
+            model = next((m for m in _STRATEGY_MODELS if _is_tag_of(m, part)), None)
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _is_tag_of(model: Any, tag: Any) -> bool:
+    return model.model_fields["name"].annotation.__args__[0] == tag
+
+
+_STRATEGY_MODELS = (NaiveSpec, ReplaySpec, JointSpec)
+
+
+def _one_of(values: tuple[str, ...] | list[str]) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out

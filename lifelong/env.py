@@ -1,0 +1,40 @@
+"""Where Lifelong keeps its state, and the environment Prefect and MLflow need.
+
+Prefect reads its settings when it is first imported, so this runs from
+``lifelong/__init__.py``, before any flow module imports Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def state_dir() -> Path:
+    """The project's state directory: ``$LIFELONG_HOME`` or ``./.lifelong``."""
+    return Path(os.environ.get("LIFELONG_HOME", ".lifelong")).resolve()
+
+
+def default_tracking_uri() -> str:
+    """MLflow store: ``$MLFLOW_TRACKING_URI`` or SQLite at ``./mlruns.db``.
+
+    SQLite rather than the file store: MLflow's file store is in maintenance mode.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+
+
+def configure_environment() -> None:
+    """Set defaults that the user has not set: they always win over ours."""
+    home = state_dir()
+    # Prefect's ephemeral API keeps a SQLite database under PREFECT_HOME: keep it in our state dir.
+    # SQLite cannot create the database in a folder that does not exist.
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    # No network here but package registries: no telemetry, no update checks.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral API server can take longer than Prefect's default to start on 2 busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

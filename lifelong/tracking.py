@@ -1,0 +1,216 @@
+"""MLflow tracking: runs, metrics logged in batches, the accuracy matrix, plots, models.
+
+* ``MLflowLogger`` is an Avalanche ``BaseLogger`` (Avalanche ships none for MLflow), so plain
+  Avalanche code can log to MLflow too: ``EvaluationPlugin(..., loggers=[MLflowLogger(run_id)])``.
+  Values are buffered and sent with ``log_batch`` (one call per 1,000 values, not one per value).
+* Everything addresses runs by id through one ``MlflowClient``: MLflow's "active run" is per
+  thread, and Prefect runs steps in worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from avalanche.logging import BaseLogger
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from lifelong.env import default_tracking_uri
+
+MATRIX_FILE = "accuracy_matrix.json"
+SUMMARY_FILE = "summary.json"
+TRACE_FILE = "continual_trace.json"
+_BATCH_METRICS, _BATCH_PARAMS = 1000, 100  # MLflow's limits per log_batch call
+
+
+def client_for(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or default_tracking_uri())
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+class MLflowLogger(BaseLogger):
+    """Buffers metric values of one MLflow run and sends them with ``log_batch``.
+
+    ``x_plot`` becomes the MLflow step. Non-numeric values (images, tensors) are skipped.
+    Call ``flush()`` (the logger does at the end of each experience and of evaluation).
+    """
+
+    def __init__(self, run_id: str, client: MlflowClient | None = None, tracking_uri: str | None = None):
+        super().__init__()
+        self.run_id = run_id
+        self.client = client or client_for(tracking_uri)
+        self._buffer: list[Metric] = []
+
+    def log_single_metric(self, name: str, value: Any, x_plot: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            return
+        value = float(value)
+        if math.isnan(value):
+            return
+        self._buffer.append(Metric(name, value, int(time.time() * 1000), int(x_plot)))
+        if len(self._buffer) >= _BATCH_METRICS:
+            self.flush()
+
+    def log_values(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.log_single_metric(k, v, step)
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:_BATCH_METRICS], self._buffer[_BATCH_METRICS:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    # Avalanche calls these hooks on loggers: flush at natural boundaries.
+    def after_training_exp(self, strategy, metric_values=None, **kwargs):
+        self.flush()
+
+    def after_eval(self, strategy, metric_values=None, **kwargs):
+        self.flush()
+
+    def after_training(self, strategy, metric_values=None, **kwargs):
+        self.flush()
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), _BATCH_PARAMS):
+        client.log_batch(run_id, params=items[i : i + _BATCH_PARAMS])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def log_matrix(client: MlflowClient, run_id: str, matrix: np.ndarray, labels: list[str]) -> None:
+    """The accuracy matrix as a table (rows: after training on; columns: evaluated on)."""
+    matrix = np.asarray(matrix, dtype=float)
+    rows = [f"after {labels[k]}" for k in range(matrix.shape[0])] if matrix.shape[0] > 1 else ["after all"]
+    client.log_dict(run_id, {"rows": rows, "columns": labels, "matrix": matrix.tolist()}, MATRIX_FILE)
+
+
+def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2, 0.8 * matrix.shape[0] + 1.6))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    for (k, i), v in np.ndenumerate(matrix):
+        ax.text(i, k, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set_xticks(range(matrix.shape[1]), labels, rotation=30, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), [f"after {l}" for l in labels[: matrix.shape[0]]]
+                  if matrix.shape[0] > 1 else ["after all"])
+    ax.set_xlabel("evaluated on")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[str], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    tasks = sorted({i for _, _, accs in points for i in accs})
+    for i in tasks:
+        xs = [it for it, _, accs in points if i in accs]
+        ax.plot(xs, [accs[i] for _, _, accs in points if i in accs], label=labels[i], lw=1.2)
+    starts = {}  # dashed lines where each later experience starts
+    for it, exp, _ in points:
+        starts.setdefault(exp, it)
+    for exp, it in starts.items():
+        if exp:
+            ax.axvline(it, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def log_figure(client: MlflowClient, run_id: str, fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    client.log_figure(run_id, fig, name)
+    plt.close(fig)
+
+
+def log_torch_model(run_id: str, model, uri: str | None, name: str = "model") -> str:
+    """Log the final model as an eager, pickled PyTorch model and return its ``models:/`` URI.
+
+    Pickle rather than ``torch.export`` (MLflow 3's alternative): an exported program fixes the
+    batch size of its example input, while the pickled module predicts any batch size. The
+    model's code is this installed package; requirements are given explicitly so MLflow does
+    not spend seconds inferring them.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(uri or default_tracking_uri())
+    # Attach to the run by id in this thread (the active run is thread-local).
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model.cpu(), name=name, serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "lifelong"],
+        )
+    return info.model_uri
+
+
+# --------------------------------------------------------------------------- reading results back
+
+
+@dataclass
+class RunResults:
+    run_id: str
+    name: str
+    status: str
+    matrix: np.ndarray | None
+    rows: list[str]
+    columns: list[str]
+    metrics: dict[str, float]
+    children: list["RunResults"]
+
+
+def read_results(run_id: str, uri: str | None = None) -> RunResults:
+    client = client_for(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # MlflowException for unknown ids, connection errors for bad URIs
+        raise LookupError(f"no MLflow run {run_id!r} in {uri or default_tracking_uri()}: {exc}") from None
+    matrix, rows, cols = None, [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, MATRIX_FILE, tmp)
+            data = json.loads(Path(path).read_text())
+            matrix, rows, cols = np.array(data["matrix"]), data["rows"], data["columns"]
+        except Exception:  # a parent run, or a run that stopped before its first experience ended
+            pass
+    children = []
+    exp_id = run.info.experiment_id
+    for child in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                                    order_by=["attributes.start_time ASC"]):
+        children.append(read_results(child.info.run_id, uri))
+    return RunResults(run_id, run.info.run_name, run.info.status, matrix, rows, cols,
+                      dict(run.data.metrics), children)

@@ -1,0 +1,54 @@
+"""Baseline learners from Avalanche, not rewritten: naive fine-tuning, replay, joint training.
+
+``build_learner`` turns one strategy spec of the config into an Avalanche strategy; plugins
+(continual evaluation, progress, regularisers) are passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.training import JointTraining, Naive
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.templates import SupervisedTemplate
+
+from lifelong.config import JointSpec, NaiveSpec, ReplaySpec, TrainingConfig
+
+
+def make_optimizer(cfg: TrainingConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device='cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugins: list,
+                  evaluator: EvaluationPlugin) -> SupervisedTemplate:
+    """An Avalanche strategy for ``spec`` (naive | replay | joint)."""
+    common = dict(
+        model=model,
+        optimizer=make_optimizer(training, model),
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=training.batch_size,
+        train_epochs=training.epochs,
+        eval_mb_size=training.eval_batch_size,
+        device=resolve_device(training.device),
+        evaluator=evaluator,
+    )
+    plugins = list(plugins)
+    if isinstance(spec, NaiveSpec):
+        return Naive(plugins=plugins, **common)
+    if isinstance(spec, ReplaySpec):
+        replay = ReplayPlugin(mem_size=spec.mem_size, batch_size=training.batch_size,
+                              batch_size_mem=spec.batch_size_mem or training.batch_size)
+        return Naive(plugins=[replay, *plugins], **common)
+    if isinstance(spec, JointSpec):
+        return JointTraining(plugins=plugins, **common)
+    raise ValueError(f"unknown strategy {getattr(spec, 'name', spec)!r}")

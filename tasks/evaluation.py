@@ -1,0 +1,78 @@
+"""Evaluating a learner on the experiences of a stream, fast enough to do every few iterations.
+
+Test splits are read into tensors once (``Stream.test_tensors``) and evaluated in large
+batches, instead of Avalanche's ``eval()`` loop, whose per-sample data path and callbacks would
+cost more than training at an evaluation every 10 iterations. ``ContinualEvalPlugin`` is the
+thin Avalanche adapter that takes those evaluations during training.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
+
+from tasks.metrics import ContinualTrace
+from tasks.streams import Stream
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+             batch_size: int = 1024, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on (x, y) with task labels t; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb, yb, tb = (a[i : i + batch_size].to(device) for a in (x, y, t))
+        correct += int((avalanche_forward(model, xb, tb).argmax(1) == yb).sum())
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+def evaluate(model: torch.nn.Module, stream: Stream, experiences, batch_size: int = 1024,
+             device: str | torch.device = "cpu") -> dict[int, float]:
+    """Accuracy on each of the given experience indices."""
+    return {i: accuracy(model, *stream.test_tensors(i), batch_size=batch_size, device=device)
+            for i in experiences}
+
+
+class ContinualEvalPlugin(SupervisedPlugin):
+    """Every ``every`` training iterations, evaluate on the experiences seen so far.
+
+    Also evaluates just before the first update of each experience and after its last, as
+    continual evaluation requires. Only seen experiences are evaluated: unseen ones would
+    corrupt min-ACC. ``on_point(iteration, experience, accuracies)`` receives each evaluation.
+    """
+
+    def __init__(self, stream: Stream, every: int, trace: ContinualTrace, batch_size: int = 1024,
+                 on_point: Callable[[int, int, dict[int, float]], None] | None = None,
+                 experience_index: Callable[[object], int] | None = None):
+        super().__init__()
+        self.stream, self.every, self.trace = stream, every, trace
+        self.batch_size, self.on_point = batch_size, on_point
+        # Joint training sees one experience made of all; the flow tells which index it stands for.
+        self.experience_index = experience_index or (lambda s: s.experience.current_experience)
+        self._last_point = (-1, -1)
+
+    def _evaluate(self, strategy) -> None:
+        it, current = strategy.clock.train_iterations, self.experience_index(strategy)
+        if (it, current) == self._last_point:
+            return
+        accs = evaluate(strategy.model, self.stream, range(current + 1), self.batch_size, strategy.device)
+        self.trace.add(it, current, accs)
+        self._last_point = (it, current)
+        if self.on_point is not None:
+            self.on_point(it, current, accs)
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._evaluate(strategy)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self.every and strategy.clock.train_iterations % self.every == 0:
+            self._evaluate(strategy)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._evaluate(strategy)

@@ -1,0 +1,81 @@
+"""Models sized for small images: an MLP and a small CNN, each a backbone plus a classifier head.
+
+Every model exposes ``features(x)`` (the penultimate representation: center loss and
+feature-space methods read it) and ``head`` (parameter regularisers exclude it), so later
+families (a small ViT for prompting) plug in behind the same two names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from torch import nn
+
+from lifelong.config import ModelConfig
+
+
+def mlp_backbone(input_shape: tuple[int, ...], hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+    )
+
+
+def cnn_backbone(input_shape: tuple[int, ...], channels: tuple[int, int], hidden: int, dropout: float):
+    if len(input_shape) != 3:
+        raise ValueError(f"model.name='cnn' needs image input (C×H×W), the stream gives {input_shape}; use 'mlp'")
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], c1, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        # 8×8 inputs are 4×4 here already; larger images are pooled to the same size.
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Dropout(dropout),
+    )
+
+
+class Classifier(nn.Module):
+    """backbone → features → head (one output per class): class- and domain-incremental."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class MultiHeadNet(MultiTaskModule):
+    """backbone → features → one head per task (Avalanche's MultiHeadClassifier): task-incremental."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = MultiHeadClassifier(feature_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        return self.head(self.backbone(x), task_label)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, multi_head: bool) -> nn.Module:
+    if cfg.name == "mlp":
+        backbone = mlp_backbone(input_shape, cfg.hidden, cfg.dropout)
+    elif cfg.name == "cnn":
+        backbone = cnn_backbone(input_shape, cfg.channels, cfg.hidden, cfg.dropout)
+    else:  # the config only admits known names; this guards direct Python use
+        raise ValueError(f"model.name: unknown model {cfg.name!r}; allowed: 'mlp', 'cnn'")
+    if multi_head:
+        return MultiHeadNet(backbone, cfg.hidden)
+    return Classifier(backbone, cfg.hidden, n_classes)

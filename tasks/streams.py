@@ -1,0 +1,180 @@
+"""Task streams: class-, task- and domain-incremental, built with Avalanche's benchmark generators.
+
+``build_stream(config.stream, seed)`` is the one entry point. The same config and seed give the
+same stream: the train/test split, the class order and every domain shift are seeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+from avalanche.benchmarks.scenarios.task_aware import task_incremental_benchmark
+from avalanche.benchmarks.utils.classification_dataset import (
+    _make_taskaware_tensor_classification_dataset as tensor_dataset,
+)
+
+from lifelong.config import BUILTIN_STREAMS, StreamConfig, _check_class_split
+from tasks.data import Arrays, DatasetError, load_cifar, load_digits, load_mnist, load_npz
+
+#: What ``lifelong streams`` shows.
+STREAM_DESCRIPTIONS = {
+    "split_digits": "8×8 digits (embedded), 10 classes split into experiences (class- or task-incremental)",
+    "permuted_digits": "8×8 digits (embedded), all classes, a fixed pixel permutation per experience (domain)",
+    "rotated_digits": "8×8 digits (embedded), all classes, a growing rotation per experience (domain)",
+    "split_mnist": "MNIST from stream.data_dir, classes split into experiences",
+    "permuted_mnist": "MNIST from stream.data_dir, a pixel permutation per experience (domain)",
+    "rotated_mnist": "MNIST from stream.data_dir, a rotation per experience (domain)",
+    "split_cifar10": "CIFAR-10 from stream.data_dir, classes split into experiences",
+    "split_cifar100": "CIFAR-100 from stream.data_dir, classes split into experiences",
+    "npz": "your own .npz (x, y[, x_test, y_test, domain]) as a class-, task- or domain-incremental stream",
+}
+
+
+@dataclass
+class Stream:
+    """An Avalanche benchmark plus what the pipeline needs to know about it."""
+
+    name: str
+    scenario: str  # class | task | domain
+    benchmark: object  # avalanche CLScenario
+    n_classes: int
+    input_shape: tuple[int, ...]
+    classes_per_experience: list[list[int]]
+    _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    @property
+    def train_stream(self):
+        return self.benchmark.train_stream
+
+    @property
+    def test_stream(self):
+        return self.benchmark.test_stream
+
+    @property
+    def n_experiences(self) -> int:
+        return len(self.classes_per_experience)
+
+    def test_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Experience ``i``'s test split as (x, y, task) tensors, read once and kept."""
+        if not self._test:
+            self._test = [_materialize(exp.dataset) for exp in self.test_stream]
+        return self._test[i]
+
+    def train_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _materialize(self.train_stream[i].dataset)
+
+
+def _materialize(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loader = torch.utils.data.DataLoader(dataset.eval(), batch_size=max(1, len(dataset)), shuffle=False)
+    x, y, t = next(iter(loader))
+    return x, y, t
+
+
+def load_arrays(cfg: StreamConfig, seed: int) -> Arrays:
+    dataset = cfg.dataset
+    if dataset == "digits":
+        return load_digits(cfg.test_fraction, seed)
+    if dataset == "npz":
+        return load_npz(cfg.path, cfg.test_fraction, seed)
+    if dataset == "mnist":
+        return load_mnist(cfg.data_dir)
+    if dataset in ("cifar10", "cifar100"):
+        return load_cifar(cfg.data_dir, 10 if dataset == "cifar10" else 100)
+    raise DatasetError(f"stream.name: unknown dataset {dataset!r}")
+
+
+def build_stream(cfg: StreamConfig, seed: int) -> Stream:
+    """Build the configured stream; raises DatasetError/ValueError before any training."""
+    return _build_stream_cached(cfg, seed)
+
+
+@lru_cache(maxsize=4)
+def _build_stream_cached(cfg: StreamConfig, seed: int) -> Stream:
+    arrays = load_arrays(cfg, seed)
+    scenario = cfg.resolved_scenario
+    if scenario in ("class", "task"):
+        return _class_split(cfg, arrays, seed, task_labels=scenario == "task")
+    return _domain_stream(cfg, arrays, seed)
+
+
+def _class_split(cfg: StreamConfig, a: Arrays, seed: int, task_labels: bool) -> Stream:
+    n_classes = a.n_classes
+    _check_class_split(n_classes, cfg.n_experiences)
+    present = torch.unique(torch.cat([a.y_train]))
+    if len(present) != n_classes:
+        missing = sorted(set(range(n_classes)) - set(present.tolist()))
+        raise DatasetError(f"stream: classes {missing} have no training samples; class ids must be 0..C-1")
+    order = list(range(n_classes))
+    if cfg.class_order == "shuffled":
+        order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    bm = class_incremental_benchmark(
+        {"train": tensor_dataset(a.x_train, a.y_train, task_labels=0),
+         "test": tensor_dataset(a.x_test, a.y_test, task_labels=0)},
+        class_order=order,
+        num_experiences=cfg.n_experiences,
+    )
+    if task_labels:
+        bm = task_incremental_benchmark(bm, reset_task_labels=True)
+    per_exp = n_classes // cfg.n_experiences
+    classes = [sorted(order[i * per_exp:(i + 1) * per_exp]) for i in range(cfg.n_experiences)]
+    return Stream(cfg.name, "task" if task_labels else "class", bm, n_classes, a.input_shape, classes)
+
+
+def _domain_stream(cfg: StreamConfig, a: Arrays, seed: int) -> Stream:
+    shift = cfg.domain_shift or ("rotate" if cfg.name.startswith("rotated") else "permute")
+    if cfg.name.startswith("permuted"):
+        shift = "permute"
+    gen = torch.Generator().manual_seed(seed)
+    n = cfg.n_experiences
+    train, test = [], []
+    if shift == "given":
+        if a.d_train is None:
+            raise DatasetError("stream.domain_shift='given' needs a `domain` array in the npz file")
+        domains = torch.unique(a.d_train).tolist()
+        if len(domains) != n:
+            raise DatasetError(
+                f"stream.n_experiences: the npz file has {len(domains)} domains {domains}, not {n}"
+            )
+        for d in domains:
+            tr, te = a.d_train == d, a.d_test == d
+            train.append((a.x_train[tr], a.y_train[tr]))
+            test.append((a.x_test[te], a.y_test[te]))
+    else:
+        for i in range(n):
+            fn = _permutation(a.input_shape, i, gen) if shift == "permute" else _rotation(cfg, i, n)
+            train.append((fn(a.x_train), a.y_train))
+            test.append((fn(a.x_test), a.y_test))
+    bm = benchmark_from_datasets(
+        train=[tensor_dataset(x, y, task_labels=0) for x, y in train],
+        test=[tensor_dataset(x, y, task_labels=0) for x, y in test],
+    )
+    classes = [sorted(torch.unique(y).tolist()) for _, y in train]
+    return Stream(cfg.name, "domain", bm, a.n_classes, a.input_shape, classes)
+
+
+def _permutation(shape: tuple[int, ...], i: int, gen: torch.Generator):
+    """Experience 0 keeps the original pixels; later experiences each get a fixed random permutation."""
+    numel = int(torch.tensor(shape).prod())
+    perm = torch.arange(numel) if i == 0 else torch.randperm(numel, generator=gen)
+    return lambda x: x.reshape(len(x), -1)[:, perm].reshape(x.shape)
+
+
+def _rotation(cfg: StreamConfig, i: int, n: int):
+    from torchvision.transforms.functional import rotate
+
+    angle = cfg.max_rotation * i / max(1, n - 1)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise DatasetError("stream: rotation needs image data (N×C×H×W or N×H×W), not flat features")
+        return rotate(x, angle)
+
+    return fn
+
+
+def describe_streams() -> dict[str, str]:
+    return {name: STREAM_DESCRIPTIONS[name] for name in BUILTIN_STREAMS}
