@@ -17,10 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import mlflow
+import mlflow.pytorch
 import numpy as np
+import torch
 from avalanche.logging import BaseLogger
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+
+matplotlib.use("Agg")  # files only: no display here, and none needed
+import matplotlib.pyplot as plt  # noqa: E402
 
 from lifelong.env import default_tracking_uri
 
@@ -103,11 +110,6 @@ def log_matrix(client: MlflowClient, run_id: str, matrix: np.ndarray, labels: li
 
 
 def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2, 0.8 * matrix.shape[0] + 1.6))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -124,11 +126,6 @@ def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
 
 
 def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[str], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 4))
     tasks = sorted({i for _, _, accs in points for i in accs})
     for i in tasks:
@@ -150,8 +147,6 @@ def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[s
 
 
 def log_figure(client: MlflowClient, run_id: str, fig, name: str) -> None:
-    import matplotlib.pyplot as plt
-
     client.log_figure(run_id, fig, name)
     plt.close(fig)
 
@@ -164,10 +159,10 @@ def log_torch_model(run_id: str, model, uri: str | None, name: str = "model") ->
     model's code is this installed package; requirements are given explicitly so MLflow does
     not spend seconds inferring them.
     """
-    import mlflow
-    import mlflow.pytorch
-    import torch
+    import logging
 
+    # MLflow warns on every pickle save; the choice is deliberate (see above).
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     mlflow.set_tracking_uri(uri or default_tracking_uri())
     # Attach to the run by id in this thread (the active run is thread-local).
     with mlflow.start_run(run_id=run_id):

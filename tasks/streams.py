@@ -69,8 +69,10 @@ class Stream:
 
 
 def _materialize(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loader = torch.utils.data.DataLoader(dataset.eval(), batch_size=max(1, len(dataset)), shuffle=False)
-    x, y, t = next(iter(loader))
+    # Not through a DataLoader: creating its iterator draws from torch's global RNG, which would
+    # make the first run in a process shuffle differently from the next.
+    data = dataset.eval()
+    x, y, t = torch.utils.data.default_collate([data[i] for i in range(len(data))])
     return x, y, t
 
 

@@ -1,0 +1,117 @@
+"""Config validation: every mistake is refused before any work, naming the key and what it accepts."""
+
+import pytest
+
+from lifelong.config import ConfigError, apply_override, load_config, validate_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_valid_and_flatten():
+    cfg = load_config(None)
+    flat = cfg.flat()
+    assert flat["stream.name"] == "split_digits"
+    assert flat["strategies.0.name"] == "naive"
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.toml"))
+    assert configs, "configs/ ships example configs"
+    for path in configs:
+        load_config(path)
+
+
+def test_unknown_key_names_key_and_allowed_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "[training]\nepochz = 3\n"))
+    msg = str(e.value)
+    assert "training.epochz" in msg and "unknown key" in msg and "epochs" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainng: unknown key; allowed keys here: .*training"):
+        load_config(write(tmp_path, "[trainng]\nepochs = 3\n"))
+
+
+def test_unknown_strategy_lists_the_allowed_ones(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[[strategies]]\nname = "ewcc"\n'))
+    msg = str(e.value)
+    assert "strategies.0" in msg and "'ewcc'" in msg
+    for name in ("naive", "replay", "joint"):
+        assert name in msg
+
+
+def test_unknown_key_inside_a_strategy(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, '[[strategies]]\nname = "replay"\nmemsize = 10\n'))
+    msg = str(e.value)
+    assert "strategies.0.memsize" in msg and "mem_size" in msg
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"training.batch_size: .*integer"):
+        load_config(write(tmp_path, '[training]\nbatch_size = "big"\n'))
+
+
+def test_impossible_class_split_is_refused_with_the_possible_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["stream.n_experiences=7"])
+    msg = str(e.value)
+    assert "stream.n_experiences" in msg and "7" in msg and "10 classes" in msg and "[1, 2, 5, 10]" in msg
+
+
+def test_scenario_must_fit_the_stream():
+    with pytest.raises(ConfigError, match=r"stream.scenario: 'permuted_digits' can be 'domain'"):
+        load_config(None, ['stream.name="permuted_digits"', 'stream.scenario="class"'])
+
+
+def test_npz_needs_a_path():
+    with pytest.raises(ConfigError, match=r"stream.path"):
+        load_config(None, ['stream.name="npz"'])
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match=r"stream.test_fraction"):
+        load_config(None, ["stream.test_fraction=1.5"])
+
+
+def test_duplicate_strategy_labels_are_refused(tmp_path):
+    text = '[[strategies]]\nname = "naive"\n[[strategies]]\nname = "naive"\n'
+    with pytest.raises(ConfigError, match="labels must be unique"):
+        load_config(write(tmp_path, text))
+    text += 'label = "naive-2"\n'
+    assert len(load_config(write(tmp_path, text)).strategies) == 2
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[stream\n"))
+
+
+def test_overrides_parse_toml_values_and_address_list_items(tmp_path):
+    path = write(tmp_path, '[[strategies]]\nname = "naive"\n[[strategies]]\nname = "replay"\n')
+    cfg = load_config(path, ["training.epochs=3", "strategies.1.mem_size=50", "training.lr=0.5",
+                             'model.name="mlp"'])
+    assert cfg.training.epochs == 3 and cfg.training.lr == 0.5 and cfg.model.name == "mlp"
+    assert cfg.strategies[1].mem_size == 50
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_override({}, "training.epochs")
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_override({"strategies": [{}]}, "strategies.3.name=x")
+
+
+def test_validate_config_accepts_a_dict():
+    cfg = validate_config({"seed": 3, "strategies": [{"name": "replay", "mem_size": 10}]})
+    assert cfg.seed == 3 and cfg.strategies[0].mem_size == 10

@@ -1,0 +1,110 @@
+"""tasks/models.py: build_model for the MLP and the CNN, single- and multi-head."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from avalanche.models import MultiHeadClassifier
+from avalanche.models.dynamic_modules import avalanche_model_adaptation
+from avalanche.models.utils import avalanche_forward, is_multi_task_module
+from torch import nn
+
+from lifelong.config import ModelConfig
+from tasks.models import build_model
+
+HIDDEN = 32
+
+
+def small(name: str) -> ModelConfig:
+    return ModelConfig(name=name, hidden=HIDDEN, channels=(4, 8))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_single_head_on_digits(name):
+    model = build_model(small(name), (1, 8, 8), 10, multi_head=False)
+    x = torch.rand(5, 1, 8, 8)
+    assert model(x).shape == (5, 10)
+    assert model.features(x).shape == (5, HIDDEN)
+    assert isinstance(model.head, nn.Linear)
+    assert (model.head.in_features, model.head.out_features) == (HIDDEN, 10)
+    assert not is_multi_task_module(model)
+    # forward is head(features)
+    model.eval()
+    assert torch.allclose(model(x), model.head(model.features(x)))
+
+
+def test_default_model_config_is_cnn_with_256_features():
+    model = build_model(ModelConfig(), (1, 8, 8), 10, multi_head=False)
+    x = torch.rand(2, 1, 8, 8)
+    assert model(x).shape == (2, 10)
+    assert model.features(x).shape == (2, 256)
+
+
+def test_cnn_on_cifar_sized_images():
+    model = build_model(small("cnn"), (3, 32, 32), 10, multi_head=False)
+    x = torch.rand(5, 3, 32, 32)
+    assert model(x).shape == (5, 10)
+    assert model.features(x).shape == (5, HIDDEN)
+
+
+def test_mlp_on_flat_features():
+    model = build_model(small("mlp"), (64,), 4, multi_head=False)
+    assert model(torch.rand(5, 64)).shape == (5, 4)
+
+
+def test_cnn_on_flat_input_is_refused():
+    with pytest.raises(ValueError, match=r"model.name='cnn' needs image input \(C×H×W\)") as info:
+        build_model(small("cnn"), (64,), 10, multi_head=False)
+    assert "(64,)" in str(info.value) and "'mlp'" in str(info.value)
+
+
+def test_unknown_model_name_is_refused():
+    cfg = ModelConfig.model_construct(name="vit", hidden=8, channels=(4, 8), dropout=0.0)  # bypasses validation
+    with pytest.raises(ValueError, match="unknown model 'vit'"):
+        build_model(cfg, (1, 8, 8), 10, multi_head=False)
+
+
+def test_dropout_is_in_the_backbone():
+    cfg = ModelConfig(name="mlp", hidden=HIDDEN, dropout=0.5)
+    model = build_model(cfg, (1, 8, 8), 10, multi_head=False)
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.backbone.modules())
+
+
+def _task_experience(task: int, classes: list[int]) -> SimpleNamespace:
+    """What Avalanche's model adaptation reads from a task-incremental experience."""
+    return SimpleNamespace(classes_in_this_experience=classes, task_labels=[task], task_label=task,
+                           current_experience=task)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_multi_head_needs_task_labels(name):
+    model = build_model(small(name), (1, 8, 8), 10, multi_head=True)
+    assert is_multi_task_module(model)
+    assert isinstance(model.head, MultiHeadClassifier)
+    # strategies adapt the model to each experience before training on it: one head per task
+    for task in range(2):
+        avalanche_model_adaptation(model, _task_experience(task, [2 * task, 2 * task + 1]))
+    assert sorted(model.head.classifiers.keys()) == ["0", "1"]
+    x = torch.rand(5, 1, 8, 8)
+    t = torch.tensor([0, 1, 0, 1, 1])
+    out = avalanche_forward(model, x, t)
+    # outputs span the classes seen so far (0..3); each sample's head only fills its task's classes
+    assert out.shape == (5, 4)
+    assert model.features(x).shape == (5, HIDDEN)
+    # the task label picks the head: the same input gives different outputs under tasks 0 and 1
+    model.eval()
+    out0 = avalanche_forward(model, x, torch.zeros(5, dtype=torch.long))
+    out1 = avalanche_forward(model, x, torch.ones(5, dtype=torch.long))
+    assert not torch.allclose(out0, out1)
+    # task 1's head only scores classes 2 and 3: classes 0 and 1 are masked
+    assert (out1[:, :2] == model.head.mask_value).all()
+    assert (out1[:, 2:] != model.head.mask_value).all()
+    with pytest.raises(TypeError):
+        model(x)  # no task labels: refused
