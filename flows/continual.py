@@ -23,7 +23,7 @@ from lifelong import tracking
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
-from strategies.baselines import build_learner, resolve_device
+from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
 from tasks.evaluation import ContinualEvalPlugin, evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_model
@@ -108,21 +108,23 @@ def open_strategy_run(cfg: Config, parent_run_id: str, index: int, uri: str) -> 
 def train_experience(learner: Learner, index: int) -> int:
     """Train on experience ``index`` (joint: on the whole stream at once); returns iterations so far."""
     stream = learner.stream
-    if learner.joint:
-        learner.strategy.train(stream.train_stream, eval_streams=[], num_workers=0)
-    else:
-        learner.strategy.train(stream.train_stream[index], eval_streams=[], num_workers=0)
+    experiences = stream.train_stream if learner.joint else stream.train_stream[index]
+    with quiet_avalanche_deprecations():
+        learner.strategy.train(experiences, eval_streams=[], num_workers=0)
     learner.logger.flush()  # nothing recorded is lost if a later step fails
     return learner.strategy.clock.train_iterations
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_experience(learner: Learner, index: int) -> list[float]:
-    """A row of the accuracy matrix: accuracy on every experience after training ``index``."""
+    """A row of the accuracy matrix: accuracy on every experience after training ``index``.
+
+    A task-incremental (multi-head) model has no head yet for unseen tasks: those cells are NaN.
+    """
     stream, cfg = learner.stream, learner.cfg
-    accs = evaluate(learner.model, stream, range(stream.n_experiences), cfg.training.eval_batch_size,
-                    learner.device)
-    row = [accs[i] for i in range(stream.n_experiences)]
+    upto = stream.n_experiences if stream.scenario != "task" else index + 1
+    accs = evaluate(learner.model, stream, range(upto), cfg.training.eval_batch_size, learner.device)
+    row = [accs.get(i, float("nan")) for i in range(stream.n_experiences)]
     learner.rows.append(row)
     step = len(learner.rows) - 1
     values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}

@@ -7,7 +7,6 @@ Prefect reads its settings when it is first imported, so this runs from
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 
@@ -39,5 +38,4 @@ def configure_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    # Avalanche 0.6's ReplayPlugin calls its own deprecated storage-policy API on every experience.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"avalanche\.")
+

@@ -114,6 +114,8 @@ def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
     fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2, 0.8 * matrix.shape[0] + 1.6))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     for (k, i), v in np.ndenumerate(matrix):
+        if np.isnan(v):  # a task not seen yet (multi-head models have no head for it)
+            continue
         ax.text(i, k, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
     ax.set_xticks(range(matrix.shape[1]), labels, rotation=30, ha="right")
     ax.set_yticks(range(matrix.shape[0]), [f"after {l}" for l in labels[: matrix.shape[0]]]

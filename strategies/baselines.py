@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from avalanche.training import JointTraining, Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
@@ -52,3 +55,21 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
     if isinstance(spec, JointSpec):
         return JointTraining(plugins=plugins, **common)
     raise ValueError(f"unknown strategy {getattr(spec, 'name', spec)!r}")
+
+
+@contextlib.contextmanager
+def quiet_avalanche_deprecations():
+    """Drop the DeprecationWarning Avalanche 0.6's own ReplayPlugin raises on every experience.
+
+    Its ``@deprecated`` decorator resets the warning filters on each call, so a filter cannot
+    silence it; replacing ``showwarning`` for the duration of training can.
+    """
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if not (category is DeprecationWarning and "Call to deprecated function" in str(message)):
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield

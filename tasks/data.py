@@ -78,9 +78,13 @@ def load_npz(path: Path, test_fraction: float, seed: int) -> Arrays:
         x_te, y_te = _images(files["x_test"], path, "x_test"), _labels(files["y_test"], path, "y_test")
         if x_te.shape[1:] != x.shape[1:]:
             raise DatasetError(f"{path}: x_test rows have shape {x_te.shape[1:]}, x rows {x.shape[1:]}")
+        if len(x_te) != len(y_te):
+            raise DatasetError(f"{path}: x_test has {len(x_te)} rows but y_test has {len(y_te)}")
         d_te = files.get("domain_test")
         if d is not None and d_te is None:
             raise DatasetError(f"{path}: with x_test and domain, give domain_test too")
+        if d_te is not None and len(d_te) != len(y_te):
+            raise DatasetError(f"{path}: domain_test has {len(d_te)} rows but y_test has {len(y_te)}")
         return Arrays(*(torch.from_numpy(a) for a in (x, y, x_te, y_te)),
                       _maybe(d), _maybe(d_te))
     from sklearn.model_selection import train_test_split

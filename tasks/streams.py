@@ -90,12 +90,16 @@ def load_arrays(cfg: StreamConfig, seed: int) -> Arrays:
 
 
 def build_stream(cfg: StreamConfig, seed: int) -> Stream:
-    """Build the configured stream; raises DatasetError/ValueError before any training."""
-    return _build_stream_cached(cfg, seed)
+    """Build the configured stream; raises DatasetError/ValueError before any training.
+
+    Kept in-process for the flow's later steps; an npz file edited in between is read anew.
+    """
+    stamp = cfg.path.stat().st_mtime_ns if cfg.path is not None and cfg.path.is_file() else None
+    return _build_stream_cached(cfg, seed, stamp)
 
 
 @lru_cache(maxsize=4)
-def _build_stream_cached(cfg: StreamConfig, seed: int) -> Stream:
+def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = None) -> Stream:
     arrays = load_arrays(cfg, seed)
     scenario = cfg.resolved_scenario
     if scenario in ("class", "task"):
@@ -121,6 +125,11 @@ def _class_split(cfg: StreamConfig, a: Arrays, seed: int, task_labels: bool) -> 
     )
     if task_labels:
         bm = task_incremental_benchmark(bm, reset_task_labels=True)
+        # task_incremental_benchmark rebuilds the experiences without their classes, which
+        # multi-head models need to add a head per task (as a list: a set breaks the head).
+        for s in bm.streams.values():
+            for exp in s:
+                exp.classes_in_this_experience = sorted(exp.dataset.targets.uniques)
     per_exp = n_classes // cfg.n_experiences
     classes = [sorted(order[i * per_exp:(i + 1) * per_exp]) for i in range(cfg.n_experiences)]
     return Stream(cfg.name, "task" if task_labels else "class", bm, n_classes, a.input_shape, classes)

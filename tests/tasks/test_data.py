@@ -226,7 +226,6 @@ def test_load_npz_bad_x_rank(tmp_path):
         load_npz(path, 0.25, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="load_npz does not check len(x_test) == len(y_test) (tasks/data.py:78-80)")
 def test_load_npz_x_test_y_test_length_mismatch(tmp_path):
     path = _save(tmp_path / "tl.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]),
                  x_test=np.zeros((5, 2)), y_test=np.array([0, 1, 0]))
@@ -234,7 +233,6 @@ def test_load_npz_x_test_y_test_length_mismatch(tmp_path):
         load_npz(path, 0.25, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="load_npz does not check len(domain_test) == len(y_test) (tasks/data.py:81-83)")
 def test_load_npz_domain_test_length_mismatch(tmp_path):
     path = _save(tmp_path / "dtl.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]), domain=np.array([0, 0, 1, 1]),
                  x_test=np.zeros((3, 2)), y_test=np.array([0, 1, 0]), domain_test=np.array([0, 1]))

@@ -91,9 +91,6 @@ def test_task_scenario_has_task_labels():
         assert classes_of(s.train_tensors(i)[2]) == [i]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "task_incremental_benchmark (tasks/streams.py:121) rebuilds the experiences without "
-    "classes_in_this_experience, which Avalanche's multi-head model adaptation reads"))
 def test_task_scenario_experiences_know_their_classes():
     s = build_stream(StreamConfig(name="split_digits", scenario="task"), 0)
     for i in range(5):
@@ -101,9 +98,6 @@ def test_task_scenario_experiences_know_their_classes():
         assert list(s.test_stream[i].classes_in_this_experience) == s.classes_per_experience[i]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the task stream's experiences lack classes_in_this_experience (tasks/streams.py:121): "
-    "adapting the multi-head model to them, as every strategy does before training, fails"))
 def test_task_scenario_multi_head_model_can_be_adapted():
     from avalanche.models.dynamic_modules import avalanche_model_adaptation
     from avalanche.models.utils import avalanche_forward

@@ -1,0 +1,61 @@
+"""MLflow tracking: the Avalanche logger in plain Avalanche code, batching, figures."""
+
+import numpy as np
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+
+from lifelong import tracking
+from lifelong.config import StreamConfig
+from tasks.streams import build_stream
+
+
+def test_mlflow_logger_in_plain_avalanche_code(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = tracking.client_for(uri)
+    run = client.create_run(tracking.experiment_id(client, "plain"))
+    stream = build_stream(StreamConfig(n_experiences=2), 0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(epoch=True, experience=True), loss_metrics(epoch=True),
+        loggers=[tracking.MLflowLogger(run.info.run_id, tracking_uri=uri)],
+    )
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                     train_mb_size=64, train_epochs=2, evaluator=evaluator)
+    for exp in stream.train_stream:
+        strategy.train(exp)
+    strategy.eval(stream.test_stream)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert any(k.startswith("Top1_Acc_Epoch") for k in metrics)
+    assert any(k.startswith("Top1_Acc_Exp") for k in metrics)
+    epoch_acc = [k for k in metrics if k.startswith("Top1_Acc_Epoch")][0]
+    assert len(client.get_metric_history(run.info.run_id, epoch_acc)) == 4  # 2 experiences × 2 epochs
+
+
+def test_logger_batches_and_skips_non_numbers(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'b.db'}"
+    client = tracking.client_for(uri)
+    run = client.create_run(tracking.experiment_id(client, "b"))
+    calls = []
+    real = client.log_batch
+    monkeypatch.setattr(client, "log_batch", lambda *a, **k: calls.append(len(k["metrics"])) or real(*a, **k))
+    logger = tracking.MLflowLogger(run.info.run_id, client)
+    for step in range(2500):
+        logger.log_single_metric("m", step / 2500, step)
+    logger.log_single_metric("img", torch.zeros(3), 0)  # not a number: skipped
+    logger.log_single_metric("nan", float("nan"), 0)  # NaN: skipped
+    logger.flush()
+    assert calls == [1000, 1000, 500]
+    assert len(client.get_metric_history(run.info.run_id, "m")) == 2500
+    assert "img" not in client.get_run(run.info.run_id).data.metrics
+
+
+def test_figures_render(tmp_path):
+    m = np.array([[0.9, 0.1], [0.5, 0.95]])
+    fig = tracking.matrix_figure(m, ["exp0", "exp1"], "t")
+    fig.savefig(tmp_path / "m.png")
+    fig2 = tracking.curve_figure([(0, 0, {0: 0.1}), (5, 0, {0: 0.9}), (5, 1, {0: 0.9, 1: 0.0}),
+                                  (10, 1, {0: 0.4, 1: 0.8})], ["exp0", "exp1"], "t")
+    fig2.savefig(tmp_path / "c.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000 and (tmp_path / "c.png").stat().st_size > 1000
