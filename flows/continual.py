@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EvaluationPlugin
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,7 +22,12 @@ from lifelong import tracking
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
-from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
+from strategies.baselines import (
+    LoggersOnlyEvaluation,
+    build_learner,
+    quiet_avalanche_deprecations,
+    resolve_device,
+)
 from tasks.evaluation import ContinualEvalPlugin, evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_model
@@ -72,7 +76,7 @@ class Learner:
             EpochProgressPlugin(self.progress, index),
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      EvaluationPlugin(loggers=[self.logger]))
+                                      LoggersOnlyEvaluation(loggers=[self.logger]))
 
     def _log_point(self, iteration: int, experience: int, accs: dict[int, float]) -> None:
         values = {f"ceval/acc_exp{i}": a for i, a in accs.items()}
@@ -129,8 +133,7 @@ def evaluate_experience(learner: Learner, index: int) -> list[float]:
     step = len(learner.rows) - 1
     values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
     values["avg_acc_seen"] = float(np.mean(row if learner.joint else row[: index + 1]))
-    learner.logger.log_values(values, step)
-    learner.logger.flush()
+    learner.logger.log_values(values, step)  # sent with the next experience's batch, or on failure
     learner.progress.experience_done(step, values["avg_acc_seen"])
     return row
 
