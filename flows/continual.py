@@ -76,7 +76,7 @@ class Learner:
             EpochProgressPlugin(self.progress, index),
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      LoggersOnlyEvaluation(loggers=[self.logger]))
+                                      LoggersOnlyEvaluation(loggers=[self.logger]), stream.n_classes)
 
     def _log_point(self, iteration: int, experience: int, accs: dict[int, float]) -> None:
         values = {f"ceval/acc_exp{i}": a for i, a in accs.items()}
@@ -210,7 +210,7 @@ def continual_flow(config: dict) -> ContinualResult:
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    comparison = {f"{r.label}/{k}": v for r in result.results for k, v in r.summary.items()}
+    comparison = {tracking.metric_key(f"{r.label}/{k}"): v for r in result.results for k, v in r.summary.items()}
     client.log_batch(parent_id, metrics=[tracking.Metric(k, v, int(time.time() * 1000), 0)
                                          for k, v in comparison.items()])
     client.set_terminated(parent_id, "FINISHED")

@@ -141,35 +141,77 @@ class TrainingConfig(_Section):
 # --------------------------------------------------------------------------- strategies
 
 
-class NaiveSpec(_Section):
+class EWCSpec(_Section):
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: Literal["ewc"]
+    lam: float = Field(1000.0, ge=0, alias="lambda")
+    mode: Literal["separate", "online"] = "separate"
+    #: Online mode: F <- decay * F + F_new (1 = no decay, as in Smith et al.'s code).
+    decay: float = Field(1.0, gt=0, le=1)
+
+
+class L2Spec(_Section):
+    """L2 toward the previous (or initial) backbone parameters (Smith et al. 2022)."""
+
+    name: Literal["l2"]
+    eps: float = Field(1.0, ge=0)
+    anchor: Literal["previous", "initial"] = "previous"
+
+
+class CenterLossSpec(_Section):
+    """Center loss on penultimate features, centers and classifier frozen after learning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: Literal["center_loss"]
+    lam: float = Field(0.1, ge=0, alias="lambda")
+    alpha: float = Field(0.5, gt=0, le=1)
+
+
+PluginSpec = Annotated[Union[EWCSpec, L2Spec, CenterLossSpec], Field(discriminator="name")]
+
+
+class _LearnerSpec(_Section):
+    label: str | None = None
+    #: Regularisers added to the learner's loss, composable: e.g. replay + center loss.
+    plugins: list[PluginSpec] = []
+
+
+class NaiveSpec(_LearnerSpec):
     """Fine-tuning on each experience in turn: the lower bound that shows forgetting."""
 
     name: Literal["naive"]
-    label: str | None = None
 
 
-class ReplaySpec(_Section):
-    """Experience replay with a fixed memory, filled class-balanced... by Avalanche's storage policy."""
+class ReplaySpec(_LearnerSpec):
+    """Experience replay with a fixed memory, filled experience-balanced by Avalanche's storage policy."""
 
     name: Literal["replay"]
-    label: str | None = None
     mem_size: int = Field(200, ge=1)
     #: Replayed samples per mini-batch (default: the training batch size).
     batch_size_mem: int | None = Field(None, ge=1)
 
 
-class JointSpec(_Section):
+class JointSpec(_LearnerSpec):
     """Training on all experiences at once: the upper bound (not a continual learner)."""
 
     name: Literal["joint"]
-    label: str | None = None
+
+    @model_validator(mode="after")
+    def _no_plugins(self) -> "JointSpec":
+        if self.plugins:
+            raise ValueError("plugins: joint training sees the stream once; it has nothing to regularise")
+        return self
 
 
 StrategySpec = Annotated[Union[NaiveSpec, ReplaySpec, JointSpec], Field(discriminator="name")]
 
 
 def strategy_label(spec: Any) -> str:
-    return spec.label or spec.name
+    if spec.label:
+        return spec.label
+    return "+".join([spec.name, *(p.name for p in spec.plugins)])
 
 
 # --------------------------------------------------------------------------- tracking
@@ -210,7 +252,7 @@ class Config(_Section):
 
     def flat(self) -> dict[str, str]:
         """The config as flat ``section.key`` strings (MLflow parameters)."""
-        return {k: str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
+        return {k: str(v) for k, v in _flatten(self.model_dump(mode="json", by_alias=True)).items()}
 
 
 # --------------------------------------------------------------------------- loading
@@ -299,9 +341,7 @@ def _describe(exc: ValidationError) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the discriminator tag ('naive', 'replay'...) into the error location.
-    return isinstance(part, str) and any(
-        part == m.model_fields["name"].annotation.__args__[0] for m in _STRATEGY_MODELS
-    )
+    return isinstance(part, str) and any(_is_tag_of(m, part) for m in _TAGGED_MODELS)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -309,24 +349,25 @@ def _allowed_keys(loc: tuple) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        if model is Config and part == "strategies":
+        if part in ("strategies", "plugins") and model in (Config, *_TAGGED_MODELS):
             model = list
             continue
-        if model is list:  # a strategy spec, addressed by its tag
-            model = next((m for m in _STRATEGY_MODELS if _is_tag_of(m, part)), None)
+        if model is list:  # a strategy or plugin spec, addressed by its tag
+            model = next((m for m in _TAGGED_MODELS if _is_tag_of(m, part)), None)
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
         model = field.annotation
-    return sorted(getattr(model, "model_fields", {}))
+    fields = getattr(model, "model_fields", {})
+    return sorted(f.alias or name for name, f in fields.items())
 
 
 def _is_tag_of(model: Any, tag: Any) -> bool:
     return model.model_fields["name"].annotation.__args__[0] == tag
 
 
-_STRATEGY_MODELS = (NaiveSpec, ReplaySpec, JointSpec)
+_TAGGED_MODELS = (NaiveSpec, ReplaySpec, JointSpec, EWCSpec, L2Spec, CenterLossSpec)
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import tempfile
 import time
@@ -35,6 +36,11 @@ MATRIX_FILE = "accuracy_matrix.json"
 SUMMARY_FILE = "summary.json"
 TRACE_FILE = "continual_trace.json"
 _BATCH_METRICS, _BATCH_PARAMS = 1000, 100  # MLflow's limits per log_batch call
+
+
+def metric_key(text: str) -> str:
+    """A string MLflow accepts in a metric name (labels like ``replay+center_loss`` are not)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)
 
 
 def client_for(uri: str | None = None) -> MlflowClient:

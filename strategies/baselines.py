@@ -51,8 +51,10 @@ class LoggersOnlyEvaluation(EvaluationPlugin):
 
 
 def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugins: list,
-                  evaluator: EvaluationPlugin) -> SupervisedTemplate:
-    """An Avalanche strategy for ``spec`` (naive | replay | joint)."""
+                  evaluator: EvaluationPlugin, n_classes: int) -> SupervisedTemplate:
+    """An Avalanche strategy for ``spec`` (naive | replay | joint) with its regularisers."""
+    from strategies.plugin import RegularizerPlugin, build_regularizer
+
     common = dict(
         model=model,
         optimizer=make_optimizer(training, model),
@@ -63,7 +65,8 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         device=resolve_device(training.device),
         evaluator=evaluator,
     )
-    plugins = list(plugins)
+    regularizers = [RegularizerPlugin(build_regularizer(p, n_classes), p.name) for p in spec.plugins]
+    plugins = [*regularizers, *plugins]
     if isinstance(spec, NaiveSpec):
         return Naive(plugins=plugins, **common)
     if isinstance(spec, ReplaySpec):

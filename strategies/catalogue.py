@@ -28,6 +28,22 @@ CATALOGUE: tuple[StrategyInfo, ...] = (
         "joint", "strategy", "train on all experiences at once (upper bound; not continual)",
         "—", "avalanche.training.JointTraining",
     ),
+    StrategyInfo(
+        "ewc", "plugin", "Elastic Weight Consolidation: lambda * sum F (theta - theta*)^2, diagonal empirical Fisher",
+        "Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks, PNAS 2017; "
+        "as studied in Smith et al., A Closer Look at Rehearsal-Free Continual Learning, 2022",
+        "strategies/ewc.py + strategies/plugin.py",
+    ),
+    StrategyInfo(
+        "l2", "plugin", "L2 toward the previous (or initial) backbone parameters, head excluded",
+        "Smith et al., A Closer Look at Rehearsal-Free Continual Learning, 2022",
+        "strategies/l2.py + strategies/plugin.py",
+    ),
+    StrategyInfo(
+        "center_loss", "plugin", "center loss on penultimate features; centers and classifier frozen after learning",
+        "Center Loss Regularization for Continual Learning, 2021 (centers: Wen et al., ECCV 2016)",
+        "strategies/center_loss.py + strategies/plugin.py",
+    ),
 )
 
 

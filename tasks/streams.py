@@ -124,12 +124,7 @@ def _class_split(cfg: StreamConfig, a: Arrays, seed: int, task_labels: bool) -> 
         num_experiences=cfg.n_experiences,
     )
     if task_labels:
-        bm = task_incremental_benchmark(bm, reset_task_labels=True)
-        # task_incremental_benchmark rebuilds the experiences without their classes, which
-        # multi-head models need to add a head per task (as a list: a set breaks the head).
-        for s in bm.streams.values():
-            for exp in s:
-                exp.classes_in_this_experience = sorted(exp.dataset.targets.uniques)
+        bm = _with_classes(task_incremental_benchmark(bm, reset_task_labels=True))
     per_exp = n_classes // cfg.n_experiences
     classes = [sorted(order[i * per_exp:(i + 1) * per_exp]) for i in range(cfg.n_experiences)]
     return Stream(cfg.name, "task" if task_labels else "class", bm, n_classes, a.input_shape, classes)
@@ -164,7 +159,20 @@ def _domain_stream(cfg: StreamConfig, a: Arrays, seed: int) -> Stream:
         test=[tensor_dataset(x, y, task_labels=0) for x, y in test],
     )
     classes = [sorted(torch.unique(y).tolist()) for _, y in train]
-    return Stream(cfg.name, "domain", bm, a.n_classes, a.input_shape, classes)
+    return Stream(cfg.name, "domain", _with_classes(bm), a.n_classes, a.input_shape, classes)
+
+
+def _with_classes(bm):
+    """Give every experience its ``classes_in_this_experience``.
+
+    ``task_incremental_benchmark`` and ``benchmark_from_datasets`` build experiences without it;
+    multi-head models (a head per task) and the regularisers read it. A list: a set breaks
+    Avalanche's MultiHeadClassifier.
+    """
+    for stream in bm.streams.values():
+        for exp in stream:
+            exp.classes_in_this_experience = sorted(exp.dataset.targets.uniques)
+    return bm
 
 
 def _permutation(shape: tuple[int, ...], i: int, gen: torch.Generator):

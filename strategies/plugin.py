@@ -1,0 +1,70 @@
+"""The one Avalanche adapter for every ``Regularizer`` (EWC, L2, center loss, ...).
+
+Avalanche's hooks, in the order they fire: ``before_training_exp`` (experience's classes),
+``before_backward`` (add the penalty to ``strategy.loss``), ``after_training_exp`` (consolidate on
+the experience's data). The head's input is captured by a forward pre-hook during the training
+forward pass, so feature-space regularisers cost no second forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
+
+from strategies.regularizer import Regularizer
+
+
+def avalanche_forward_fn(model, x, t):
+    return avalanche_forward(model, x, t)
+
+
+class RegularizerPlugin(SupervisedPlugin):
+    def __init__(self, regularizer: Regularizer, name: str | None = None):
+        super().__init__()
+        self.regularizer = regularizer
+        self.name = name or type(regularizer).__name__
+        self._features: torch.Tensor | None = None
+        self._hooked = None
+        self.last_penalty = 0.0
+
+    def _capture(self, module, args):
+        self._features = args[0]
+
+    def before_training_exp(self, strategy, **kwargs):
+        head = getattr(strategy.model, "head", None)
+        if head is not None and self._hooked is not head:
+            head.register_forward_pre_hook(self._capture)
+            self._hooked = head
+        classes = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
+        self.regularizer.before_experience(strategy.model, classes)
+
+    def before_backward(self, strategy, **kwargs):
+        penalty = self.regularizer.penalty(strategy.model, strategy.mb_x, strategy.mb_y,
+                                           strategy.mb_output, self._features)
+        self.last_penalty = float(penalty.detach())
+        strategy.loss = strategy.loss + penalty
+
+    def after_training_exp(self, strategy, **kwargs):
+        data = strategy.experience.dataset.eval()
+        loader = torch.utils.data.DataLoader(data, batch_size=strategy.train_mb_size, shuffle=False,
+                                             collate_fn=getattr(data, "collate_fn", None))
+        device = strategy.device
+        batches = ((b[0].to(device), b[1].to(device), b[-1].to(device)) for b in loader)
+        self.regularizer.after_experience(strategy.model, batches)
+
+
+def build_regularizer(spec, n_classes: int) -> Regularizer:
+    """The regulariser for one plugin spec of the config."""
+    from lifelong.config import CenterLossSpec, EWCSpec, L2Spec
+    from strategies.center_loss import CenterLoss
+    from strategies.ewc import EWC
+    from strategies.l2 import L2
+
+    if isinstance(spec, EWCSpec):
+        return EWC(spec.lam, spec.mode, spec.decay, forward=avalanche_forward_fn)
+    if isinstance(spec, L2Spec):
+        return L2(spec.eps, spec.anchor)
+    if isinstance(spec, CenterLossSpec):
+        return CenterLoss(spec.lam, spec.alpha, n_classes)
+    raise ValueError(f"unknown plugin {getattr(spec, 'name', spec)!r}")
