@@ -31,6 +31,7 @@ from strategies.baselines import (
 from tasks.evaluation import ContinualEvalPlugin, evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_model
+from tasks.pretrain import pretrain
 from tasks.streams import Stream, build_stream
 
 
@@ -62,6 +63,8 @@ class Learner:
         RNGManager.set_random_seeds(cfg.seed)  # every strategy starts from the same weights
         self.model = build_model(cfg.model, stream.input_shape, stream.n_classes,
                                  multi_head=stream.scenario == "task")
+        if cfg.pretrain.epochs:  # the same pretrained backbone for every strategy
+            self.model.load_state_dict(pretrained_state(cfg, stream))
         self.logger = tracking.MLflowLogger(run_id, client)
         self.trace = ContinualTrace()
         self.rows: list[list[float]] = []
@@ -76,7 +79,7 @@ class Learner:
             EpochProgressPlugin(self.progress, index),
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      LoggersOnlyEvaluation(loggers=[self.logger]), stream.n_classes)
+                                      LoggersOnlyEvaluation(loggers=[self.logger]), stream.n_classes, cfg.seed)
 
     def _log_point(self, iteration: int, experience: int, accs: dict[int, float]) -> None:
         values = {f"ceval/acc_exp{i}": a for i, a in accs.items()}
@@ -84,6 +87,21 @@ class Learner:
         if not self.joint:  # stability-gap metrics describe a learner that sees experiences in turn
             values.update({f"ceval/{k}": v for k, v in continual_summary(self.trace, experience).items()})
         self.logger.log_values(values, iteration)
+
+
+_PRETRAINED: dict[str, dict] = {}
+
+
+def pretrained_state(cfg: Config, stream: Stream) -> dict:
+    """Pretrain once per (model, pretraining, stream, seed) in this process; a copy per learner."""
+    key = repr((cfg.model, cfg.pretrain, cfg.stream, cfg.seed))
+    if key not in _PRETRAINED:
+        RNGManager.set_random_seeds(cfg.seed)
+        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+        x, y = stream.holdout
+        pretrain(model, x, y, cfg.pretrain, cfg.seed, resolve_device(cfg.training.device))
+        _PRETRAINED[key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.clone() for k, v in _PRETRAINED[key].items()}
 
 
 @task(cache_policy=NO_CACHE)

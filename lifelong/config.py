@@ -65,6 +65,8 @@ class StreamConfig(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     #: Keep the natural class order (0,1 | 2,3 | ...) or shuffle it with the run's seed.
     class_order: Literal["natural", "shuffled"] = "natural"
+    #: Share of the training split held apart from the stream (stratified, seeded) to pretrain on.
+    holdout_fraction: float = Field(0.0, ge=0, lt=1)
 
     @property
     def dataset(self) -> str:
@@ -113,13 +115,36 @@ def _check_class_split(n_classes: int, n_experiences: int) -> None:
 
 
 class ModelConfig(_Section):
-    """The network: an MLP or a small CNN (input size taken from the stream)."""
+    """The network: an MLP, a small CNN or a small ViT (input size taken from the stream)."""
 
-    name: Literal["mlp", "cnn"] = "cnn"
+    name: Literal["mlp", "cnn", "vit"] = "cnn"
     hidden: int = Field(256, ge=1)
     #: Channels of the CNN's two convolution blocks.
     channels: tuple[int, int] = (32, 64)
     dropout: float = Field(0.0, ge=0, lt=1)
+    #: ViT: embedding width, blocks, attention heads, patch size (8×8 digits with patch 2: 16 patches).
+    vit_dim: int = Field(64, ge=8)
+    vit_depth: int = Field(5, ge=1)
+    vit_heads: int = Field(4, ge=1)
+    vit_patch: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_vit(self) -> "ModelConfig":
+        if self.vit_dim % self.vit_heads:
+            raise ValueError(f"model.vit_dim: {self.vit_dim} is not divisible by vit_heads={self.vit_heads}")
+        return self
+
+
+class PretrainConfig(_Section):
+    """Pretraining by our own code on the data held apart from the stream (``stream.holdout_fraction``).
+
+    No pretrained weights can be downloaded: this is how the "pretrained backbone" settings of the
+    papers (Smith et al.'s L2/EWC claim, OVOR's frozen ViT) are reproduced at small scale.
+    """
+
+    epochs: int = Field(0, ge=0)
+    lr: float = Field(0.001, gt=0)
+    batch_size: int = Field(64, ge=1)
 
 
 # --------------------------------------------------------------------------- training
@@ -158,6 +183,8 @@ class L2Spec(_Section):
     name: Literal["l2"]
     eps: float = Field(1.0, ge=0)
     anchor: Literal["previous", "initial"] = "previous"
+    #: Which parameters: the backbone (the paper), the head (a regularised linear probe), or all.
+    scope: Literal["backbone", "head", "all"] = "backbone"
 
 
 class CenterLossSpec(_Section):
@@ -174,6 +201,8 @@ PluginSpec = Annotated[Union[EWCSpec, L2Spec, CenterLossSpec], Field(discriminat
 
 class _LearnerSpec(_Section):
     label: str | None = None
+    #: Train only the head on a frozen (pretrained) backbone — a linear probe.
+    freeze_backbone: bool = False
     #: Regularisers added to the learner's loss, composable: e.g. replay + center loss.
     plugins: list[PluginSpec] = []
 
@@ -205,13 +234,28 @@ class JointSpec(_LearnerSpec):
         return self
 
 
-StrategySpec = Annotated[Union[NaiveSpec, ReplaySpec, JointSpec], Field(discriminator="name")]
+class OnePromptSpec(_LearnerSpec):
+    """OnePrompt (+ virtual outlier regularisation): OVOR, Huang et al., ICLR 2024. Needs model.name='vit'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: Literal["oneprompt"]
+    #: Run the VOR phase (head-only training with virtual outliers) after each experience.
+    vor: bool = True
+    vor_epochs: int = Field(4, ge=1)
+    vor_lambda: float = Field(0.1, ge=0)
+    #: Outliers around boundary points (the paper) or around the origin (the released code).
+    vor_anchor: Literal["boundary", "origin"] = "boundary"
+    outliers_per_class: int = Field(40, ge=1)
+
+
+StrategySpec = Annotated[Union[NaiveSpec, ReplaySpec, JointSpec, OnePromptSpec], Field(discriminator="name")]
 
 
 def strategy_label(spec: Any) -> str:
     if spec.label:
         return spec.label
-    return "+".join([spec.name, *(p.name for p in spec.plugins)])
+    parts = [spec.name, *(["vor"] if getattr(spec, "vor", False) else []), *(p.name for p in spec.plugins)]
+    return "+".join(parts)
 
 
 # --------------------------------------------------------------------------- tracking
@@ -234,11 +278,27 @@ class Config(_Section):
     stream: StreamConfig = StreamConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     #: One or more strategies, each run on the same stream with the same seed, side by side.
     strategies: list[StrategySpec] = Field(
         default_factory=lambda: [NaiveSpec(name="naive")], min_length=1
     )
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "Config":
+        for i, spec in enumerate(self.strategies):
+            if isinstance(spec, OnePromptSpec) and self.model.name != "vit":
+                raise ValueError(
+                    f"strategies.{i}: oneprompt prompts a ViT; set model.name = 'vit' (got {self.model.name!r})"
+                )
+            if isinstance(spec, OnePromptSpec) and self.stream.resolved_scenario != "class":
+                raise ValueError(f"strategies.{i}: oneprompt is a class-incremental method; use a class scenario")
+        if self.pretrain.epochs and self.stream.resolved_scenario == "task":
+            raise ValueError("pretrain.epochs: pretraining is for single-head models (class or domain streams)")
+        if self.pretrain.epochs and not self.stream.holdout_fraction:
+            raise ValueError("pretrain.epochs: pretraining needs held-apart data; set stream.holdout_fraction > 0")
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Config":
@@ -367,7 +427,7 @@ def _is_tag_of(model: Any, tag: Any) -> bool:
     return model.model_fields["name"].annotation.__args__[0] == tag
 
 
-_TAGGED_MODELS = (NaiveSpec, ReplaySpec, JointSpec, EWCSpec, L2Spec, CenterLossSpec)
+_TAGGED_MODELS = (NaiveSpec, ReplaySpec, JointSpec, OnePromptSpec, EWCSpec, L2Spec, CenterLossSpec)
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:

@@ -14,14 +14,14 @@ from avalanche.training import JointTraining, Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from lifelong.config import JointSpec, NaiveSpec, ReplaySpec, TrainingConfig
+from lifelong.config import JointSpec, NaiveSpec, OnePromptSpec, ReplaySpec, TrainingConfig
 
 
-def make_optimizer(cfg: TrainingConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainingConfig, model: torch.nn.Module, trainable_only: bool = False):
+    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,9 +51,13 @@ class LoggersOnlyEvaluation(EvaluationPlugin):
 
 
 def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugins: list,
-                  evaluator: EvaluationPlugin, n_classes: int) -> SupervisedTemplate:
+                  evaluator: EvaluationPlugin, n_classes: int, seed: int = 0) -> SupervisedTemplate:
     """An Avalanche strategy for ``spec`` (naive | replay | joint) with its regularisers."""
     from strategies.plugin import RegularizerPlugin, build_regularizer
+
+    if spec.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
 
     common = dict(
         model=model,
@@ -75,6 +79,16 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         return Naive(plugins=[replay, *plugins], **common)
     if isinstance(spec, JointSpec):
         return JointTraining(plugins=plugins, **common)
+    if isinstance(spec, OnePromptSpec):
+        from strategies.oneprompt import OnePromptPlugin
+        from strategies.ovor import VORConfig
+
+        vor = VORConfig(lam=spec.vor_lambda, epochs=spec.vor_epochs, anchor=spec.vor_anchor,
+                        num_per_class=spec.outliers_per_class) if spec.vor else None
+        oneprompt = OnePromptPlugin(model, vor, seed)
+        # The backbone is frozen by the plugin: the optimizer gets the prompt and head only.
+        common["optimizer"] = make_optimizer(training, model, trainable_only=True)
+        return Naive(plugins=[oneprompt, *plugins], **common)
     raise ValueError(f"unknown strategy {getattr(spec, 'name', spec)!r}")
 
 

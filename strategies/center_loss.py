@@ -33,6 +33,7 @@ class CenterLoss:
         self.frozen = torch.zeros(n_classes, dtype=torch.bool)
         self._current: set[int] = set()
         self._hooked: nn.Module | None = None
+        self._rows: dict[str, Tensor] = {}
 
     # -- the math ---------------------------------------------------------------------------
     def loss(self, features: Tensor, y: Tensor) -> Tensor:
@@ -71,12 +72,22 @@ class CenterLoss:
             raise ValueError("center_loss needs a single-head classifier (class- or domain-incremental stream)")
         self._current = set(classes)
         if self._hooked is not head:
-            # Frozen classes' rows get no gradient; the optimizer is reset at each experience, so
-            # Adam's moments hold no stale update for them either.
+            # Frozen classes' rows get no gradient ...
             head.weight.register_hook(lambda g: g.masked_fill(self.frozen.to(g.device)[:, None], 0))
             if head.bias is not None:
                 head.bias.register_hook(lambda g: g.masked_fill(self.frozen.to(g.device), 0))
             self._hooked = head
+        self._rows = {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    @torch.no_grad()
+    def after_update(self, model) -> None:
+        """... and are put back after each step: an optimizer's momentum or weight decay (Adam
+        keeps its state across experiences in Avalanche) would otherwise still move them."""
+        if not bool(self.frozen.any()):
+            return
+        for name, saved in self._rows.items():
+            param = getattr(model.head, name)
+            param[self.frozen.to(param.device)] = saved[self.frozen].to(param.device)
 
     def after_experience(self, model, batches) -> None:
         for j in self._current:

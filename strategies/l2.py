@@ -18,18 +18,31 @@ from torch import Tensor
 from strategies.regularizer import named_params, pack, penalty_sum, unpack
 
 
+Scope = Literal["backbone", "head", "all"]
+
+
+def _scoped(model, scope: Scope):
+    params = named_params(model)
+    if scope == "all":
+        return params
+    head = scope == "head"
+    return {k: p for k, p in params.items() if k.startswith("head.") == head}
+
+
 class L2:
-    def __init__(self, eps: float, anchor: Literal["previous", "initial"] = "previous"):
+    """``scope="backbone"`` is the paper's; ``"head"`` regularises a linear probe on a frozen backbone."""
+
+    def __init__(self, eps: float, anchor: Literal["previous", "initial"] = "previous", scope: Scope = "backbone"):
         if eps < 0:
             raise ValueError(f"l2 eps must be >= 0, got {eps}")
-        self.eps, self.anchor_mode = eps, anchor
+        self.eps, self.anchor_mode, self.scope = eps, anchor, scope
         self.anchor: dict[str, Tensor] = {}
 
     def _snapshot(self, model) -> None:
-        self.anchor = {k: p.detach().clone() for k, p in named_params(model, exclude_head=True).items()}
+        self.anchor = {k: p.detach().clone() for k, p in _scoped(model, self.scope).items()}
 
     def penalty(self, model, x, y, out, features=None) -> Tensor:
-        params = named_params(model, exclude_head=True)
+        params = _scoped(model, self.scope)
         terms = [((params[k] - a) ** 2).sum() for k, a in self.anchor.items() if k in params]
         return self.eps * penalty_sum(terms, out)
 

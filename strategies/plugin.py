@@ -45,6 +45,11 @@ class RegularizerPlugin(SupervisedPlugin):
         self.last_penalty = float(penalty.detach())
         strategy.loss = strategy.loss + penalty
 
+    def after_update(self, strategy, **kwargs):
+        hook = getattr(self.regularizer, "after_update", None)  # optional: center loss uses it
+        if hook is not None:
+            hook(strategy.model)
+
     def after_training_exp(self, strategy, **kwargs):
         data = strategy.experience.dataset.eval()
         loader = torch.utils.data.DataLoader(data, batch_size=strategy.train_mb_size, shuffle=False,
@@ -64,7 +69,7 @@ def build_regularizer(spec, n_classes: int) -> Regularizer:
     if isinstance(spec, EWCSpec):
         return EWC(spec.lam, spec.mode, spec.decay, forward=avalanche_forward_fn)
     if isinstance(spec, L2Spec):
-        return L2(spec.eps, spec.anchor)
+        return L2(spec.eps, spec.anchor, spec.scope)
     if isinstance(spec, CenterLossSpec):
         return CenterLoss(spec.lam, spec.alpha, n_classes)
     raise ValueError(f"unknown plugin {getattr(spec, 'name', spec)!r}")

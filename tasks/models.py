@@ -70,12 +70,23 @@ class MultiHeadNet(MultiTaskModule):
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, multi_head: bool) -> nn.Module:
+    if cfg.name == "vit":
+        if multi_head or len(input_shape) != 3:
+            raise ValueError("model.name='vit' needs image input (C×H×W) and a single head (class/domain stream)")
+        if input_shape[1] % cfg.vit_patch or input_shape[2] % cfg.vit_patch:
+            raise ValueError(f"model.vit_patch: {cfg.vit_patch} does not divide the image size {input_shape[1:]}")
+        from tasks.vit import PromptedViT
+
+        depth = cfg.vit_depth  # OVOR's layout: general prompt in blocks 0-1, expert prompt in 2-4
+        return PromptedViT(input_shape, n_classes, dim=cfg.vit_dim, depth=depth, heads=cfg.vit_heads,
+                           patch=cfg.vit_patch, general_layers=tuple(i for i in (0, 1) if i < depth),
+                           expert_layers=tuple(i for i in (2, 3, 4) if i < depth))
     if cfg.name == "mlp":
         backbone = mlp_backbone(input_shape, cfg.hidden, cfg.dropout)
     elif cfg.name == "cnn":
         backbone = cnn_backbone(input_shape, cfg.channels, cfg.hidden, cfg.dropout)
     else:  # the config only admits known names; this guards direct Python use
-        raise ValueError(f"model.name: unknown model {cfg.name!r}; allowed: 'mlp', 'cnn'")
+        raise ValueError(f"model.name: unknown model {cfg.name!r}; allowed: 'mlp', 'cnn', 'vit'")
     if multi_head:
         return MultiHeadNet(backbone, cfg.hidden)
     return Classifier(backbone, cfg.hidden, n_classes)

@@ -44,6 +44,8 @@ class Stream:
     n_classes: int
     input_shape: tuple[int, ...]
     classes_per_experience: list[list[int]]
+    #: Training data held apart from the stream for pretraining (``stream.holdout_fraction``).
+    holdout: tuple[torch.Tensor, torch.Tensor] | None = None
     _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     @property
@@ -100,11 +102,29 @@ def build_stream(cfg: StreamConfig, seed: int) -> Stream:
 
 @lru_cache(maxsize=4)
 def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = None) -> Stream:
-    arrays = load_arrays(cfg, seed)
+    arrays, holdout = _hold_out(load_arrays(cfg, seed), cfg.holdout_fraction, seed)
     scenario = cfg.resolved_scenario
     if scenario in ("class", "task"):
-        return _class_split(cfg, arrays, seed, task_labels=scenario == "task")
-    return _domain_stream(cfg, arrays, seed)
+        stream = _class_split(cfg, arrays, seed, task_labels=scenario == "task")
+    else:
+        stream = _domain_stream(cfg, arrays, seed)
+    stream.holdout = holdout
+    return stream
+
+
+def _hold_out(a: Arrays, fraction: float, seed: int):
+    """Split a stratified, seeded share of the training data away from the stream."""
+    if not fraction:
+        return a, None
+    from sklearn.model_selection import train_test_split
+
+    idx = torch.arange(len(a.y_train))
+    keep, held = train_test_split(idx.numpy(), test_size=fraction, random_state=seed,
+                                  stratify=a.y_train.numpy())
+    keep, held = torch.from_numpy(keep), torch.from_numpy(held)
+    d = None if a.d_train is None else a.d_train[keep]
+    rest = Arrays(a.x_train[keep], a.y_train[keep], a.x_test, a.y_test, d, a.d_test)
+    return rest, (a.x_train[held], a.y_train[held])
 
 
 def _class_split(cfg: StreamConfig, a: Arrays, seed: int, task_labels: bool) -> Stream:

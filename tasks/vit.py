@@ -144,6 +144,9 @@ class PromptedViT(nn.Module):
         self.head = nn.Linear(dim, n_classes)
         self.feature_dim = dim
         self.use_prompt = False  # pre-training runs without the prompt
+        # Classes the model may predict: a class-incremental learner's head grows as classes
+        # arrive (the reference cuts the logits at the last seen class). All active by default.
+        self.register_buffer("active", torch.ones(n_classes, dtype=torch.bool))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x, self.prompt if self.use_prompt else None)
@@ -152,7 +155,10 @@ class PromptedViT(nn.Module):
         return self.tokens(x)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        logits = self.head(self.features(x))
+        if bool(self.active.all()):
+            return logits
+        return logits.masked_fill(~self.active, float("-inf"))
 
     def freeze_backbone(self) -> None:
         for p in self.backbone.parameters():

@@ -1,0 +1,63 @@
+"""OnePrompt with (optional) virtual outlier regularisation, as an Avalanche plugin.
+
+Huang et al., "OVOR: OnePrompt with Virtual Outlier Regularization for Rehearsal-Free
+Class-Incremental Learning", ICLR 2024 (reference code jpmorganchase/ovor, ``learners/default.py``).
+The math (energies, outliers, the VOR loss, the head-only phase) is in ``strategies/ovor.py``; the
+prompted ViT in ``tasks/vit.py``. This adapter does what the reference's learner does around them:
+
+* the backbone is frozen; the prompt and the head train (one prompt for all tasks, no pool);
+* the head grows with the classes: classes not seen yet are never predicted;
+* phase A: cross-entropy with the logits of earlier tasks' classes masked out (-inf);
+* phase B (``vor``): after each experience, train only the head on the current task's features
+  plus virtual outliers.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+from strategies.ovor import VORConfig, train_head_with_vor
+
+
+class OnePromptPlugin(SupervisedPlugin):
+    def __init__(self, model, vor: VORConfig | None, seed: int = 0):
+        super().__init__()
+        # Freeze now: Avalanche builds the experience's optimizer before plugins' hooks run.
+        model.freeze_backbone()
+        model.use_prompt = True
+        model.active.zero_()
+        self.vor, self.seed = vor, seed
+        self.current: list[int] = []
+        self.seen: list[int] = []
+        self.last_vor: dict = {}
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
+        self.seen = sorted(set(self.seen) | set(self.current))
+        strategy.model.active[self.seen] = True
+
+    def after_forward(self, strategy, **kwargs):
+        if not strategy.is_training:
+            return
+        earlier = torch.ones(strategy.mb_output.shape[1], dtype=torch.bool, device=strategy.mb_output.device)
+        earlier[self.current] = False
+        strategy.mb_output = strategy.mb_output.masked_fill(earlier, float("-inf"))
+
+    @torch.no_grad()
+    def _features(self, strategy):
+        model = strategy.model
+        model.eval()
+        data = strategy.experience.dataset.eval()
+        x, y, _ = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+        feats = torch.cat([model.features(x[i : i + 512].to(strategy.device)) for i in range(0, len(x), 512)])
+        model.train()
+        return feats, y.to(strategy.device)
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self.vor is None:
+            return
+        feats, labels = self._features(strategy)
+        gen = torch.Generator().manual_seed(self.seed + len(self.seen))
+        self.last_vor = train_head_with_vor(strategy.model.head, feats, labels, self.current, self.seen,
+                                            self.vor, generator=gen)
