@@ -66,8 +66,8 @@ def test_cnn_on_flat_input_is_refused():
 
 
 def test_unknown_model_name_is_refused():
-    cfg = ModelConfig.model_construct(name="vit", hidden=8, channels=(4, 8), dropout=0.0)  # bypasses validation
-    with pytest.raises(ValueError, match="unknown model 'vit'"):
+    cfg = ModelConfig.model_construct(name="resnet", hidden=8, channels=(4, 8), dropout=0.0)  # bypasses validation
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model(cfg, (1, 8, 8), 10, multi_head=False)
 
 
