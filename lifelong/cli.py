@@ -48,6 +48,32 @@ def run(
     print_results_table(result)
 
 
+@app.command()
+def sweep(
+    configs: Annotated[list[Path], typer.Argument(help="One or more TOML configs (e.g. configs/sweeps/*.toml)")],
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 per config")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Markdown file to write the tables into")] = Path(
+        "docs/results.md"),
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key in every config")] = [],
+) -> None:
+    """Run every config with several seeds; write mean ± std tables to MLflow and a Markdown file."""
+    try:
+        for path in configs:  # every config is checked before the first run starts
+            cfg = load_config(path, set_)
+            from tasks.streams import build_stream
+
+            build_stream(cfg.stream, cfg.seed)
+    except (ConfigError, ValueError) as exc:
+        _fail(f"{path}: {exc}")
+    from flows.sweep import sweep_flow
+
+    tables = sweep_flow([str(p) for p in configs], seeds, set_, str(out) if out else None)
+    for t in tables:
+        typer.echo(f"\n{t.title}\n{t.markdown()}")
+    if out:
+        typer.echo(f"\nwritten: {out}")
+
+
 def print_results_table(result) -> None:
     from tasks.metrics import matrix_summary  # noqa: F401  (keeps the import cost out of --help)
 

@@ -29,6 +29,14 @@ CATALOGUE: tuple[StrategyInfo, ...] = (
         "—", "avalanche.training.JointTraining",
     ),
     StrategyInfo(
+        "oneprompt", "strategy",
+        "OnePrompt: one prefix-tuning prompt for all tasks on a frozen ViT; vor=true adds virtual "
+        "outlier regularisation of the head (OVOR)",
+        "Huang et al., OVOR: OnePrompt with Virtual Outlier Regularization for Rehearsal-Free "
+        "Class-Incremental Learning, ICLR 2024 (code: jpmorganchase/ovor)",
+        "strategies/oneprompt.py + strategies/ovor.py + tasks/vit.py",
+    ),
+    StrategyInfo(
         "ewc", "plugin", "Elastic Weight Consolidation: lambda * sum F (theta - theta*)^2, diagonal empirical Fisher",
         "Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks, PNAS 2017; "
         "as studied in Smith et al., A Closer Look at Rehearsal-Free Continual Learning, 2022",
