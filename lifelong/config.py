@@ -171,7 +171,7 @@ class EWCSpec(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["ewc"]
-    lam: float = Field(1000.0, ge=0, alias="lambda")
+    lam: float = Field(10000.0, ge=0, alias="lambda")
     mode: Literal["separate", "online"] = "separate"
     #: Online mode: F <- decay * F + F_new (1 = no decay, as in Smith et al.'s code).
     decay: float = Field(1.0, gt=0, le=1)
@@ -181,7 +181,7 @@ class L2Spec(_Section):
     """L2 toward the previous (or initial) backbone parameters (Smith et al. 2022)."""
 
     name: Literal["l2"]
-    eps: float = Field(1.0, ge=0)
+    eps: float = Field(0.01, ge=0)
     anchor: Literal["previous", "initial"] = "previous"
     #: Which parameters: the backbone (the paper), the head (a regularised linear probe), or all.
     scope: Literal["backbone", "head", "all"] = "backbone"
@@ -192,7 +192,7 @@ class CenterLossSpec(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["center_loss"]
-    lam: float = Field(0.1, ge=0, alias="lambda")
+    lam: float = Field(1.0, ge=0, alias="lambda")
     alpha: float = Field(0.5, gt=0, le=1)
 
 
@@ -288,6 +288,10 @@ class Config(_Section):
     @model_validator(mode="after")
     def _compatible(self) -> "Config":
         for i, spec in enumerate(self.strategies):
+            if any(isinstance(p, CenterLossSpec) for p in spec.plugins) and self.stream.resolved_scenario == "task":
+                raise ValueError(
+                    f"strategies.{i}: center_loss needs a single-head classifier; a task stream has one head per task"
+                )
             if isinstance(spec, OnePromptSpec) and self.model.name != "vit":
                 raise ValueError(
                     f"strategies.{i}: oneprompt prompts a ViT; set model.name = 'vit' (got {self.model.name!r})"

@@ -32,7 +32,7 @@ class CenterLoss:
         self.seen = torch.zeros(n_classes, dtype=torch.bool)
         self.frozen = torch.zeros(n_classes, dtype=torch.bool)
         self._current: set[int] = set()
-        self._hooked: nn.Module | None = None
+        self._handles: list = []
         self._rows: dict[str, Tensor] = {}
 
     # -- the math ---------------------------------------------------------------------------
@@ -62,21 +62,24 @@ class CenterLoss:
     def penalty(self, model, x, y, out, features=None) -> Tensor:
         if features is None:
             raise ValueError("center_loss needs the penultimate features (the model's head input)")
+        if self.centers is None or not bool(self.seen[y.cpu()].all()):
+            self.update_centers(features, y)  # a class seen for the first time gets its center
+            return self.lam * self.loss(features, y)
+        loss = self.lam * self.loss(features, y)  # Wen et al.: the loss uses the current centers,
         if model.training:
-            self.update_centers(features, y)
-        return self.lam * self.loss(features, y)
+            self.update_centers(features, y)  # which are updated afterwards
+        return loss
 
     def before_experience(self, model, classes) -> None:
         head = model.head
         if not isinstance(head, nn.Linear):
             raise ValueError("center_loss needs a single-head classifier (class- or domain-incremental stream)")
         self._current = set(classes)
-        if self._hooked is not head:
-            # Frozen classes' rows get no gradient ...
-            head.weight.register_hook(lambda g: g.masked_fill(self.frozen.to(g.device)[:, None], 0))
-            if head.bias is not None:
-                head.bias.register_hook(lambda g: g.masked_fill(self.frozen.to(g.device), 0))
-            self._hooked = head
+        self._unhook()
+        # Frozen classes' rows get no gradient ...
+        self._handles = [head.weight.register_hook(lambda g: g.masked_fill(self.frozen.to(g.device)[:, None], 0))]
+        if head.bias is not None:
+            self._handles.append(head.bias.register_hook(lambda g: g.masked_fill(self.frozen.to(g.device), 0)))
         self._rows = {k: v.detach().clone() for k, v in head.state_dict().items()}
 
     @torch.no_grad()
@@ -89,9 +92,15 @@ class CenterLoss:
             param = getattr(model.head, name)
             param[self.frozen.to(param.device)] = saved[self.frozen].to(param.device)
 
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     def after_experience(self, model, batches) -> None:
         for j in self._current:
             self.frozen[j] = True
+        self._unhook()  # the model leaves training (to be copied or logged) without our hooks
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {"seen": self.seen.clone(), "frozen": self.frozen.clone()}

@@ -25,7 +25,7 @@ class RegularizerPlugin(SupervisedPlugin):
         self.regularizer = regularizer
         self.name = name or type(regularizer).__name__
         self._features: torch.Tensor | None = None
-        self._hooked = None
+        self._handle = None
         self.last_penalty = 0.0
 
     def _capture(self, module, args):
@@ -33,15 +33,15 @@ class RegularizerPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         head = getattr(strategy.model, "head", None)
-        if head is not None and self._hooked is not head:
-            head.register_forward_pre_hook(self._capture)
-            self._hooked = head
+        if head is not None and self._handle is None:
+            self._handle = head.register_forward_pre_hook(self._capture)
         classes = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
         self.regularizer.before_experience(strategy.model, classes)
 
     def before_backward(self, strategy, **kwargs):
         penalty = self.regularizer.penalty(strategy.model, strategy.mb_x, strategy.mb_y,
                                            strategy.mb_output, self._features)
+        self._features = None  # do not keep the batch's graph alive
         self.last_penalty = float(penalty.detach())
         strategy.loss = strategy.loss + penalty
 
@@ -57,6 +57,11 @@ class RegularizerPlugin(SupervisedPlugin):
         device = strategy.device
         batches = ((b[0].to(device), b[1].to(device), b[-1].to(device)) for b in loader)
         self.regularizer.after_experience(strategy.model, batches)
+        # Unhook between experiences: the model is copied, pickled and logged without the plugin.
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._features = None
 
 
 def build_regularizer(spec, n_classes: int) -> Regularizer:
