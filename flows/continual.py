@@ -30,6 +30,7 @@ from strategies.baselines import (
 )
 from tasks.evaluation import ContinualEvalPlugin, evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
+from tasks.data import load_npz
 from tasks.models import build_model
 from tasks.pretrain import pretrain
 from tasks.streams import Stream, build_stream
@@ -98,10 +99,19 @@ def pretrained_state(cfg: Config, stream: Stream) -> dict:
     if key not in _PRETRAINED:
         RNGManager.set_random_seeds(cfg.seed)
         model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
-        x, y = stream.holdout
+        x, y = pretraining_data(cfg, stream)
         pretrain(model, x, y, cfg.pretrain, cfg.seed, resolve_device(cfg.training.device))
         _PRETRAINED[key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {k: v.clone() for k, v in _PRETRAINED[key].items()}
+
+
+def pretraining_data(cfg: Config, stream: Stream):
+    if cfg.pretrain.path is None:
+        return stream.holdout
+    a = load_npz(cfg.pretrain.path, cfg.stream.test_fraction, cfg.seed)
+    if a.input_shape != stream.input_shape:
+        raise ValueError(f"pretrain.path: inputs of shape {a.input_shape}, the stream's are {stream.input_shape}")
+    return torch.cat([a.x_train, a.x_test]), torch.cat([a.y_train, a.y_test])
 
 
 @task(cache_policy=NO_CACHE)

@@ -145,6 +145,8 @@ class PretrainConfig(_Section):
     epochs: int = Field(0, ge=0)
     lr: float = Field(0.001, gt=0)
     batch_size: int = Field(64, ge=1)
+    #: Pretrain on your own .npz (x, y) instead of the held-apart share of the stream's data.
+    path: Path | None = None
 
 
 # --------------------------------------------------------------------------- training
@@ -300,8 +302,9 @@ class Config(_Section):
                 raise ValueError(f"strategies.{i}: oneprompt is a class-incremental method; use a class scenario")
         if self.pretrain.epochs and self.stream.resolved_scenario == "task":
             raise ValueError("pretrain.epochs: pretraining is for single-head models (class or domain streams)")
-        if self.pretrain.epochs and not self.stream.holdout_fraction:
-            raise ValueError("pretrain.epochs: pretraining needs held-apart data; set stream.holdout_fraction > 0")
+        if self.pretrain.epochs and not (self.stream.holdout_fraction or self.pretrain.path):
+            raise ValueError("pretrain.epochs: pretraining needs data: set stream.holdout_fraction > 0 "
+                             "or pretrain.path to an .npz file")
         return self
 
     @model_validator(mode="after")
