@@ -260,6 +260,82 @@ def strategy_label(spec: Any) -> str:
     return "+".join(parts)
 
 
+# --------------------------------------------------------------------------- multi-task
+
+#: Multi-task problems on the embedded digits: name -> its tasks (``npz`` reads y_<task> arrays).
+MULTITASK_PROBLEMS: dict[str, tuple[str, ...]] = {
+    "digits_attributes": ("class", "parity", "magnitude"),
+    "digits_recon": ("class", "reconstruction"),
+    "digits_all": ("class", "parity", "magnitude", "reconstruction"),
+}
+
+
+class CombinerSpec(_Section):
+    """How per-task gradients on the shared backbone become one: sum, PCGrad or GCond."""
+
+    name: Literal["sum", "pcgrad", "gcond"]
+    label: str | None = None
+    #: Per-task loss weights (pre-weighting, as GCond's paper does); default all 1.
+    weights: list[float] | None = None
+    #: GCond: accumulation steps K per update, and how tasks share them.
+    accumulation: int = Field(4, ge=1)
+    mode: Literal["sequential", "stochastic"] = "stochastic"
+    #: GCond: a task that won the last 3 arbitrations wins (README, older code) or loses (newest code).
+    dominance: Literal["paper", "code"] = "paper"
+
+
+class MultiTaskConfig(_Section):
+    problem: Literal["digits_attributes", "digits_recon", "digits_all", "npz"] = "digits_recon"
+    #: npz problem: a file with ``x`` and one ``y_<task>`` array per task.
+    path: Path | None = None
+    #: A subset of the problem's tasks (default: all).
+    tasks: list[str] | None = None
+    backbone: Literal["mlp", "cnn"] = "mlp"
+    hidden: int = Field(128, ge=1)
+    combiners: list[CombinerSpec] = Field(default_factory=lambda: [CombinerSpec(name="sum")], min_length=1)
+    #: Optimizer updates per combiner (GCond accumulates K mini-batches into each).
+    updates: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(0.001, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    #: Test-set evaluation every this many updates.
+    eval_every: int = Field(50, ge=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+
+    def task_names(self) -> tuple[str, ...] | None:
+        if self.tasks:
+            return tuple(self.tasks)
+        return MULTITASK_PROBLEMS.get(self.problem)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MultiTaskConfig":
+        if self.problem == "npz" and self.path is None:
+            raise ValueError("multitask.path: the npz problem needs an .npz file with x and y_<task> arrays")
+        known = MULTITASK_PROBLEMS.get(self.problem)
+        if known and self.tasks:
+            bad = [t for t in self.tasks if t not in known]
+            if bad:
+                raise ValueError(f"multitask.tasks: {bad} are not tasks of {self.problem!r}; allowed: {list(known)}")
+        names = self.task_names()
+        for i, c in enumerate(self.combiners):
+            if names and c.weights is not None and len(c.weights) != len(names):
+                raise ValueError(f"multitask.combiners.{i}.weights: {len(c.weights)} weights for {len(names)} tasks")
+            if names and c.name == "gcond" and c.accumulation % len(names):
+                raise ValueError(
+                    f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible by the "
+                    f"{len(names)} tasks (N); GCond gives each task K/N batches — use a multiple of {len(names)}"
+                )
+        labels = [c.label or (c.name if c.name != "gcond" else f"gcond-{c.mode}") for c in self.combiners]
+        if len(set(labels)) != len(labels):
+            raise ValueError("multitask.combiners: labels must be unique; give each a distinct `label`")
+        return self
+
+
+def combiner_label(spec: CombinerSpec) -> str:
+    return spec.label or (spec.name if spec.name != "gcond" else f"gcond-{spec.mode}")
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -277,10 +353,13 @@ class TrackingConfig(_Section):
 
 class Config(_Section):
     seed: int = 0
+    #: Which flow runs this config: continual learning over a stream, or multi-task learning.
+    flow: Literal["continual", "multitask"] = "continual"
     stream: StreamConfig = StreamConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    multitask: MultiTaskConfig = MultiTaskConfig()
     #: One or more strategies, each run on the same stream with the same seed, side by side.
     strategies: list[StrategySpec] = Field(
         default_factory=lambda: [NaiveSpec(name="naive")], min_length=1
@@ -435,6 +514,7 @@ def _is_tag_of(model: Any, tag: Any) -> bool:
 
 
 _TAGGED_MODELS = (NaiveSpec, ReplaySpec, JointSpec, OnePromptSpec, EWCSpec, L2Spec, CenterLossSpec)
+# (combiners are not a tagged union: their `name` is a plain Literal field)
 
 
 def _one_of(values: tuple[str, ...] | list[str]) -> str:
