@@ -34,18 +34,41 @@ def run(
     """Run a pipeline: every configured strategy on the configured stream, tracked in MLflow."""
     try:
         cfg = load_config(config, set_)
-        from tasks.streams import build_stream
-
-        stream = build_stream(cfg.stream, cfg.seed)  # missing or bad data fails here, before any work
-        from tasks.models import build_model
-
-        build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+        check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
+    if cfg.flow == "multitask":
+        from flows.multitask import multitask_flow
+
+        print_multitask_table(multitask_flow(cfg))
+        return
     from flows.continual import run_continual
 
-    result = run_continual(cfg)
-    print_results_table(result)
+    print_results_table(run_continual(cfg))
+
+
+def check_before_work(cfg) -> None:
+    """Read the data and build the model once: missing or bad data fails here, before any work."""
+    if cfg.flow == "multitask":
+        from flows.multitask import load_data
+
+        load_data(cfg)
+        return
+    from tasks.models import build_model
+    from tasks.streams import build_stream
+
+    stream = build_stream(cfg.stream, cfg.seed)
+    build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+
+
+def print_multitask_table(result) -> None:
+    cols = sorted({k for r in result.results for k in r.summary})
+    typer.echo("")
+    typer.echo(f"{'combiner':<20}" + "".join(f"{c:>22}" for c in cols))
+    for r in result.results:
+        typer.echo(f"{r.label:<20}" + "".join(f"{r.summary.get(c, float('nan')):>22.3f}" for c in cols))
+    typer.echo("")
+    typer.echo(f"MLflow run: {result.parent_run_id}  (store: {result.tracking_uri})")
 
 
 @app.command()
@@ -59,10 +82,7 @@ def sweep(
     """Run every config with several seeds; write mean ± std tables to MLflow and a Markdown file."""
     try:
         for path in configs:  # every config is checked before the first run starts
-            cfg = load_config(path, set_)
-            from tasks.streams import build_stream
-
-            build_stream(cfg.stream, cfg.seed)
+            check_before_work(load_config(path, set_))
     except (ConfigError, ValueError) as exc:
         _fail(f"{path}: {exc}")
     from flows.sweep import sweep_flow

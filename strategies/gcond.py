@@ -1,7 +1,7 @@
 """GCond: accumulate per-task gradients, arbitrate their conflicts, smooth with momentum.
 
 Paper: "GCond: Gradient Conflict Resolution via Accumulation-based Stabilization for Large-Scale
-Multi-Task Learning" (Limarenko et al., 2025, arXiv 2509.07252). Reference code: AlevLab-dev/GCond,
+Multi-Task Learning" (Limarenko et al., 2025). Reference code: AlevLab-dev/GCond,
 ``grad_conductor.py`` (class ``GradientConductor``, newest stored version, ``use_smooth_logic=True``
 path) and its README, both read for this file; an older stored version of ``grad_conductor.py`` was
 read too. The paper itself could not be read here: its description below comes from the project's
@@ -30,8 +30,8 @@ Algorithm (one optimizer step):
 
 Where code, comments, README and the older version disagree, and what is followed here:
 - Dominance. README ("a task that wins conflicts for this many steps in a row will automatically
-  win the next conflict"), the docstring comment in the newest code and the older code: the dominant
-  task WINS. The newest code's ``_run_arbitrator`` returns it as the LOSER. Default here:
+  win the next conflict"), the comment inside the newest code's ``_run_arbitrator`` and the older
+  code: the dominant task WINS. The newest code's ``_run_arbitrator`` returns it as the LOSER. Default here:
   ``dominance="readme"`` (wins); ``dominance="code"`` reproduces the newest code. Note that with
   "readme" a dominant task keeps winning every conflict it is in (its own wins keep the window
   full), while "code" breaks such streaks. The window counts arbitrations (pairs resolved), not
@@ -54,7 +54,10 @@ Where code, comments, README and the older version disagree, and what is followe
   shared by the N losses of one batch (the code runs one forward per loss; gradients are the same).
 - As in the code: pairs where a gradient has ||g||^2 < eps are skipped; the winner is recorded in the
   history at every arbitration, whatever the zone; the winner's score uses its current (possibly
-  already projected, capped) vector; a single task is passed through untouched.
+  already projected, capped) vector; a single task is passed through untouched. Because of the eps
+  in the projection denominators, a fully projected pair is left with a cosine of about -1e-9, still
+  below t_weak = 0, so it can be picked again for a near-no-op arbitration that still appends a
+  winner to the dominance history (the code does the same; tests use ``max_iters=1`` to count wins).
 """
 
 from __future__ import annotations
@@ -102,7 +105,9 @@ class GCond:
     ):
         t_crit, t_main, t_weak = thresholds
         if not (-1.0 <= t_crit <= t_main <= t_weak <= 1.0):
-            raise ValueError(f"GCond thresholds must satisfy -1 <= crit <= main <= weak <= 1, got {thresholds}")
+            raise ValueError(
+                f"GCond thresholds must satisfy -1 <= crit <= main <= weak <= 1, got {thresholds}"
+            )
         if remap_power <= 0:
             raise ValueError(f"GCond remap_power must be > 0, got {remap_power}")
         if not (0.0 <= norm_ema_beta < 1.0 and 0.0 <= momentum_beta < 1.0):
@@ -178,7 +183,13 @@ class GCond:
         n = g.shape[0]
         if n != self.num_tasks:
             self._reset_tasks(n)
-        stats: dict[str, Any] = {"min_cos": 1.0, "iterations": 0, "projections": 0, "pairs": [], "winners": []}
+        stats: dict[str, Any] = {
+            "min_cos": 1.0,
+            "iterations": 0,
+            "projections": 0,
+            "pairs": [],
+            "winners": [],
+        }
         if n <= 1:
             self.last_stats = stats
             return g

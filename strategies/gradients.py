@@ -73,6 +73,8 @@ def task_gradients(model_params: Iterable[Tensor], losses: Sequence[Tensor]) -> 
     for loss in losses:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         out.append(
-            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+            torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+            )
         )
     return out

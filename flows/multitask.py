@@ -1,0 +1,199 @@
+"""The multi-task flow: one shared backbone, several task losses, and a gradient combiner.
+
+For each configured combiner (plain sum, PCGrad, GCond sequential or stochastic) the same model
+from the same seed is trained for ``multitask.updates`` optimizer updates; MLflow gets per-task
+losses, the conflict statistics the combiner sees (lowest pairwise cosine, projections per
+update), test metrics every ``eval_every`` updates, throughput, and the final model. One parent
+run per ``lifelong run``, one nested run per combiner.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from lifelong import tracking
+from lifelong.config import CombinerSpec, Config, combiner_label, validate_config
+from lifelong.env import default_tracking_uri
+from strategies.gcond import GCond, GCondTrainer
+from strategies.gradients import task_gradients, write_grad
+from strategies.pcgrad import PCGrad
+from tasks.multitask import MultiTaskData, MultiTaskNet, evaluate_tasks, load_problem, task_loss
+
+
+@dataclass
+class CombinerResult:
+    label: str
+    run_id: str
+    summary: dict[str, float]
+
+
+@dataclass
+class MultiTaskResult:
+    parent_run_id: str
+    tracking_uri: str
+    results: list[CombinerResult] = field(default_factory=list)
+
+
+def load_data(cfg: Config) -> MultiTaskData:
+    m = cfg.multitask
+    data = load_problem(m.problem, m.test_fraction, cfg.seed, m.path, m.tasks)
+    n = len(data.tasks)
+    for i, c in enumerate(m.combiners):  # npz problems: the number of tasks is known only now
+        if c.name == "gcond" and c.accumulation % n:
+            raise ValueError(f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible "
+                             f"by the {n} tasks (N)")
+        if c.weights is not None and len(c.weights) != n:
+            raise ValueError(f"multitask.combiners.{i}.weights: {len(c.weights)} weights for {n} tasks")
+    return data
+
+
+def pairwise_min_cosine(grads: list[torch.Tensor]) -> float:
+    g = torch.stack(grads)
+    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = g @ g.T
+    cos.fill_diagonal_(float("inf"))
+    return float(cos.min())
+
+
+class Batches:
+    """An endless stream of seeded, shuffled mini-batches (index tensors)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self._perm, self._pos = torch.randperm(n, generator=self.gen), 0
+
+    def next(self) -> torch.Tensor:
+        if self._pos + self.bs > self.n:
+            self._perm, self._pos = torch.randperm(self.n, generator=self.gen), 0
+        idx = self._perm[self._pos : self._pos + self.bs]
+        self._pos += self.bs
+        return idx
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    m = cfg.multitask
+    if m.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=m.lr, weight_decay=m.weight_decay)
+    return torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
+
+
+@task(cache_policy=NO_CACHE)
+def train_combiner(cfg: Config, index: int, parent_run_id: str, uri: str) -> CombinerResult:
+    spec: CombinerSpec = cfg.multitask.combiners[index]
+    m, label = cfg.multitask, combiner_label(spec)
+    client = tracking.client_for(uri)
+    parent = client.get_run(parent_run_id)
+    run_id = client.create_run(parent.info.experiment_id, run_name=label,
+                               tags={"mlflow.parentRunId": parent_run_id, "lifelong.flow": "multitask",
+                                     "lifelong.combiner": spec.name}).info.run_id
+    params = {k: v for k, v in cfg.flat().items() if k.startswith(("seed", "multitask.")) and ".combiners." not in k}
+    params.update({f"combiner.{k}": str(v) for k, v in spec.model_dump(mode="json").items()})
+    tracking.log_params(client, run_id, params)
+    logger = tracking.MLflowLogger(run_id, client)
+    try:
+        summary = _train(cfg, spec, logger)
+        logger.log_values({f"final/{k}": v for k, v in summary.items()}, m.updates)
+        logger.flush()
+        if cfg.tracking.log_model:
+            tracking.log_torch_model(run_id, summary.pop("_model"), uri)
+        else:
+            summary.pop("_model")
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        logger.flush()
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return CombinerResult(label, run_id, summary)
+
+
+def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> dict:
+    m = cfg.multitask
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = MultiTaskNet(data.input_shape, data.tasks, m.backbone, m.hidden)
+    params = list(model.parameters())
+    optimizer = make_optimizer(cfg, params)
+    weights = spec.weights or [1.0] * len(data.tasks)
+    losses_of = [task_loss(t) for t in data.tasks]
+    names = [t.name for t in data.tasks]
+    batches = Batches(len(data.x_train), m.batch_size, cfg.seed)
+
+    def task_losses(model, idx):
+        out = model(data.x_train[idx])
+        return [w * f(out[n], data.y_train[n][idx]) for w, f, n in zip(weights, losses_of, names)]
+
+    gcond = None
+    if spec.name == "gcond":
+        gcond = GCondTrainer(len(names), GCond(dominance="readme" if spec.dominance == "paper" else "code"),
+                             mode=spec.mode)
+    pcgrad = PCGrad(generator=torch.Generator().manual_seed(cfg.seed)) if spec.name == "pcgrad" else None
+    samples, train_s, projections = 0, 0.0, []
+    model.train()
+    for update in range(1, m.updates + 1):
+        t0 = time.perf_counter()
+        values: dict[str, float] = {}
+        if gcond is not None:
+            idxs = [batches.next() for _ in range(spec.accumulation)]
+            stats = gcond.step(model, params, task_losses, idxs, optimizer)
+            samples += sum(len(i) for i in idxs)
+            values["conflict/min_cos"] = float(stats.get("min_cos", 1.0))
+            values["conflict/projections"] = float(stats.get("projections", 0))
+            projections.append(values["conflict/projections"])
+        else:
+            idx = batches.next()
+            losses = task_losses(model, idx)
+            samples += len(idx)
+            if pcgrad is None:
+                optimizer.zero_grad()
+                sum(losses).backward()
+            else:
+                grads = task_gradients(params, losses)
+                values["conflict/min_cos"] = pairwise_min_cosine(grads)
+                n_conflicts = float(sum(float(torch.dot(a, b)) < 0 for i, a in enumerate(grads)
+                                        for b in grads[i + 1:]))
+                values["conflict/projections"] = n_conflicts
+                projections.append(n_conflicts)
+                write_grad(params, pcgrad.combine(grads))
+            optimizer.step()
+        train_s += time.perf_counter() - t0
+        if update % m.eval_every == 0 or update == m.updates:
+            with torch.no_grad():
+                idx = batches.next()
+                train_losses = [float(x) for x in task_losses(model, idx)]
+            values.update({f"train_loss/{n}": v for n, v in zip(names, train_losses)})
+            values.update({f"test/{k}": v for k, v in evaluate_tasks(model, data).items()})
+        logger.log_values(values, update)
+    final = evaluate_tasks(model, data)
+    summary: dict = {**final, "samples_per_s": samples / max(train_s, 1e-9),
+                     "mean_projections": float(np.mean(projections)) if projections else 0.0}
+    summary["_model"] = model
+    return summary
+
+
+@flow(name="multitask", validate_parameters=False)
+def multitask_flow(config: dict) -> MultiTaskResult:
+    cfg = config if isinstance(config, Config) else validate_config(config)
+    uri = cfg.tracking.uri or default_tracking_uri()
+    client = tracking.client_for(uri)
+    load_data(cfg)  # bad data or an impossible K is refused before any training
+    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
+    labels = [combiner_label(c) for c in cfg.multitask.combiners]
+    name = cfg.tracking.run_name or f"{cfg.multitask.problem}-{'-vs-'.join(labels)}"
+    parent_id = client.create_run(exp_id, run_name=name, tags={"lifelong.flow": "multitask"}).info.run_id
+    tracking.log_params(client, parent_id, cfg.flat())
+    result = MultiTaskResult(parent_id, uri)
+    try:
+        for i in range(len(cfg.multitask.combiners)):
+            result.results.append(train_combiner(cfg, i, parent_id, uri))
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    return result
