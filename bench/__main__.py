@@ -1,4 +1,5 @@
-"""`python -m bench [CONFIG]`: run the benchmarks, print the ratios, write bench/out/results.json."""
+"""`python -m bench [overhead] [multitask]`: run the benchmarks (default: all), print the ratios,
+write bench/out/results.json."""
 
 from __future__ import annotations
 
@@ -6,17 +7,23 @@ import json
 import sys
 from pathlib import Path
 
-from bench import overhead
+from bench import multitask, overhead
 
 
 def main() -> None:
-    config = sys.argv[1] if len(sys.argv) > 1 else "configs/default.toml"
+    which = sys.argv[1:] or ["overhead", "multitask"]
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
-    results = {"overhead": overhead.run(config, out / "overhead")}
-    print(overhead.report(results["overhead"]))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwritten: {out / 'results.json'}")
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if "overhead" in which:
+        results["overhead"] = overhead.run("configs/default.toml", out / "overhead")
+        print(overhead.report(results["overhead"]))
+    if "multitask" in which:
+        results["multitask"] = multitask.run()
+        print(multitask.report(results["multitask"]))
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":
