@@ -1,9 +1,10 @@
 """The multi-task flow: one shared backbone, several task losses, and a gradient combiner.
 
 For each configured combiner (plain sum, PCGrad, GCond sequential or stochastic) the same model
-from the same seed is trained for ``multitask.updates`` optimizer updates; MLflow gets per-task
-losses, the conflict statistics the combiner sees (lowest pairwise cosine, projections per
-update), test metrics every ``eval_every`` updates, throughput, and the final model. One parent
+from the same seed is trained for ``multitask.epochs`` passes over the data (the same samples for
+every combiner); MLflow gets per-task losses and the conflict statistics the combiner sees
+(lowest pairwise cosine, projections) per optimizer update, test metrics every ``eval_every``
+epochs, throughput, and the final model. One parent
 run per ``lifelong run``, one nested run per combiner.
 """
 
@@ -99,7 +100,7 @@ def train_combiner(cfg: Config, index: int, parent_run_id: str, uri: str) -> Com
     logger = tracking.MLflowLogger(run_id, client)
     try:
         summary = _train(cfg, spec, logger)
-        logger.log_values({f"final/{k}": v for k, v in summary.items()}, m.updates)
+        logger.log_values({f"final/{k}": v for k, v in summary.items() if k != "_model"}, 0)
         logger.flush()
         if cfg.tracking.log_model:
             tracking.log_torch_model(run_id, summary.pop("_model"), uri)
@@ -135,8 +136,11 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
                              mode=spec.mode)
     pcgrad = PCGrad(generator=torch.Generator().manual_seed(cfg.seed)) if spec.name == "pcgrad" else None
     samples, train_s, projections = 0, 0.0, []
+    per_update = spec.accumulation if gcond is not None else 1
+    steps_per_epoch = max(1, len(data.x_train) // m.batch_size // per_update)
+    total = steps_per_epoch * m.epochs
     model.train()
-    for update in range(1, m.updates + 1):
+    for update in range(1, total + 1):
         t0 = time.perf_counter()
         values: dict[str, float] = {}
         if gcond is not None:
@@ -163,7 +167,7 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
                 write_grad(params, pcgrad.combine(grads))
             optimizer.step()
         train_s += time.perf_counter() - t0
-        if update % m.eval_every == 0 or update == m.updates:
+        if update % (steps_per_epoch * m.eval_every) == 0 or update == total:
             with torch.no_grad():
                 idx = batches.next()
                 train_losses = [float(x) for x in task_losses(model, idx)]

@@ -293,14 +293,15 @@ class MultiTaskConfig(_Section):
     backbone: Literal["mlp", "cnn"] = "mlp"
     hidden: int = Field(128, ge=1)
     combiners: list[CombinerSpec] = Field(default_factory=lambda: [CombinerSpec(name="sum")], min_length=1)
-    #: Optimizer updates per combiner (GCond accumulates K mini-batches into each).
-    updates: int = Field(300, ge=1)
+    #: Passes over the training data, the same for every combiner: a combiner that accumulates
+    #: K mini-batches per update (GCond) makes K times fewer optimizer updates.
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(0.001, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    #: Test-set evaluation every this many updates.
-    eval_every: int = Field(50, ge=1)
+    #: Test-set evaluation every this many epochs.
+    eval_every: int = Field(1, ge=1)
     test_fraction: float = Field(0.25, gt=0, lt=1)
 
     def task_names(self) -> tuple[str, ...] | None:
