@@ -25,11 +25,11 @@ def test_sweep_writes_mean_and_std_per_strategy(tmp_path):
     assert set(t.values) == {"naive", "replay"}
     assert len(t.values["naive"]["avg_accuracy"]) == 2
     text = out.read_text()
-    assert "kept text" in text and "<!-- sweep:begin -->" in text
+    assert "kept text" in text and "<!-- sweep:begin tiny -->" in text
     assert "| naive |" in text and "±" in text
     # A second sweep replaces its section instead of appending another one.
     sweep_flow([str(cfg)], 1, [f'tracking.uri="{uri}"'], str(out))
-    assert out.read_text().count("<!-- sweep:begin -->") == 1
+    assert out.read_text().count("<!-- sweep:begin tiny -->") == 1
     client = client_for(uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
                               "tags.`lifelong.flow` = 'sweep'")
