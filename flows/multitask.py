@@ -78,11 +78,14 @@ class Batches:
         return idx
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params, own_momentum: bool) -> torch.optim.Optimizer:
+    """With GCond (``own_momentum``), AdamW's first moment is off (beta1 = 0), as in the GCond
+    README's AdamW example: GCond already applies momentum to the arbitrated gradient."""
     m = cfg.multitask
     if m.optimizer == "sgd":
         return torch.optim.SGD(params, lr=m.lr, weight_decay=m.weight_decay)
-    return torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
+    betas = (0.0, 0.999) if own_momentum else (0.9, 0.999)
+    return torch.optim.AdamW(params, lr=m.lr, betas=betas, weight_decay=m.weight_decay)
 
 
 @task(cache_policy=NO_CACHE)
@@ -120,7 +123,7 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
     torch.manual_seed(cfg.seed)
     model = MultiTaskNet(data.input_shape, data.tasks, m.backbone, m.hidden)
     params = list(model.parameters())
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, own_momentum=spec.name == "gcond")
     weights = spec.weights or [1.0] * len(data.tasks)
     losses_of = [task_loss(t) for t in data.tasks]
     names = [t.name for t in data.tasks]
