@@ -207,6 +207,18 @@ class _LearnerSpec(_Section):
     freeze_backbone: bool = False
     #: Regularisers added to the learner's loss, composable: e.g. replay + center loss.
     plugins: list[PluginSpec] = []
+    #: Beyond the GCond paper: arbitrate the current-task gradient against the replay loss's or
+    #: the regularisers' penalty's with GCond at every step.
+    arbitrate: Literal["gcond"] | None = None
+    arbitrate_between: Literal["replay", "penalty"] = "replay"
+
+    @model_validator(mode="after")
+    def _arbitration(self) -> "_LearnerSpec":
+        if self.arbitrate and self.arbitrate_between == "replay" and self.name != "replay":
+            raise ValueError("arbitrate_between: 'replay' needs the replay strategy")
+        if self.arbitrate and self.arbitrate_between == "penalty" and not self.plugins:
+            raise ValueError("arbitrate_between: 'penalty' needs at least one regulariser in plugins")
+        return self
 
 
 class NaiveSpec(_LearnerSpec):
@@ -256,7 +268,8 @@ StrategySpec = Annotated[Union[NaiveSpec, ReplaySpec, JointSpec, OnePromptSpec],
 def strategy_label(spec: Any) -> str:
     if spec.label:
         return spec.label
-    parts = [spec.name, *(["vor"] if getattr(spec, "vor", False) else []), *(p.name for p in spec.plugins)]
+    parts = [spec.name, *(["vor"] if getattr(spec, "vor", False) else []), *(p.name for p in spec.plugins),
+             *([f"{spec.arbitrate}({spec.arbitrate_between})"] if spec.arbitrate else [])]
     return "+".join(parts)
 
 

@@ -70,12 +70,20 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         evaluator=evaluator,
     )
     regularizers = [RegularizerPlugin(build_regularizer(p, n_classes), p.name) for p in spec.plugins]
+    replay = None
+    if isinstance(spec, ReplaySpec):
+        replay = ReplayPlugin(mem_size=spec.mem_size, batch_size=training.batch_size,
+                              batch_size_mem=spec.batch_size_mem or training.batch_size)
+    if spec.arbitrate == "gcond":  # after the regularisers: it reads the penalties they added
+        from strategies.arbitration import GCondArbitrationPlugin
+
+        regularizers.append(GCondArbitrationPlugin(spec.arbitrate_between,
+                                                   getattr(spec, "batch_size_mem", None) or training.batch_size,
+                                                   replay))
     plugins = [*regularizers, *plugins]
     if isinstance(spec, NaiveSpec):
         return Naive(plugins=plugins, **common)
     if isinstance(spec, ReplaySpec):
-        replay = ReplayPlugin(mem_size=spec.mem_size, batch_size=training.batch_size,
-                              batch_size_mem=spec.batch_size_mem or training.batch_size)
         return Naive(plugins=[replay, *plugins], **common)
     if isinstance(spec, JointSpec):
         return JointTraining(plugins=plugins, **common)
