@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StrategyInfo:
     name: str
-    kind: str  # "strategy" (the learner) or "plugin" (composable with any strategy)
+    kind: str  # "strategy" (the learner), "plugin" (composable with any strategy), "combiner" (multi-task)
     summary: str
     paper: str
     implementation: str
@@ -51,6 +51,24 @@ CATALOGUE: tuple[StrategyInfo, ...] = (
         "center_loss", "plugin", "center loss on penultimate features; centers and classifier frozen after learning",
         "Center Loss Regularization for Continual Learning, 2021 (centers: Wen et al., ECCV 2016)",
         "strategies/center_loss.py + strategies/plugin.py",
+    ),
+    StrategyInfo(
+        "sum", "combiner", "multi-task: the (weighted) sum of the task losses", "—",
+        "strategies/gradients.py",
+    ),
+    StrategyInfo(
+        "pcgrad", "combiner", "multi-task: project each task's gradient off the ones it conflicts with",
+        "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020",
+        "strategies/pcgrad.py",
+    ),
+    StrategyInfo(
+        "gcond", "combiner",
+        "multi-task: accumulate per-task gradients over K batches (sequential/stochastic), arbitrate "
+        "conflicting pairs with a smooth projection schedule, momentum; also usable inside a continual "
+        "learner (strategy key arbitrate = 'gcond')",
+        "GCond: Gradient Conflict Resolution via Accumulation-based Stabilization for Large-Scale "
+        "Multi-Task Learning, 2025 (code: AlevLab-dev/GCond)",
+        "strategies/gcond.py (+ strategies/arbitration.py)",
     ),
 )
 
