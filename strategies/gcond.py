@@ -267,6 +267,7 @@ class GCondTrainer:
         mode: Mode = "stochastic",  # the code's default (stochastic_accumulation=True)
         use_momentum: bool = True,  # False = the code's return_raw_grad
         eval_mode: bool = True,
+        share_forward: bool = False,
     ):
         if num_tasks < 1:
             raise ValueError(f"GCondTrainer needs num_tasks >= 1, got {num_tasks}")
@@ -277,6 +278,10 @@ class GCondTrainer:
         self.mode = mode
         self.use_momentum = use_momentum
         self.eval_mode = eval_mode
+        # Sequential mode as in the reference: one forward + backward per task per batch (N×K
+        # passes). share_forward=True reuses one forward for the N losses of a batch: the same
+        # gradients for less compute, but not the cost model behind the paper's 2× claim.
+        self.share_forward = share_forward
         self.last_stats: dict[str, Any] = {}
 
     def _losses(self, model: nn.Module, batch: Any, fn: TaskLossesFn) -> list[Tensor]:
@@ -310,7 +315,7 @@ class GCondTrainer:
             model.eval()  # no dropout, BatchNorm on running stats: the K batches see the same function
         try:
             with torch.enable_grad():
-                if self.mode == "sequential":
+                if self.mode == "sequential" and self.share_forward:
                     for b, batch in enumerate(batches):
                         losses = self._losses(model, batch, task_losses_fn)
                         forward += 1
@@ -318,6 +323,14 @@ class GCondTrainer:
                             add(i, grad, k)
                             seen[i].append(b)
                         backward += n
+                elif self.mode == "sequential":
+                    for b, batch in enumerate(batches):
+                        for i in range(n):
+                            losses = self._losses(model, batch, task_losses_fn)
+                            forward += 1
+                            add(i, task_gradients(params, [losses[i]])[0], k)
+                            seen[i].append(b)
+                            backward += 1
                 else:
                     per = k // n
                     for i in range(n):

@@ -253,3 +253,20 @@ def test_step_with_torch_optimizers(opt):
 
 def flat_grad_of_values(params):
     return torch.cat([p.detach().reshape(-1).clone() for p in params])
+
+
+def test_sequential_forward_per_task_as_the_reference_or_shared_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    xs = [torch.randn(5, 3) for _ in range(2)]
+
+    def fn(m, x):
+        out = m(x)
+        return [out[:, 0].pow(2).mean(), (out[:, 1] - 1).abs().mean()]
+
+    per_task = GCondTrainer(2, mode="sequential")
+    shared = GCondTrainer(2, mode="sequential", share_forward=True)
+    a = per_task.accumulate(model, model.parameters(), fn, xs)
+    b = shared.accumulate(model, model.parameters(), fn, xs)
+    assert all(torch.allclose(x, y) for x, y in zip(a, b))
+    assert per_task.last_stats["forward_passes"] == 4 and shared.last_stats["forward_passes"] == 2  # N×K vs K
