@@ -66,6 +66,9 @@ class Learner:
                                  multi_head=stream.scenario == "task")
         if cfg.pretrain.epochs:  # the same pretrained backbone for every strategy
             self.model.load_state_dict(pretrained_state(cfg, stream))
+            # Pretraining (done by the first learner only) draws from the global RNG: reseed, so
+            # every learner shuffles alike whether or not it was the one that pretrained.
+            RNGManager.set_random_seeds(cfg.seed)
         self.logger = tracking.MLflowLogger(run_id, client)
         self.trace = ContinualTrace()
         self.rows: list[list[float]] = []
@@ -199,8 +202,9 @@ def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str) -> Strat
     stream = build_stream(cfg.stream, cfg.seed)
     run_id = open_strategy_run(cfg, parent_run_id, index, uri)
     client = tracking.client_for(uri)
-    learner = Learner(cfg, spec, stream, run_id, client)
+    learner = None
     try:
+        learner = Learner(cfg, spec, stream, run_id, client)
         if learner.joint:
             train_experience(learner, stream.n_experiences - 1)
             evaluate_experience(learner, stream.n_experiences - 1)
@@ -210,8 +214,9 @@ def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str) -> Strat
                 evaluate_experience(learner, i)
         return finish_strategy_run(learner, uri)
     except BaseException:
-        learner.logger.flush()
-        learner.progress.close()
+        if learner is not None:
+            learner.logger.flush()
+            learner.progress.close()
         client.set_terminated(run_id, "FAILED")
         raise
 

@@ -46,7 +46,7 @@ def load_data(cfg: Config) -> MultiTaskData:
     data = load_problem(m.problem, m.test_fraction, cfg.seed, m.path, m.tasks)
     n = len(data.tasks)
     for i, c in enumerate(m.combiners):  # npz problems: the number of tasks is known only now
-        if c.name == "gcond" and c.accumulation % n:
+        if c.name == "gcond" and c.mode == "stochastic" and c.accumulation % n:
             raise ValueError(f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible "
                              f"by the {n} tasks (N)")
         if c.weights is not None and len(c.weights) != n:
@@ -139,9 +139,11 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
                              mode=spec.mode)
     pcgrad = PCGrad(generator=torch.Generator().manual_seed(cfg.seed)) if spec.name == "pcgrad" else None
     samples, train_s, projections = 0, 0.0, []
+    # The same batches for every combiner: GCond takes K of them per update.
     per_update = spec.accumulation if gcond is not None else 1
-    steps_per_epoch = max(1, len(data.x_train) // m.batch_size // per_update)
-    total = steps_per_epoch * m.epochs
+    batches_per_epoch = max(1, len(data.x_train) // m.batch_size)
+    total = max(1, batches_per_epoch * m.epochs // per_update)
+    probe = torch.arange(min(256, len(data.x_train)))  # a fixed batch for the logged training losses
     model.train()
     for update in range(1, total + 1):
         t0 = time.perf_counter()
@@ -163,17 +165,16 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
             else:
                 grads = task_gradients(params, losses)
                 values["conflict/min_cos"] = pairwise_min_cosine(grads)
-                n_conflicts = float(sum(float(torch.dot(a, b)) < 0 for i, a in enumerate(grads)
-                                        for b in grads[i + 1:]))
-                values["conflict/projections"] = n_conflicts
-                projections.append(n_conflicts)
                 write_grad(params, pcgrad.combine(grads))
+                values["conflict/projections"] = float(pcgrad.last_stats.get("projections", 0))
+                projections.append(values["conflict/projections"])
             optimizer.step()
         train_s += time.perf_counter() - t0
-        if update % (steps_per_epoch * m.eval_every) == 0 or update == total:
+        epoch_end = (update * per_update) // (batches_per_epoch * m.eval_every) > \
+            ((update - 1) * per_update) // (batches_per_epoch * m.eval_every)
+        if epoch_end or update == total:
             with torch.no_grad():
-                idx = batches.next()
-                train_losses = [float(x) for x in task_losses(model, idx)]
+                train_losses = [float(x) for x in task_losses(model, probe)]
             values.update({f"train_loss/{n}": v for n, v in zip(names, train_losses)})
             values.update({f"test/{k}": v for k, v in evaluate_tasks(model, data).items()})
         logger.log_values(values, update)

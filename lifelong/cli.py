@@ -54,11 +54,16 @@ def check_before_work(cfg) -> None:
 
         load_data(cfg)
         return
+    from flows.continual import pretraining_data
+    from strategies.baselines import resolve_device
     from tasks.models import build_model
     from tasks.streams import build_stream
 
+    resolve_device(cfg.training.device)
     stream = build_stream(cfg.stream, cfg.seed)
     build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+    if cfg.pretrain.epochs:
+        pretraining_data(cfg, stream)
 
 
 def print_multitask_table(result) -> None:

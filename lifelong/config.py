@@ -335,7 +335,7 @@ class MultiTaskConfig(_Section):
         for i, c in enumerate(self.combiners):
             if names and c.weights is not None and len(c.weights) != len(names):
                 raise ValueError(f"multitask.combiners.{i}.weights: {len(c.weights)} weights for {len(names)} tasks")
-            if names and c.name == "gcond" and c.accumulation % len(names):
+            if names and c.name == "gcond" and c.mode == "stochastic" and c.accumulation % len(names):
                 raise ValueError(
                     f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible by the "
                     f"{len(names)} tasks (N); GCond gives each task K/N batches — use a multiple of {len(names)}"

@@ -38,12 +38,13 @@ class GCondArbitrationPlugin(SupervisedPlugin):
         task = torch.nn.functional.cross_entropy(out, y)
         others = strategy.loss - task  # what the regularisers added before this plugin
         if self.between == "penalty":
-            if not others.requires_grad:
+            if float(others.detach().abs()) == 0.0:
                 return None  # no penalty yet (first experience): nothing to arbitrate
             return [task, others]
         if self.replay is None or len(self.replay.storage_policy.buffer) == 0:
             return None
-        n_mem = min(self.batch_size_mem, len(y) - 1)
+        # ReplayDataLoader draws min(batch_size_mem, memory size) replayed samples per batch.
+        n_mem = min(self.batch_size_mem, len(self.replay.storage_policy.buffer), len(y) - 1)
         current = torch.nn.functional.cross_entropy(out[:-n_mem], y[:-n_mem])
         replayed = torch.nn.functional.cross_entropy(out[-n_mem:], y[-n_mem:])
         return [current + others, replayed]

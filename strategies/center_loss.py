@@ -41,20 +41,25 @@ class CenterLoss:
         return 0.5 * ((features - self.centers[y].to(features)) ** 2).sum(1).mean()
 
     @torch.no_grad()
-    def update_centers(self, features: Tensor, y: Tensor) -> None:
-        """Wen et al.'s rule, for classes that are not frozen; first sighting sets the center."""
-        f = features.detach().cpu()
-        y = y.cpu()
+    def init_centers(self, features: Tensor, y: Tensor) -> None:
+        """A class's first sighting sets its center to the class mean of that mini-batch."""
+        f, y = features.detach().cpu(), y.cpu()
         if self.centers is None:
             self.centers = torch.zeros(self.n_classes, f.shape[1])
+        for j in torch.unique(y).tolist():
+            if not self.seen[j] and not self.frozen[j]:
+                self.centers[j] = f[y == j].mean(0)
+                self.seen[j] = True
+
+    @torch.no_grad()
+    def update_centers(self, features: Tensor, y: Tensor) -> None:
+        """Wen et al.'s rule for the classes that are not frozen (first sightings initialise)."""
+        self.init_centers(features, y)
+        f, y = features.detach().cpu(), y.cpu()
         for j in torch.unique(y).tolist():
             if self.frozen[j]:
                 continue
             fj = f[y == j]
-            if not self.seen[j]:
-                self.centers[j] = fj.mean(0)
-                self.seen[j] = True
-                continue
             delta = (self.centers[j] - fj).sum(0) / (1 + len(fj))
             self.centers[j] -= self.alpha * delta
 
@@ -62,9 +67,7 @@ class CenterLoss:
     def penalty(self, model, x, y, out, features=None) -> Tensor:
         if features is None:
             raise ValueError("center_loss needs the penultimate features (the model's head input)")
-        if self.centers is None or not bool(self.seen[y.cpu()].all()):
-            self.update_centers(features, y)  # a class seen for the first time gets its center
-            return self.lam * self.loss(features, y)
+        self.init_centers(features, y)  # classes seen for the first time get their center
         loss = self.lam * self.loss(features, y)  # Wen et al.: the loss uses the current centers,
         if model.training:
             self.update_centers(features, y)  # which are updated afterwards

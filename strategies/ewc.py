@@ -65,7 +65,9 @@ class EWC:
         fisher = empirical_fisher(model, batches, self.forward)
         anchor = {k: p.detach().clone() for k, p in named_params(model).items()}
         if self.mode == "online" and self.fishers:
-            fisher = {k: self.decay * self.fishers[0][k] + f for k, f in fisher.items()}
+            old = self.fishers[0]  # parameters new since (a new task's head) start from zero
+            fisher = {k: (self.decay * old[k] if k in old and old[k].shape == f.shape else 0) + f
+                      for k, f in fisher.items()}
             self.fishers, self.anchors = [fisher], [anchor]
         else:
             self.fishers.append(fisher)

@@ -58,6 +58,6 @@ class OnePromptPlugin(SupervisedPlugin):
         if self.vor is None:
             return
         feats, labels = self._features(strategy)
-        gen = torch.Generator().manual_seed(self.seed + len(self.seen))
+        gen = torch.Generator(device=feats.device).manual_seed(self.seed + len(self.seen))
         self.last_vor = train_head_with_vor(strategy.model.head, feats, labels, self.current, self.seen,
                                             self.vor, generator=gen)

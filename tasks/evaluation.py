@@ -57,8 +57,9 @@ class ContinualEvalPlugin(SupervisedPlugin):
         self.experience_index = experience_index or (lambda s: s.experience.current_experience)
         self._last_point = (-1, -1)
 
-    def _evaluate(self, strategy) -> None:
-        it, current = strategy.clock.train_iterations, self.experience_index(strategy)
+    def _evaluate(self, strategy, it: int) -> None:
+        """``it``: updates completed so far (the point's step)."""
+        current = self.experience_index(strategy)
         if (it, current) == self._last_point:
             return
         accs = evaluate(strategy.model, self.stream, range(current + 1), self.batch_size, strategy.device)
@@ -67,12 +68,15 @@ class ContinualEvalPlugin(SupervisedPlugin):
         if self.on_point is not None:
             self.on_point(it, current, accs)
 
+    # Avalanche's clock is the last plugin: during ``after_training_iteration`` it has not yet
+    # counted the update that just happened, so that point is ``train_iterations + 1``.
     def before_training_exp(self, strategy, **kwargs):
-        self._evaluate(strategy)
+        self._evaluate(strategy, strategy.clock.train_iterations)
 
     def after_training_iteration(self, strategy, **kwargs):
-        if self.every and strategy.clock.train_iterations % self.every == 0:
-            self._evaluate(strategy)
+        done = strategy.clock.train_iterations + 1
+        if self.every and done % self.every == 0:
+            self._evaluate(strategy, done)
 
     def after_training_exp(self, strategy, **kwargs):
-        self._evaluate(strategy)
+        self._evaluate(strategy, strategy.clock.train_iterations)

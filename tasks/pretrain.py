@@ -37,4 +37,4 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PretrainCo
     with torch.no_grad():
         acc = float((head(model.features(x.to(device))).argmax(1).cpu() == y).float().mean())
     model.train()
-    return {"pretrain_loss": float(loss), "pretrain_train_acc": acc}
+    return {"pretrain_loss": float(loss.detach()), "pretrain_train_acc": acc}

@@ -77,3 +77,9 @@ def test_npz_problem_with_label_columns(tmp_path):
                    'multitask.combiners=[{name="gcond", accumulation=4}]')
     with pytest.raises(ValueError, match="K=4 is not divisible by the 3 tasks"):
         load_data(cfg4)
+
+
+def test_sequential_gcond_has_no_divisibility_constraint():
+    cfg = load_config(None, ['flow="multitask"',
+                             'multitask.combiners=[{name="gcond", mode="sequential", accumulation=3}]'])
+    assert cfg.multitask.combiners[0].accumulation == 3
