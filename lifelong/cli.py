@@ -147,15 +147,16 @@ def results(
     except LookupError as exc:
         _fail(str(exc))
     for r in [res, *res.children]:
-        if r.matrix is None and not r.children and r is res:
-            typer.echo(f"run {r.run_id} ({r.name}, {r.status}) has no accuracy matrix")
-        if r.matrix is None:
+        finals = {k.removeprefix("final/"): v for k, v in r.metrics.items() if k.startswith("final/")}
+        if r.matrix is None and not finals:
+            if r is res and not res.children:
+                typer.echo(f"run {r.run_id} ({r.name}, {r.status}) has no accuracy matrix or final metrics")
             continue
         typer.echo(f"\n{r.name}  [{r.run_id}]  {r.status}")
-        typer.echo(" " * 14 + "".join(f"{c:>8}" for c in r.columns))
-        for label, row in zip(r.rows, r.matrix):
-            typer.echo(f"{label:<14}" + "".join(f"{v:>8.3f}" for v in row))
-        finals = {k.removeprefix("final/"): v for k, v in r.metrics.items() if k.startswith("final/")}
+        if r.matrix is not None:  # a continual run; a multi-task run has final metrics only
+            typer.echo(" " * 14 + "".join(f"{c:>8}" for c in r.columns))
+            for label, row in zip(r.rows, r.matrix):
+                typer.echo(f"{label:<14}" + "".join(f"{v:>8.3f}" for v in row))
         typer.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(finals.items())))
 
 

@@ -83,3 +83,16 @@ def test_sequential_gcond_has_no_divisibility_constraint():
     cfg = load_config(None, ['flow="multitask"',
                              'multitask.combiners=[{name="gcond", mode="sequential", accumulation=3}]'])
     assert cfg.multitask.combiners[0].accumulation == 3
+
+
+def test_results_command_prints_a_multitask_runs_final_metrics(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.multitask import multitask_flow
+    from lifelong.cli import app
+
+    cfg, uri = tiny(tmp_path, "tracking.log_model=false", 'multitask.combiners=[{name="sum"}]')
+    result = multitask_flow(cfg)
+    out = CliRunner().invoke(app, ["results", result.parent_run_id, "--tracking-uri", uri])
+    assert out.exit_code == 0, out.output
+    assert "sum" in out.output and "class/accuracy=" in out.output
