@@ -127,16 +127,12 @@ def build_stream_step(cfg: Config) -> dict:
 
 @task(cache_policy=NO_CACHE)
 def open_strategy_run(cfg: Config, parent_run_id: str, index: int, uri: str) -> str:
-    client = tracking.client_for(uri)
     spec = cfg.strategies[index]
-    parent = client.get_run(parent_run_id)
-    run = client.create_run(parent.info.experiment_id, run_name=strategy_label(spec),
-                            tags={"mlflow.parentRunId": parent_run_id, "lifelong.flow": "continual",
-                                  "lifelong.strategy": spec.name})
     params = {k: v for k, v in cfg.flat().items() if not k.startswith("strategies.")}
     params.update({f"strategy.{k}": str(v) for k, v in spec.model_dump(mode="json").items()})
-    tracking.log_params(client, run.info.run_id, params)
-    return run.info.run_id
+    return tracking.open_run(tracking.client_for(uri), strategy_label(spec), params,
+                             {"lifelong.flow": "continual", "lifelong.strategy": spec.name},
+                             parent_run_id=parent_run_id)
 
 
 @task(cache_policy=NO_CACHE)
@@ -229,12 +225,10 @@ def continual_flow(config: dict) -> ContinualResult:
     uri = cfg.tracking.uri or default_tracking_uri()
     client = tracking.client_for(uri)
     info = build_stream_step(cfg)
-    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
     name = cfg.tracking.run_name or f"{info['name']}-{'-vs-'.join(strategy_label(s) for s in cfg.strategies)}"
-    parent = client.create_run(exp_id, run_name=name, tags={"lifelong.flow": "continual",
-                                                            "lifelong.stream": info["name"]})
-    parent_id = parent.info.run_id
-    tracking.log_params(client, parent_id, cfg.flat())
+    parent_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "continual",
+                                                             "lifelong.stream": info["name"]},
+                                  experiment=cfg.tracking.experiment)
     client.log_dict(parent_id, cfg.model_dump(mode="json"), "config.json")
     result = ContinualResult(parent_id, uri)
     try:

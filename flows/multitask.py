@@ -91,15 +91,12 @@ def make_optimizer(cfg: Config, params, own_momentum: bool) -> torch.optim.Optim
 @task(cache_policy=NO_CACHE)
 def train_combiner(cfg: Config, index: int, parent_run_id: str, uri: str) -> CombinerResult:
     spec: CombinerSpec = cfg.multitask.combiners[index]
-    m, label = cfg.multitask, combiner_label(spec)
+    label = combiner_label(spec)
     client = tracking.client_for(uri)
-    parent = client.get_run(parent_run_id)
-    run_id = client.create_run(parent.info.experiment_id, run_name=label,
-                               tags={"mlflow.parentRunId": parent_run_id, "lifelong.flow": "multitask",
-                                     "lifelong.combiner": spec.name}).info.run_id
     params = {k: v for k, v in cfg.flat().items() if k.startswith(("seed", "multitask.")) and ".combiners." not in k}
     params.update({f"combiner.{k}": str(v) for k, v in spec.model_dump(mode="json").items()})
-    tracking.log_params(client, run_id, params)
+    run_id = tracking.open_run(client, label, params, {"lifelong.flow": "multitask", "lifelong.combiner": spec.name},
+                               parent_run_id=parent_run_id)
     logger = tracking.MLflowLogger(run_id, client)
     try:
         summary = _train(cfg, spec, logger)
@@ -191,11 +188,10 @@ def multitask_flow(config: dict) -> MultiTaskResult:
     uri = cfg.tracking.uri or default_tracking_uri()
     client = tracking.client_for(uri)
     load_data(cfg)  # bad data or an impossible K is refused before any training
-    exp_id = tracking.experiment_id(client, cfg.tracking.experiment)
     labels = [combiner_label(c) for c in cfg.multitask.combiners]
     name = cfg.tracking.run_name or f"{cfg.multitask.problem}-{'-vs-'.join(labels)}"
-    parent_id = client.create_run(exp_id, run_name=name, tags={"lifelong.flow": "multitask"}).info.run_id
-    tracking.log_params(client, parent_id, cfg.flat())
+    parent_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "multitask"},
+                                  experiment=cfg.tracking.experiment)
     result = MultiTaskResult(parent_id, uri)
     try:
         for i in range(len(cfg.multitask.combiners)):

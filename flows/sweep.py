@@ -88,9 +88,8 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
 def _log_sweep(tables: list[SweepTable], seeds: int, overrides: list[str] | None) -> None:
     uri = load_config(None, overrides).tracking.uri or default_tracking_uri()
     client = tracking.client_for(uri)
-    run = client.create_run(tracking.experiment_id(client, "sweep"), run_name="sweep",
-                            tags={"lifelong.flow": "sweep"})
-    tracking.log_params(client, run.info.run_id, {"seeds": seeds, "configs": ",".join(t.name for t in tables)})
+    run_id = tracking.open_run(client, "sweep", {"seeds": seeds, "configs": ",".join(t.name for t in tables)},
+                               {"lifelong.flow": "sweep"}, experiment="sweep")
     metrics = {}
     for t in tables:
         for label, vals in t.values.items():
@@ -100,10 +99,10 @@ def _log_sweep(tables: list[SweepTable], seeds: int, overrides: list[str] | None
     now = int(time.time() * 1000)
     items = [tracking.Metric(k, v, now, 0) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
-        client.log_batch(run.info.run_id, metrics=items[i : i + 1000])
-    client.log_text(run.info.run_id, "\n\n".join(f"## {t.title}\n\n{t.markdown()}" for t in tables),
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+    client.log_text(run_id, "\n\n".join(f"## {t.title}\n\n{t.markdown()}" for t in tables),
                     "sweep_results.md")
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")
 
 
 def write_markdown(tables: list[SweepTable], out: Path, seeds: int) -> None:

@@ -95,6 +95,19 @@ class MLflowLogger(BaseLogger):
         self.flush()
 
 
+def open_run(client: MlflowClient, name: str, params: dict, tags: dict[str, str],
+             experiment: str | None = None, parent_run_id: str | None = None) -> str:
+    """Create a run (nested under ``parent_run_id``, in its experiment) with its parameters."""
+    if parent_run_id is not None:
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        tags = {"mlflow.parentRunId": parent_run_id, **tags}
+    else:
+        exp_id = experiment_id(client, experiment or "lifelong")
+    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    log_params(client, run_id, params)
+    return run_id
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), _BATCH_PARAMS):
