@@ -89,11 +89,35 @@ def bare_loop(cfg) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
+def prefect_share(cfg) -> dict:
+    """The same flow with and without Prefect (its steps called as plain functions), no model or
+    plot logging, alternated twice in one process: what Prefect's orchestration costs."""
+    import flows.continual as fc
+    from lifelong.config import load_config
+
+    cfg = load_config(None, []).model_validate({**cfg.model_dump(mode="json", by_alias=True),
+                                                "tracking": {**cfg.tracking.model_dump(mode="json"),
+                                                             "log_model": False, "log_plots": False}})
+    steps = ["build_stream_step", "open_strategy_run", "train_experience", "evaluate_experience",
+             "finish_strategy_run"]
+    tasks = {n: getattr(fc, n) for n in steps}
+    times: dict[str, list[float]] = {"prefect": [], "plain": []}
+    for mode in ("prefect", "plain", "prefect", "plain"):
+        for n in steps:
+            setattr(fc, n, tasks[n] if mode == "prefect" else tasks[n].fn)
+        t = time.perf_counter()
+        fc.continual_flow(cfg) if mode == "prefect" else fc.continual_flow.fn(cfg)
+        times[mode].append(time.perf_counter() - t)
+    for n in steps:
+        setattr(fc, n, tasks[n])
+    return {k: min(v) for k, v in times.items()}
+
+
 def run(config_path: str = "configs/default.toml", out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
-    import lifelong  # noqa: F401
     from prefect import flow
 
+    import lifelong  # noqa: F401
     from flows.continual import run_continual
     from lifelong.config import load_config
     from lifelong.tracking import client_for
@@ -134,7 +158,9 @@ def run(config_path: str = "configs/default.toml", out_dir: Path | None = None) 
     finally:
         handle.remove()
     bare_s = (bare1 + bare2) / 2
+    share = prefect_share(cfg)
     return {
+        "without_model_and_plots_s": share,
         "config": config_path,
         "imports_s": imports_s,
         "prefect_api_start_s": prefect_start_s,
@@ -159,5 +185,7 @@ def report(r: dict) -> str:
         f" -> {'same' if r['same_steps'] else 'DIFFERENT'}",
         f"  not in the ratio: imports {r['imports_s']:.2f} s, Prefect API start "
         f"{r['prefect_api_start_s']:.2f} s, MLflow store init {r['mlflow_store_init_s']:.2f} s",
+        f"  without model/plot logging: with Prefect {r['without_model_and_plots_s']['prefect']:.2f} s, "
+        f"steps as plain functions {r['without_model_and_plots_s']['plain']:.2f} s",
     ]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -23,14 +24,13 @@ from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
 from strategies.baselines import (
-    LoggersOnlyEvaluation,
     build_learner,
     quiet_avalanche_deprecations,
     resolve_device,
 )
+from tasks.data import load_npz
 from tasks.evaluation import ContinualEvalPlugin, evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
-from tasks.data import load_npz
 from tasks.models import build_model
 from tasks.pretrain import pretrain
 from tasks.streams import Stream, build_stream
@@ -83,7 +83,7 @@ class Learner:
             EpochProgressPlugin(self.progress, index),
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      LoggersOnlyEvaluation(loggers=[self.logger]), stream.n_classes, cfg.seed)
+                                      EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed)
 
     def _log_point(self, iteration: int, experience: int, accs: dict[int, float]) -> None:
         values = {f"ceval/acc_exp{i}": a for i, a in accs.items()}

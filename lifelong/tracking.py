@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass

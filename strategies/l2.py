@@ -16,7 +16,6 @@ from torch import Tensor
 
 from strategies.regularizer import named_params, pack, penalty_sum, unpack
 
-
 Scope = Literal["backbone", "head", "all"]
 
 

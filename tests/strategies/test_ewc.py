@@ -9,11 +9,11 @@ import pytest
 import torch
 from avalanche.training import Naive
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EWCPlugin
+from avalanche.training.plugins import EvaluationPlugin, EWCPlugin
 from torch import nn
 
 from lifelong.config import ModelConfig, StreamConfig
-from strategies.baselines import LoggersOnlyEvaluation, quiet_avalanche_deprecations
+from strategies.baselines import quiet_avalanche_deprecations
 from strategies.ewc import EWC, empirical_fisher
 from strategies.plugin import RegularizerPlugin, avalanche_forward_fn
 from tasks.evaluation import evaluate
@@ -226,7 +226,7 @@ def naive(model, plugins, optimizer=None):
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.01)
     return Naive(model=model, optimizer=optimizer,
                  criterion=nn.CrossEntropyLoss(), train_mb_size=MB, train_epochs=1, eval_mb_size=512,
-                 device="cpu", evaluator=LoggersOnlyEvaluation(loggers=[]), plugins=plugins)
+                 device="cpu", evaluator=EvaluationPlugin(loggers=[]), plugins=plugins)
 
 
 @pytest.fixture(scope="module")

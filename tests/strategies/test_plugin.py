@@ -9,7 +9,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import LwFPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin, LwFPlugin, ReplayPlugin
 from torch import nn
 
 from lifelong.config import (
@@ -23,7 +23,7 @@ from lifelong.config import (
     TrainingConfig,
     validate_config,
 )
-from strategies.baselines import LoggersOnlyEvaluation, build_learner, quiet_avalanche_deprecations
+from strategies.baselines import build_learner, quiet_avalanche_deprecations
 from strategies.center_loss import CenterLoss
 from strategies.ewc import EWC
 from strategies.l2 import L2
@@ -48,7 +48,7 @@ def mlp(stream, hidden=16):
 def naive(model, plugins):
     return Naive(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=0.01),
                  criterion=nn.CrossEntropyLoss(), train_mb_size=MB, train_epochs=1, eval_mb_size=512,
-                 device="cpu", evaluator=LoggersOnlyEvaluation(loggers=[]), plugins=plugins)
+                 device="cpu", evaluator=EvaluationPlugin(loggers=[]), plugins=plugins)
 
 
 def train(strategy, experiences):
@@ -185,7 +185,7 @@ def test_replay_plus_center_loss_from_the_config_trains():
     })
     stream = digits()
     model = mlp(stream)
-    strategy = build_learner(cfg.strategies[0], model, cfg.training, [], LoggersOnlyEvaluation(loggers=[]),
+    strategy = build_learner(cfg.strategies[0], model, cfg.training, [], EvaluationPlugin(loggers=[]),
                              stream.n_classes, cfg.seed)
     replay = [p for p in strategy.plugins if isinstance(p, ReplayPlugin)]
     regs = [p for p in strategy.plugins if isinstance(p, RegularizerPlugin)]
@@ -238,7 +238,7 @@ def test_oneprompt_trains_prompt_and_head_only_and_never_predicts_unseen_classes
                         stream.n_classes, multi_head=False)
     backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
     spec = OnePromptSpec(name="oneprompt", vor=True, vor_epochs=1, outliers_per_class=5)
-    strategy = build_learner(spec, model, TrainingConfig(epochs=1), [], LoggersOnlyEvaluation(loggers=[]),
+    strategy = build_learner(spec, model, TrainingConfig(epochs=1), [], EvaluationPlugin(loggers=[]),
                              stream.n_classes, seed=0)
     oneprompt = strategy.plugins[0]
     x_all = torch.cat([stream.test_tensors(i)[0] for i in range(stream.n_experiences)])
