@@ -237,9 +237,10 @@ def continual_flow(config: dict) -> ContinualResult:
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    comparison = {tracking.metric_key(f"{r.label}/{k}"): v for r in result.results for k, v in r.summary.items()}
-    client.log_batch(parent_id, metrics=[tracking.Metric(k, v, int(time.time() * 1000), 0)
-                                         for k, v in comparison.items()])
+    comparison = tracking.MLflowLogger(parent_id, client)
+    comparison.log_values({tracking.metric_key(f"{r.label}/{k}"): v
+                           for r in result.results for k, v in r.summary.items()}, 0)
+    comparison.flush()
     client.set_terminated(parent_id, "FINISHED")
     result.timings["flow_s"] = time.perf_counter() - t0
     return result

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from lifelong import tracking
-from lifelong.config import CombinerSpec, Config, combiner_label, validate_config
+from lifelong.config import CombinerSpec, Config, check_combiners, combiner_label, validate_config
 from lifelong.env import default_tracking_uri
 from strategies.gcond import GCond, GCondTrainer
 from strategies.gradients import task_gradients, write_grad
@@ -44,13 +44,7 @@ class MultiTaskResult:
 def load_data(cfg: Config) -> MultiTaskData:
     m = cfg.multitask
     data = load_problem(m.problem, m.test_fraction, cfg.seed, m.path, m.tasks)
-    n = len(data.tasks)
-    for i, c in enumerate(m.combiners):  # npz problems: the number of tasks is known only now
-        if c.name == "gcond" and c.mode == "stochastic" and c.accumulation % n:
-            raise ValueError(f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible "
-                             f"by the {n} tasks (N)")
-        if c.weights is not None and len(c.weights) != n:
-            raise ValueError(f"multitask.combiners.{i}.weights: {len(c.weights)} weights for {n} tasks")
+    check_combiners(m.combiners, len(data.tasks))  # npz problems: the tasks are known only now
     return data
 
 

@@ -9,7 +9,6 @@ forgetting, min-ACC and WC-ACC; multi-task tables every per-task test metric and
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,10 +95,9 @@ def _log_sweep(tables: list[SweepTable], seeds: int, overrides: list[str] | None
             for m, v in vals.items():
                 key = tracking.metric_key(f"{t.name}/{label}/{m}")
                 metrics[f"{key}_mean"], metrics[f"{key}_std"] = float(np.mean(v)), float(np.std(v))
-    now = int(time.time() * 1000)
-    items = [tracking.Metric(k, v, now, 0) for k, v in metrics.items()]
-    for i in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[i : i + 1000])
+    logger = tracking.MLflowLogger(run_id, client)  # batches of 1,000, as MLflow allows
+    logger.log_values(metrics, 0)
+    logger.flush()
     client.log_text(run_id, "\n\n".join(f"## {t.title}\n\n{t.markdown()}" for t in tables),
                     "sweep_results.md")
     client.set_terminated(run_id, "FINISHED")

@@ -332,18 +332,24 @@ class MultiTaskConfig(_Section):
             if bad:
                 raise ValueError(f"multitask.tasks: {bad} are not tasks of {self.problem!r}; allowed: {list(known)}")
         names = self.task_names()
-        for i, c in enumerate(self.combiners):
-            if names and c.weights is not None and len(c.weights) != len(names):
-                raise ValueError(f"multitask.combiners.{i}.weights: {len(c.weights)} weights for {len(names)} tasks")
-            if names and c.name == "gcond" and c.mode == "stochastic" and c.accumulation % len(names):
-                raise ValueError(
-                    f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible by the "
-                    f"{len(names)} tasks (N); GCond gives each task K/N batches — use a multiple of {len(names)}"
-                )
-        labels = [c.label or (c.name if c.name != "gcond" else f"gcond-{c.mode}") for c in self.combiners]
+        if names:  # an npz problem's tasks are known once its file is read (flows/multitask.py)
+            check_combiners(self.combiners, len(names))
+        labels = [combiner_label(c) for c in self.combiners]
         if len(set(labels)) != len(labels):
             raise ValueError("multitask.combiners: labels must be unique; give each a distinct `label`")
         return self
+
+
+def check_combiners(combiners: list[CombinerSpec], n_tasks: int) -> None:
+    """Weights must match the tasks, and stochastic GCond must split K batches evenly among them."""
+    for i, c in enumerate(combiners):
+        if c.weights is not None and len(c.weights) != n_tasks:
+            raise ValueError(f"multitask.combiners.{i}.weights: {len(c.weights)} weights for {n_tasks} tasks")
+        if c.name == "gcond" and c.mode == "stochastic" and c.accumulation % n_tasks:
+            raise ValueError(
+                f"multitask.combiners.{i}.accumulation: K={c.accumulation} is not divisible by the "
+                f"{n_tasks} tasks (N); GCond gives each task K/N batches — use a multiple of {n_tasks}"
+            )
 
 
 def combiner_label(spec: CombinerSpec) -> str:
