@@ -42,6 +42,11 @@ def run(
 
         print_multitask_table(multitask_flow(cfg))
         return
+    if cfg.flow == "federated":
+        from flows.federated import run_federated
+
+        print_federated(run_federated(cfg))
+        return
     from flows.continual import run_continual
 
     print_results_table(run_continual(cfg))
@@ -64,6 +69,10 @@ def check_before_work(cfg) -> None:
     build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
     if cfg.pretrain.epochs:
         pretraining_data(cfg, stream)
+    if cfg.flow == "federated":
+        from flows.federated import split_report
+
+        split_report(cfg)  # more clients than samples, too many shards: refused here
 
 
 def print_multitask_table(result) -> None:
@@ -74,6 +83,48 @@ def print_multitask_table(result) -> None:
         typer.echo(f"{r.label:<20}" + "".join(f"{r.summary.get(c, float('nan')):>22.3f}" for c in cols))
     typer.echo("")
     typer.echo(f"MLflow run: {result.parent_run_id}  (store: {result.tracking_uri})")
+
+
+def print_federated(result) -> None:
+    cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]
+    typer.echo("")
+    typer.echo(f"{'strategy':<24}" + "".join(f"{c:>15}" for c in cols))
+    typer.echo(f"{result.label:<24}" + "".join(
+        f"{result.summary[c]:>15.3f}" if c in result.summary else f"{'n/a':>15}" for c in cols))
+    extra = f"; {len(result.skipped_rounds)} rounds skipped (too few replies)" if result.skipped_rounds else ""
+    typer.echo(f"{result.rounds} rounds, {result.failures} client failures{extra}")
+    typer.echo(f"\nMLflow run: {result.run_id}  (store: {result.tracking_uri})")
+    typer.echo(f"  lifelong results {result.run_id}")
+
+
+clients_app = typer.Typer(help="Federated clients: simulate them (in-process or on Ray) or deploy them.",
+                          no_args_is_help=True)
+app.add_typer(clients_app, name="clients")
+
+
+@clients_app.command("launch")
+def clients_launch(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: built-in defaults)")] = None,
+    num_clients: Annotated[Optional[int], typer.Option("--num-clients", min=1,
+                                                       help="Clients (overrides federated.clients)")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        help="inprocess (this process, no actors) or ray (Flower's simulation engine)")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set federated.rounds=3")] = [],
+) -> None:
+    """Run the federated flow with N simulated clients, each a continual learner on its own data."""
+    overrides = ["flow=\"federated\"", *set_]
+    if num_clients is not None:
+        overrides.append(f"federated.clients={num_clients}")
+    if backend is not None:
+        overrides.append(f"federated.backend=\"{backend}\"")
+    try:
+        cfg = load_config(config, overrides)
+        check_before_work(cfg)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    from flows.federated import run_federated
+
+    print_federated(run_federated(cfg))
 
 
 @app.command()

@@ -368,18 +368,70 @@ class TrackingConfig(_Section):
     log_plots: bool = True
 
 
+# --------------------------------------------------------------------------- federated
+
+
+class FederatedConfig(_Section):
+    """Flower rounds over the stream: each client holds a private share of every experience."""
+
+    #: Number of (virtual) clients; each gets a share of every experience.
+    clients: int = Field(10, ge=1)
+    #: Fraction of the clients sampled in each round (at least one must be sampled).
+    fraction: float = Field(1.0, gt=0, le=1)
+    #: Federated rounds per experience; each sampled client trains ``training.epochs`` local epochs.
+    rounds: int = Field(5, ge=1)
+    #: How each experience is split across clients: uniform, Dirichlet label skew, or by-class shards.
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    #: Dirichlet concentration (small: each client sees few classes).
+    alpha: float = 0.5
+    shards_per_client: int = Field(2, ge=1)
+    #: A round aggregates only when at least this many sampled clients replied; otherwise the
+    #: global model is kept and the round is logged as skipped.
+    min_results: int = Field(1, ge=1)
+    #: Seconds the server waits for a round's replies; clients that have not replied by then are
+    #: counted as lost for that round.
+    round_timeout: float = Field(600.0, gt=0)
+    #: Where simulated clients run: in this process (``inprocess``) or on Flower's Ray engine.
+    backend: Literal["inprocess", "ray"] = "inprocess"
+    #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).
+    ray_cpus_per_client: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederatedConfig":
+        if not self.alpha > 0:
+            raise ValueError(f"federated.alpha: Dirichlet concentration must be > 0, got {self.alpha}")
+        if int(self.clients * self.fraction) < 1:
+            raise ValueError(
+                f"federated.fraction: {self.fraction} of {self.clients} clients samples no client "
+                f"in a round; use at least {1 / self.clients:.3g}"
+            )
+        if self.min_results > self.sampled:
+            raise ValueError(
+                f"federated.min_results: {self.min_results} replies needed but only {self.sampled} "
+                f"clients are sampled per round ({self.fraction} × {self.clients})"
+            )
+        return self
+
+    @property
+    def sampled(self) -> int:
+        """Clients sampled per round (Flower's FedAvg rounds down)."""
+        return int(self.clients * self.fraction)
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
 class Config(_Section):
     seed: int = 0
-    #: Which flow runs this config: continual learning over a stream, or multi-task learning.
-    flow: Literal["continual", "multitask"] = "continual"
+    #: Which flow runs this config: continual learning over a stream, the same over federated
+    #: clients, or multi-task learning.
+    flow: Literal["continual", "multitask", "federated"] = "continual"
     stream: StreamConfig = StreamConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     pretrain: PretrainConfig = PretrainConfig()
     multitask: MultiTaskConfig = MultiTaskConfig()
+    federated: FederatedConfig = FederatedConfig()
     #: One or more strategies, each run on the same stream with the same seed, side by side.
     strategies: list[StrategySpec] = Field(
         default_factory=lambda: [NaiveSpec(name="naive")], min_length=1
@@ -399,12 +451,26 @@ class Config(_Section):
                 )
             if isinstance(spec, OnePromptSpec) and self.stream.resolved_scenario != "class":
                 raise ValueError(f"strategies.{i}: oneprompt is a class-incremental method; use a class scenario")
+        if self.flow == "federated":
+            self._check_federated()
         if self.pretrain.epochs and self.stream.resolved_scenario == "task":
             raise ValueError("pretrain.epochs: pretraining is for single-head models (class or domain streams)")
         if self.pretrain.epochs and not (self.stream.holdout_fraction or self.pretrain.path):
             raise ValueError("pretrain.epochs: pretraining needs data: set stream.holdout_fraction > 0 "
                              "or pretrain.path to an .npz file")
         return self
+
+    def _check_federated(self) -> None:
+        if len(self.strategies) != 1:
+            raise ValueError(f"strategies: a federated run trains one learner on every client; "
+                             f"got {len(self.strategies)} (run one config per strategy)")
+        spec = self.strategies[0]
+        if isinstance(spec, (JointSpec, OnePromptSpec)):
+            raise ValueError(f"strategies.0: {spec.name!r} is not available in the federated flow; "
+                             "use 'naive' or 'replay' with any plugins")
+        if self.stream.resolved_scenario == "task":
+            raise ValueError("stream.scenario: the federated flow trains one single-head model; "
+                             "use a class or domain stream (multi-head task streams are not federated yet)")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Config":

@@ -11,8 +11,8 @@ from tqdm import tqdm
 class Progress:
     """One learner's progress over its experiences; epochs show as the bar's postfix."""
 
-    def __init__(self, label: str, n_experiences: int, epochs: int, stream=None):
-        self.label, self.n, self.epochs = label, n_experiences, epochs
+    def __init__(self, label: str, n_experiences: int, epochs: int, stream=None, step_name: str = "epoch"):
+        self.label, self.n, self.epochs, self.step_name = label, n_experiences, epochs, step_name
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.bar = tqdm(total=n_experiences, desc=f"{label:>12}", unit="exp", file=self.stream,
@@ -20,7 +20,7 @@ class Progress:
 
     def epoch(self, experience: int, epoch: int) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(f"experience {experience + 1}/{self.n} epoch {epoch + 1}/{self.epochs}")
+            self.bar.set_postfix_str(f"experience {experience + 1}/{self.n} {self.step_name} {epoch + 1}/{self.epochs}")
 
     def experience_done(self, experience: int, accuracy: float) -> None:
         if self.bar is not None:

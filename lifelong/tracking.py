@@ -146,7 +146,8 @@ def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
     return fig
 
 
-def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[str], title: str):
+def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[str], title: str,
+                 xlabel: str = "training iteration"):
     fig, ax = plt.subplots(figsize=(8, 4))
     tasks = sorted({i for _, _, accs in points for i in accs})
     for i in tasks:
@@ -158,11 +159,31 @@ def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[s
     for exp, it in starts.items():
         if exp:
             ax.axvline(it, color="grey", lw=0.6, ls="--")
-    ax.set_xlabel("training iteration")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def histogram_figure(histograms: list[np.ndarray], title: str):
+    """Per-client class counts, one panel per experience (clients × classes, stacked bars)."""
+    n = len(histograms)
+    fig, axes = plt.subplots(1, n, figsize=(min(3.2 * n, 16), 3.4), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("tab10" if histograms[0].shape[1] <= 10 else "tab20")
+    for e, (ax, h) in enumerate(zip(axes[0], histograms)):
+        bottom = np.zeros(h.shape[0])
+        for c in range(h.shape[1]):
+            if h[:, c].any():
+                ax.bar(range(h.shape[0]), h[:, c], bottom=bottom, color=cmap(c % cmap.N), label=str(c), width=0.9)
+                bottom += h[:, c]
+        ax.set_title(f"exp{e}", fontsize=9)
+        ax.set_xlabel("client")
+        ax.legend(fontsize=6, title="class", title_fontsize=6)
+    axes[0][0].set_ylabel("samples")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -33,8 +33,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugins: list,
-                  evaluator: EvaluationPlugin, n_classes: int, seed: int = 0) -> SupervisedTemplate:
-    """An Avalanche strategy for ``spec`` (naive | replay | joint) with its regularisers."""
+                  evaluator: EvaluationPlugin, n_classes: int, seed: int = 0, regularizers: list | None = None,
+                  consolidate: bool = True, storage_policy=None) -> SupervisedTemplate:
+    """An Avalanche strategy for ``spec`` (naive | replay | joint) with its regularisers.
+
+    A federated client passes its restored ``regularizers`` and replay ``storage_policy``, and
+    ``consolidate=False``: it consolidates at experience boundaries itself.
+    """
     from strategies.plugin import RegularizerPlugin, build_regularizer
 
     if spec.freeze_backbone:
@@ -51,11 +56,14 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         device=resolve_device(training.device),
         evaluator=evaluator,
     )
-    regularizers = [RegularizerPlugin(build_regularizer(p, n_classes), p.name) for p in spec.plugins]
+    if regularizers is None:
+        regularizers = [build_regularizer(p, n_classes) for p in spec.plugins]
+    regularizers = [RegularizerPlugin(r, p.name, consolidate) for r, p in zip(regularizers, spec.plugins)]
     replay = None
     if isinstance(spec, ReplaySpec):
         replay = ReplayPlugin(mem_size=spec.mem_size, batch_size=training.batch_size,
-                              batch_size_mem=spec.batch_size_mem or training.batch_size)
+                              batch_size_mem=spec.batch_size_mem or training.batch_size,
+                              storage_policy=storage_policy)
     if spec.arbitrate == "gcond":  # after the regularisers: it reads the penalties they added
         from strategies.arbitration import GCondArbitrationPlugin
 

@@ -20,9 +20,12 @@ def avalanche_forward_fn(model, x, t):
 
 
 class RegularizerPlugin(SupervisedPlugin):
-    def __init__(self, regularizer: Regularizer, name: str | None = None):
+    def __init__(self, regularizer: Regularizer, name: str | None = None, consolidate: bool = True):
         super().__init__()
         self.regularizer = regularizer
+        #: False for a federated client, which trains an experience over several rounds and
+        #: consolidates once, when it first sees the next experience (``clients/learner.py``).
+        self.consolidate = consolidate
         self.name = name or type(regularizer).__name__
         self._features: torch.Tensor | None = None
         self._handle = None
@@ -51,17 +54,21 @@ class RegularizerPlugin(SupervisedPlugin):
             hook(strategy.model)
 
     def after_training_exp(self, strategy, **kwargs):
+        if self.consolidate:
+            self._consolidate(strategy)
+        # Unhook between experiences: the model is copied, pickled and logged without the plugin.
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._features = None
+
+    def _consolidate(self, strategy):
         data = strategy.experience.dataset.eval()
         loader = torch.utils.data.DataLoader(data, batch_size=strategy.train_mb_size, shuffle=False,
                                              collate_fn=getattr(data, "collate_fn", None))
         device = strategy.device
         batches = ((b[0].to(device), b[1].to(device), b[-1].to(device)) for b in loader)
         self.regularizer.after_experience(strategy.model, batches)
-        # Unhook between experiences: the model is copied, pickled and logged without the plugin.
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._features = None
 
 
 def build_regularizer(spec, n_classes: int) -> Regularizer:

@@ -72,3 +72,13 @@ def partition(labels: torch.Tensor, n_clients: int, method: Method = "iid", alph
 def class_histograms(parts: list[torch.Tensor], labels: torch.Tensor, n_classes: int) -> np.ndarray:
     """clients × classes sample counts (what is plotted to show the skew)."""
     return np.stack([np.bincount(labels[p].numpy(), minlength=n_classes) for p in parts])
+
+
+def experience_seed(seed: int, experience: int) -> int:
+    """A distinct, reproducible seed for splitting each experience."""
+    return int(np.random.SeedSequence([seed, experience]).generate_state(1)[0])
+
+
+def experience_labels(experience) -> torch.Tensor:
+    """An Avalanche experience's labels, without reading its inputs."""
+    return torch.as_tensor(list(experience.dataset.targets), dtype=torch.long)

@@ -217,3 +217,26 @@ def _rotation(cfg: StreamConfig, i: int, n: int):
 
 def describe_streams() -> dict[str, str]:
     return {name: STREAM_DESCRIPTIONS[name] for name in BUILTIN_STREAMS}
+
+
+def samples_dataset(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
+    """An Avalanche classification dataset of already-transformed samples (e.g. a replay memory).
+
+    One task label is given as a constant, as the streams do: Avalanche cannot concatenate a
+    constant task-label sequence with a per-sample one.
+    """
+    labels = t.unique()
+    return tensor_dataset(x, y, task_labels=int(labels[0]) if len(labels) <= 1 else [int(v) for v in t])
+
+
+def experience_share(stream: Stream, i: int, indices: torch.Tensor):
+    """Experience ``i`` of the training stream restricted to ``indices`` (one client's share).
+
+    A shallow copy: the share keeps the experience's index, task label and class list (the
+    experience's classes, even those the client happens to hold no sample of).
+    """
+    import copy
+
+    exp = copy.copy(stream.train_stream[i])
+    exp._dataset = exp.dataset.subset(indices.tolist())
+    return exp

@@ -1,0 +1,47 @@
+"""The Flower ClientApp (Message API): a continual learner on the node's private data.
+
+Each train message carries the global model (``arrays``) and a ``config`` record with the
+experience index, the round and the run's Lifelong config (as JSON: the server is the one source
+of truth, so the same app runs under the in-process backend, Flower's Ray engine and real
+SuperNodes without a config file on the client's machine). The node's ``partition-id`` (from
+its node config) says which share of each experience is its own.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.learner import ClientLearner
+from lifelong.config import Config, validate_config
+
+#: Keys of the train message's config record (set by the server, ``flows/federated.py``).
+CONFIG_KEY = "lifelong-config"
+EXPERIENCE_KEY = "experience"
+ROUND_OFFSET_KEY = "round-offset"
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _config(text: str) -> Config:
+    return validate_config(json.loads(text))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    conf = msg.content["config"]
+    cfg = _config(str(conf[CONFIG_KEY]))
+    partition_id = int(context.node_config["partition-id"])
+    if int(context.node_config.get("num-partitions", cfg.federated.clients)) != cfg.federated.clients:
+        raise ValueError(f"node has num-partitions={context.node_config['num-partitions']} but the run "
+                         f"splits the data across federated.clients={cfg.federated.clients}")
+    server_round = int(conf[ROUND_OFFSET_KEY]) + int(conf["server-round"])
+    learner = ClientLearner(cfg, partition_id, context.state)
+    weights, metrics = learner.train_round(msg.content["arrays"].to_torch_state_dict(),
+                                           int(conf[EXPERIENCE_KEY]), server_round)
+    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,64 @@
+"""Launchers for simulated clients: our in-process grid, or Flower's Ray simulation engine.
+
+``run_simulation`` is deprecated in flwr 1.42 (in favour of ``flwr run`` with a local simulation
+federation) but still the only way to run a ServerApp whose main is a closure of this process —
+it is called here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from clients.inprocess import InProcessGrid
+from lifelong.config import Config
+
+
+def default_client_app() -> ClientApp:
+    from clients.app import app
+
+    return app
+
+
+def inprocess_grid(cfg: Config, client_app: ClientApp | None = None) -> InProcessGrid:
+    quiet_flower()
+    return InProcessGrid(client_app or default_client_app(), cfg.federated.clients)
+
+
+def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: ClientApp | None = None):
+    """Run ``serve(grid)`` as the ServerApp of a Flower simulation with one SuperNode per client."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    outcome: dict[str, object] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        outcome["result"] = serve(grid)
+
+    quiet_flower()
+    cores = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.federated.ray_cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": False,
+                      "logging_level": logging.ERROR},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(server_app=server_app, client_app=client_app or default_client_app(),
+                       num_supernodes=cfg.federated.clients, backend_config=backend_config)
+    if "result" not in outcome:  # Flower logs the ServerApp's exception and returns
+        raise RuntimeError("the Ray simulation ended without a result; see Flower's log above")
+    return outcome["result"]
+
+
+def quiet_flower() -> None:
+    """Flower logs every round at INFO; Lifelong reports progress itself."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)

@@ -1,0 +1,136 @@
+"""One federated client's continual learner for one round.
+
+The client holds a private share of every experience (``tasks/partition.py``) and trains an
+Avalanche strategy — naive or replay, with the configured regularisers — on the share of the
+experience the server is on. Its memory across rounds (regulariser state, replay buffer,
+progress) is read from and written back to the node's persistent ``Context.state``
+(``clients/state.py``); nothing about a client lives in this module.
+
+Experience boundaries: an experience spans several rounds and a client is not sampled in every
+round, so it cannot know which round is an experience's last. It consolidates lazily: the first
+time it trains on a later experience it first consolidates the one it last trained on (Fisher,
+anchors, frozen centers, replay memory), using the global model it has just received — the
+federation's model at the end of that experience.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
+from flwr.app import RecordDict
+
+from clients import state as st
+from lifelong.config import Config, ReplaySpec
+from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
+from strategies.plugin import build_regularizer
+from tasks.models import build_model
+from tasks.partition import experience_labels, experience_seed, partition
+from tasks.streams import Stream, build_stream, experience_share
+
+# Read-only data, cached per process: a stream's client split depends only on the config.
+_SHARES: dict[tuple, list[torch.Tensor]] = {}
+
+
+def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
+    """Every client's sample indices in ``experience`` (the same in every process)."""
+    fed = cfg.federated
+    key = (cfg.stream, cfg.seed, fed.clients, fed.partition, fed.alpha, fed.shards_per_client, experience)
+    if key not in _SHARES:
+        labels = experience_labels(stream.train_stream[experience])
+        _SHARES[key] = partition(labels, fed.clients, fed.partition, fed.alpha, fed.shards_per_client,
+                                 seed=experience_seed(cfg.seed, experience))
+    return _SHARES[key]
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Each client's randomness in each round: the same whichever backend runs it."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0] % 2**31)
+
+
+class _LossMeter(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.total, self.count = 0.0, 0
+
+    def after_training_iteration(self, strategy, **kwargs):
+        n = len(strategy.mb_y)
+        self.total += float(strategy.loss.detach()) * n
+        self.count += n
+
+
+class ClientLearner:
+    """Client ``partition_id``'s learner, rebuilt each round from the config and its state."""
+
+    def __init__(self, cfg: Config, partition_id: int, state: RecordDict):
+        self.cfg, self.pid, self.state = cfg, partition_id, state
+        self.spec = cfg.strategies[0]
+        self.stream = build_stream(cfg.stream, cfg.seed)
+        self.device = resolve_device(cfg.training.device)
+
+    def share(self, experience: int):
+        return experience_share(self.stream, experience,
+                                client_indices(self.cfg, self.stream, experience)[self.pid])
+
+    def train_round(self, weights: dict[str, torch.Tensor], experience: int,
+                    server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Train on this client's share of ``experience``; returns the new weights and metrics."""
+        cfg, stream = self.cfg, self.stream
+        RNGManager.set_random_seeds(round_seed(cfg.seed, server_round, self.pid))
+        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+        model.load_state_dict(weights)
+        model.to(self.device)
+
+        regularizers = [build_regularizer(p, stream.n_classes) for p in self.spec.plugins]
+        for i, reg in enumerate(regularizers):
+            saved = st.read_tensors(self.state, st.reg_key(i))
+            if saved is not None:
+                reg.load_state_dict(saved)
+        memory = None
+        if isinstance(self.spec, ReplaySpec):
+            memory = st.ClientReplayBuffer(self.spec.mem_size)
+            saved = st.read_tensors(self.state, st.REPLAY)
+            if saved:
+                memory.load_state_dict(saved)
+
+        progress = st.read_progress(self.state)
+        if progress["consolidated"] < progress["trained"] < experience:
+            self._consolidate(progress["trained"], model, regularizers, memory)
+            progress["consolidated"] = progress["trained"]
+            if memory is not None:
+                st.write_tensors(self.state, st.REPLAY, memory.state_dict())
+
+        meter = _LossMeter()
+        with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
+            warnings.simplefilter("ignore", UserWarning)
+            evaluator = EvaluationPlugin(loggers=[])
+        learner = build_learner(self.spec, model, cfg.training, [meter], evaluator,
+                                stream.n_classes, cfg.seed, regularizers=regularizers, consolidate=False,
+                                storage_policy=memory)
+        share = self.share(experience)
+        with quiet_avalanche_deprecations():
+            learner.train(share, eval_streams=[], num_workers=0)
+
+        for i, reg in enumerate(regularizers):  # e.g. center loss moves its centers while training
+            st.write_tensors(self.state, st.reg_key(i), reg.state_dict())
+        st.write_progress(self.state, experience, progress["consolidated"])
+        metrics = {"num-examples": len(share.dataset), "train-loss": meter.total / max(meter.count, 1),
+                   "partition-id": self.pid, "experience": experience}
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+
+    def _consolidate(self, experience: int, model, regularizers, memory) -> None:
+        share = self.share(experience)
+        classes = sorted(int(c) for c in share.classes_in_this_experience)
+        data = share.dataset.eval()
+        loader = torch.utils.data.DataLoader(data, batch_size=self.cfg.training.batch_size, shuffle=False)
+        for reg in regularizers:
+            reg.before_experience(model, classes)
+            reg.after_experience(model, ((b[0].to(self.device), b[1].to(self.device), b[-1].to(self.device))
+                                         for b in loader))
+            st.write_tensors(self.state, st.reg_key(regularizers.index(reg)), reg.state_dict())
+        if memory is not None:
+            memory.add_experience(share)

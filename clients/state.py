@@ -1,0 +1,90 @@
+"""What a federated client keeps between rounds, as records of its persistent ``Context.state``.
+
+Flower keeps ``Context.state`` (a ``RecordDict``) per node across the rounds of a run — on the
+SuperNode in a deployment, in the simulation engine or our in-process grid when simulated — so a
+client's continual-learning memory lives there and nowhere else:
+
+* ``progress`` (ConfigRecord): the last experience trained and the last one consolidated;
+* ``reg/<i>`` (ArrayRecord): the i-th regulariser's ``state_dict`` (Fisher, anchors, centers);
+* ``replay`` (ArrayRecord): the rehearsal memory, group by group, with the reservoir weights
+  Avalanche's buffer keeps sorted, so a restored buffer evolves exactly as the original would.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from tasks.streams import samples_dataset
+
+PROGRESS = "progress"
+REPLAY = "replay"
+
+
+def reg_key(i: int) -> str:
+    return f"reg/{i}"
+
+
+def read_progress(state: RecordDict) -> dict[str, int]:
+    rec = state[PROGRESS] if PROGRESS in state else ConfigRecord({"trained": -1, "consolidated": -1})
+    return {"trained": int(rec["trained"]), "consolidated": int(rec["consolidated"])}
+
+
+def write_progress(state: RecordDict, trained: int, consolidated: int) -> None:
+    state[PROGRESS] = ConfigRecord({"trained": trained, "consolidated": consolidated})
+
+
+def write_tensors(state: RecordDict, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    state[key] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+
+
+def read_tensors(state: RecordDict, key: str) -> dict[str, torch.Tensor] | None:
+    if key not in state:
+        return None
+    return dict(state[key].to_torch_state_dict())
+
+
+class ClientReplayBuffer(ExperienceBalancedBuffer):
+    """Avalanche's experience-balanced reservoir buffer, updated only when the client says so.
+
+    A client trains one experience over several rounds; Avalanche's ``ReplayPlugin`` would add the
+    experience to the memory at the end of every round. The client adds it once, at the boundary.
+    """
+
+    def __init__(self, max_size: int):
+        super().__init__(max_size, adaptive_size=True)
+        self.frozen = True
+
+    def post_adapt(self, agent, exp):
+        if not self.frozen:
+            super().post_adapt(agent, exp)
+
+    def add_experience(self, exp) -> None:
+        self.frozen = False
+        try:
+            super().post_adapt(None, exp)
+        finally:
+            self.frozen = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for g, buf in self.buffer_groups.items():
+            data = buf.buffer.eval()
+            x, y, t = torch.utils.data.default_collate([data[i] for i in range(len(data))]) if len(data) else (
+                torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+            # Avalanche's private reservoir weights: without them a restored group would not keep
+            # the same samples when it is shrunk to make room for the next experience.
+            state.update({f"{g}/x": x, f"{g}/y": y, f"{g}/t": t, f"{g}/w": buf._buffer_weights,
+                          f"{g}/size": torch.tensor(buf.max_size)})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        groups = sorted({int(k.split("/")[0]) for k in state})
+        self.buffer_groups = {}
+        for g in groups:
+            buf = ReservoirSamplingBuffer(int(state[f"{g}/size"]))
+            buf.buffer = samples_dataset(state[f"{g}/x"], state[f"{g}/y"], state[f"{g}/t"])
+            buf._buffer_weights = state[f"{g}/w"]
+            self.buffer_groups[g] = buf
+        self._num_exps = len(groups)

@@ -1,0 +1,316 @@
+"""The federated continual-learning flow and its Flower ServerApp.
+
+For each experience of the stream the server runs ``federated.rounds`` Flower rounds: it samples
+clients, sends them the global model, aggregates their updates with FedAvg
+(``strategies/fedavg.py``) and evaluates the new global model on every experience after every
+round. Each client trains its own continual learner on its private share of the experience
+(``clients/``).
+
+One loop, :func:`serve`, drives the rounds over whatever ``Grid`` reaches the clients:
+
+* ``inprocess``: our grid that runs the ClientApp in this process (``clients/inprocess.py``);
+* ``ray``: Flower's simulation engine (``clients/launch.py``);
+* a deployment: ``flwr run .`` submits ``app`` below to a SuperLink, whose SuperNodes run
+  ``clients.app:app`` (see the README); the ServerApp then opens its own MLflow run.
+
+MLflow: one run per federated run, with the server's metrics per round (``round/*``, step = the
+global round) and per experience (``matrix/*``, step = the experience), the accuracy matrix,
+continual-evaluation metrics over rounds, a per-client table (``clients.json``: every sampled
+client's outcome in every round), the per-client class histograms and the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.training.determinism.rng_manager import RNGManager
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
+from clients.learner import client_indices
+from lifelong import tracking
+from lifelong.config import Config, load_config, strategy_label, validate_config
+from lifelong.env import default_tracking_uri
+from lifelong.progress import Progress
+from strategies.baselines import resolve_device
+from strategies.fedavg import ContinualFedAvg
+from tasks.evaluation import evaluate
+from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
+from tasks.models import build_model
+from tasks.partition import PartitionError, class_histograms, experience_labels
+from tasks.streams import build_stream
+
+#: Per-client histograms are plotted for at most this many clients (all are in the table).
+MAX_PLOTTED_CLIENTS = 100
+
+
+@dataclass
+class FederatedResult:
+    run_id: str
+    tracking_uri: str
+    label: str
+    matrix: np.ndarray
+    summary: dict[str, float]
+    rounds: int
+    skipped_rounds: list[int] = field(default_factory=list)
+    failures: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    #: Final global weights (what the MLflow model holds).
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+# --------------------------------------------------------------------------- checks and the split
+
+
+def split_report(cfg: Config) -> list[np.ndarray]:
+    """Split every experience across the clients (refusing impossible splits before any round)
+    and return the clients × classes histograms."""
+    stream = build_stream(cfg.stream, cfg.seed)
+    hists = []
+    for e in range(stream.n_experiences):
+        try:
+            parts = client_indices(cfg, stream, e)
+        except PartitionError as exc:
+            raise PartitionError(f"{exc} (experience {e} of stream {stream.name})") from None
+        hists.append(class_histograms(parts, experience_labels(stream.train_stream[e]), stream.n_classes))
+    return hists
+
+
+# --------------------------------------------------------------------------- the server loop
+
+
+def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    from flows.continual import pretrained_state
+
+    stream = build_stream(cfg.stream, cfg.seed)
+    RNGManager.set_random_seeds(cfg.seed)
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+    if cfg.pretrain.epochs:
+        model.load_state_dict(pretrained_state(cfg, stream))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None) -> FederatedResult:
+    """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``."""
+    client = tracking.client_for(uri)
+    logger = tracking.MLflowLogger(run_id, client)
+    stream = build_stream(cfg.stream, cfg.seed)
+    fed, n_exp = cfg.federated, stream.n_experiences
+    device = resolve_device(cfg.training.device)
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
+    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed)
+    trace, rows = ContinualTrace(), []
+    config_json = json.dumps(cfg.model_dump(mode="json"))
+
+    def evaluate_round(experience: int, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and experience > 0:
+            return None  # the same model as the previous experience's last round
+        rnd = strategy.round_offset + server_round
+        model.load_state_dict(arrays.to_torch_state_dict())
+        accs = evaluate(model, stream, range(n_exp), cfg.training.eval_batch_size, device)
+        seen = {i: accs[i] for i in range(experience + 1)}
+        trace.add(rnd, experience, seen)
+        values = {f"round/acc_exp{i}": a for i, a in accs.items()}
+        values["round/avg_acc_seen"] = float(np.mean(list(seen.values())))
+        done = [o for o in strategy.outcomes if o.round == rnd]
+        if server_round:
+            values["round/clients_ok"] = sum(o.status == "ok" for o in done)
+            values["round/clients_failed"] = sum(o.status != "ok" for o in done)
+            losses = [(o.train_loss, o.num_examples) for o in done if o.status == "ok"]
+            if losses:
+                values["round/train_loss"] = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
+        logger.log_values(values, rnd)
+        if progress is not None and server_round:
+            progress.epoch(experience, server_round - 1)
+        if server_round == fed.rounds:
+            rows.append([accs[i] for i in range(n_exp)])
+        return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
+
+    arrays = ArrayRecord(initial_weights(cfg))
+    for e in range(n_exp):
+        strategy.round_offset = e * fed.rounds
+        train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
+                                     CONFIG_KEY: config_json})
+        result = strategy.start(grid, arrays, num_rounds=fed.rounds, timeout=fed.round_timeout,
+                                train_config=train_config,
+                                evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
+        if result.arrays is not None:
+            arrays = result.arrays
+        row = rows[-1]
+        values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
+        values["avg_acc_seen"] = float(np.mean(row[: e + 1]))
+        logger.log_values(values, e)
+        logger.flush()  # nothing recorded is lost if a later experience fails
+        if progress is not None:
+            progress.experience_done(e, values["avg_acc_seen"])
+
+    matrix = np.array(rows)
+    summary = matrix_summary(matrix)
+    summary.update(continual_summary(trace, n_exp - 1))
+    logger.log_values({f"final/{k}": v for k, v in summary.items()}, n_exp - 1)
+    logger.flush()
+    labels = [f"exp{i}" for i in range(n_exp)]
+    label = f"federated {strategy_label(cfg.strategies[0])}"
+    tracking.log_matrix(client, run_id, matrix, labels)
+    client.log_dict(run_id, {"columns": ["round", "node_id", "partition_id", "status", "num_examples",
+                                         "train_loss", "reason"],
+                             "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
+                                       None if np.isnan(o.train_loss) else o.train_loss, o.reason]
+                                      for o in strategy.outcomes]}, "clients.json")
+    client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in trace.points]},
+                    tracking.TRACE_FILE)
+    if cfg.tracking.log_plots:
+        tracking.log_figure(client, run_id, tracking.matrix_figure(matrix, labels, label), "accuracy_matrix.png")
+        points = [(p.iteration, p.experience, p.accuracies) for p in trace.points]
+        tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, label, xlabel="round"),
+                            "continual_eval.png")
+    weights = arrays.to_torch_state_dict()
+    if cfg.tracking.log_model:
+        model.load_state_dict(weights)
+        tracking.log_torch_model(run_id, model, uri)
+    return FederatedResult(run_id, uri, label, matrix, summary, n_exp * fed.rounds,
+                           list(strategy.skipped_rounds),
+                           sum(o.status != "ok" for o in strategy.outcomes), weights=dict(weights))
+
+
+# --------------------------------------------------------------------------- MLflow run
+
+
+def open_federated_run(cfg: Config, uri: str) -> str:
+    client = tracking.client_for(uri)
+    stream = build_stream(cfg.stream, cfg.seed)
+    name = cfg.tracking.run_name or (
+        f"{stream.name}-federated-{strategy_label(cfg.strategies[0])}-{cfg.federated.clients}clients")
+    run_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "federated",
+                                                          "lifelong.stream": stream.name,
+                                                          "lifelong.backend": cfg.federated.backend},
+                               experiment=cfg.tracking.experiment)
+    client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
+    return run_id
+
+
+def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> None:
+    client = tracking.client_for(uri)
+    client.log_dict(run_id, {f"exp{e}": h.tolist() for e, h in enumerate(hists)}, "class_histograms.json")
+    if cfg.tracking.log_plots:
+        shown = [h[:MAX_PLOTTED_CLIENTS] for h in hists]
+        more = f" (first {MAX_PLOTTED_CLIENTS} of {len(hists[0])})" if len(hists[0]) > MAX_PLOTTED_CLIENTS else ""
+        tracking.log_figure(client, run_id, tracking.histogram_figure(
+            shown, f"{cfg.federated.partition} split: samples per client and class{more}"), "class_histograms.png")
+
+
+def run_server(grid: Grid, cfg: Config, uri: str, progress: Progress | None = None) -> FederatedResult:
+    """Open the MLflow run, log the split, serve every round, close the run (FAILED on error)."""
+    run_id = open_federated_run(cfg, uri)
+    client = tracking.client_for(uri)
+    try:
+        log_split(cfg, run_id, uri, split_report(cfg))
+        result = serve(grid, cfg, run_id, uri, progress)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return result
+
+
+# --------------------------------------------------------------------------- Flower ServerApp
+
+#: The ServerApp that ``flwr run .`` starts (``[tool.flwr.app.components]`` in pyproject.toml).
+#: Its run config names the Lifelong config: ``config`` (a TOML path, or TOML text) and optional
+#: ``tracking-uri``; the config's ``[federated]`` section sets clients and rounds.
+app = ServerApp()
+
+
+@app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    cfg = config_from_run_config(context.run_config)
+    uri = str(context.run_config.get("tracking-uri") or cfg.tracking.uri or default_tracking_uri())
+    result = run_server(grid, cfg, uri)
+    logging.getLogger("lifelong.federated").warning(
+        "federated run finished: average accuracy %.3f, MLflow run %s (%s)",
+        result.summary["avg_accuracy"], result.run_id, uri)
+
+
+def config_from_run_config(run_config: dict) -> Config:
+    source = str(run_config.get("config", "") or "")
+    overrides = [s for s in str(run_config.get("set", "") or "").split(";") if s.strip()]
+    if "\n" in source or "=" in source:  # inline TOML
+        import tomllib
+
+        from lifelong.config import apply_override
+
+        data = tomllib.loads(source)
+        for item in overrides:
+            apply_override(data, item)
+        cfg = validate_config(data)
+    else:
+        cfg = load_config(Path(source) if source else None, overrides)
+    if cfg.flow != "federated":
+        cfg = validate_config({**cfg.model_dump(mode="json"), "flow": "federated"})
+    return cfg
+
+
+# --------------------------------------------------------------------------- the Prefect flow
+
+
+@task(cache_policy=NO_CACHE)
+def split_step(cfg: Config) -> list[np.ndarray]:
+    return split_report(cfg)
+
+
+@task(cache_policy=NO_CACHE)
+def open_run_step(cfg: Config, uri: str, hists: list[np.ndarray]) -> str:
+    run_id = open_federated_run(cfg, uri)
+    log_split(cfg, run_id, uri, hists)
+    return run_id
+
+
+@task(cache_policy=NO_CACHE)
+def rounds_step(cfg: Config, run_id: str, uri: str, client_app) -> FederatedResult:
+    """Every experience's rounds on the configured backend."""
+    from clients.launch import inprocess_grid, simulate_with_ray
+
+    progress = Progress(f"fed {strategy_label(cfg.strategies[0])}", build_stream(cfg.stream, cfg.seed).n_experiences,
+                        cfg.federated.rounds, step_name="round")
+    try:
+        if cfg.federated.backend == "inprocess":
+            return serve(inprocess_grid(cfg, client_app), cfg, run_id, uri, progress)
+        return simulate_with_ray(cfg, lambda grid: serve(grid, cfg, run_id, uri, progress), client_app)
+    finally:
+        progress.close()
+
+
+@flow(name="federated", validate_parameters=False)
+def federated_flow(config: dict, client_app=None) -> FederatedResult:
+    """Federated continual learning: Flower rounds over every experience of the stream."""
+    cfg = config if isinstance(config, Config) else validate_config(config)
+    t0 = time.perf_counter()
+    uri = cfg.tracking.uri or default_tracking_uri()
+    hists = split_step(cfg)
+    run_id = open_run_step(cfg, uri, hists)
+    client = tracking.client_for(uri)
+    try:
+        result = rounds_step(cfg, run_id, uri, client_app)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    result.timings["flow_s"] = time.perf_counter() - t0
+    return result
+
+
+def run_federated(cfg: Config, client_app=None) -> FederatedResult:
+    """Entry point for Python users and the CLI (``client_app``: a ClientApp to use instead of
+    ``clients.app.app``, e.g. one made to fail in a test)."""
+    if cfg.flow != "federated":
+        cfg = validate_config({**cfg.model_dump(mode="json"), "flow": "federated"})
+    return federated_flow(cfg, client_app)

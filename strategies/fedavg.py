@@ -1,0 +1,114 @@
+"""FedAvg for continual rounds: Flower's own ``FedAvg`` (McMahan et al., AISTATS 2017), extended
+only where a reproducible, fault-tolerant continual run needs it.
+
+* Client sampling is seeded per round (Flower samples with the global ``random`` module), so the
+  same config and seed sample the same clients.
+* A round aggregates only when at least ``min_results`` sampled clients replied; otherwise the
+  global model is kept and the round is reported as skipped.
+* Every sampled client's outcome (ok / failed with the reason / lost) is recorded per round,
+  with its partition id once the client has reported it, for the per-client table.
+* Replies are aggregated in partition order, whatever order they arrived in.
+* Aggregated metrics average only the training loss (FedAvg would also average ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+log = logging.getLogger("lifelong.federated")
+
+
+@dataclass
+class ClientOutcome:
+    round: int
+    node_id: int
+    partition_id: int | None
+    status: str  # ok | failed | lost
+    num_examples: int = 0
+    train_loss: float = float("nan")
+    reason: str = ""
+
+
+def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    total = sum(float(r["metrics"][weighted_by_key]) for r in records)
+    loss = sum(float(r["metrics"]["train-loss"]) * float(r["metrics"][weighted_by_key]) for r in records)
+    return MetricRecord({"train-loss": loss / total if total else float("nan")})
+
+
+class ContinualFedAvg(FedAvg):
+    def __init__(self, fraction: float, min_results: int, num_clients: int, seed: int,
+                 wait_for_nodes_s: float = 300.0):
+        super().__init__(fraction_train=fraction, fraction_evaluate=1.0, min_train_nodes=1,
+                         min_evaluate_nodes=0, min_available_nodes=num_clients,
+                         train_metrics_aggr_fn=_mean_loss)
+        self.min_results, self.seed, self.wait_for_nodes_s = min_results, seed, wait_for_nodes_s
+        self.round_offset = 0  # global round = offset + Flower's per-start round
+        self.outcomes: list[ClientOutcome] = []
+        self.skipped_rounds: list[int] = []
+        self._sent: list[int] = []
+        self._partition_of: dict[int, int] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = sorted(self._wait_for_nodes(grid))
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        rng = random.Random(f"{self.seed}/{self.round_offset + server_round}")
+        self._sent = rng.sample(nodes, size)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, self._sent, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # the server evaluates the global model itself, on every experience
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rnd = self.round_offset + server_round
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        for msg in valid:
+            m = msg.content["metrics"]
+            node = msg.metadata.src_node_id
+            self._partition_of[node] = int(m["partition-id"])
+            self.outcomes.append(ClientOutcome(rnd, node, int(m["partition-id"]), "ok",
+                                               int(m[self.weighted_by_key]), float(m["train-loss"])))
+        for msg in errors:
+            node = msg.metadata.src_node_id
+            log.warning("round %d: client %d (partition %s) failed: %s", rnd, node,
+                        self._partition_of.get(node, "?"), msg.error.reason)
+            self.outcomes.append(ClientOutcome(rnd, node, self._partition_of.get(node), "failed",
+                                               reason=msg.error.reason))
+        replied = {m.metadata.src_node_id for m in replies}
+        for node in self._sent:
+            if node not in replied:
+                log.warning("round %d: client %d (partition %s) sent no reply before the round's timeout",
+                            rnd, node, self._partition_of.get(node, "?"))
+                self.outcomes.append(ClientOutcome(rnd, node, self._partition_of.get(node), "lost",
+                                                   reason="no reply before round_timeout"))
+        if len(valid) < self.min_results:
+            log.warning("round %d: %d of %d sampled clients replied, fewer than min_results=%d: "
+                        "the global model is kept", rnd, len(valid), len(self._sent), self.min_results)
+            self.skipped_rounds.append(rnd)
+            return None, None
+        # In partition order, not arrival order: float sums then do not depend on which client
+        # finished first, so every backend (and every rerun) aggregates to the same bits.
+        valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))
+        return super().aggregate_train(server_round, valid)
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_for_nodes_s
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(nodes)} of {self.min_available_nodes} clients connected after "
+                                   f"{self.wait_for_nodes_s:.0f} s; start the missing SuperNodes")
+            log.info("waiting for clients: %d of %d connected", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        return nodes
