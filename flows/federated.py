@@ -143,7 +143,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         result = strategy.start(grid, arrays, num_rounds=fed.rounds, timeout=fed.round_timeout,
                                 train_config=train_config,
                                 evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
-        if result.arrays is not None:
+        if len(result.arrays):  # empty when every round of the experience was skipped
             arrays = result.arrays
         row = rows[-1]
         values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
@@ -185,14 +185,15 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
 # --------------------------------------------------------------------------- MLflow run
 
 
-def open_federated_run(cfg: Config, uri: str) -> str:
+def open_federated_run(cfg: Config, uri: str, tags: dict[str, str] | None = None) -> str:
     client = tracking.client_for(uri)
     stream = build_stream(cfg.stream, cfg.seed)
     name = cfg.tracking.run_name or (
         f"{stream.name}-federated-{strategy_label(cfg.strategies[0])}-{cfg.federated.clients}clients")
     run_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "federated",
                                                           "lifelong.stream": stream.name,
-                                                          "lifelong.backend": cfg.federated.backend},
+                                                          "lifelong.backend": cfg.federated.backend,
+                                                          **(tags or {})},
                                experiment=cfg.tracking.experiment)
     client.log_dict(run_id, cfg.model_dump(mode="json"), "config.json")
     return run_id
@@ -208,13 +209,13 @@ def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> No
             shown, f"{cfg.federated.partition} split: samples per client and class{more}"), "class_histograms.png")
 
 
-def run_server(grid: Grid, cfg: Config, uri: str, progress: Progress | None = None) -> FederatedResult:
+def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None) -> FederatedResult:
     """Open the MLflow run, log the split, serve every round, close the run (FAILED on error)."""
-    run_id = open_federated_run(cfg, uri)
+    run_id = open_federated_run(cfg, uri, tags)
     client = tracking.client_for(uri)
     try:
         log_split(cfg, run_id, uri, split_report(cfg))
-        result = serve(grid, cfg, run_id, uri, progress)
+        result = serve(grid, cfg, run_id, uri)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -228,13 +229,15 @@ def run_server(grid: Grid, cfg: Config, uri: str, progress: Progress | None = No
 #: Its run config names the Lifelong config: ``config`` (a TOML path, or TOML text) and optional
 #: ``tracking-uri``; the config's ``[federated]`` section sets clients and rounds.
 app = ServerApp()
+#: The MLflow tag that links a run to the Flower run that produced it.
+FLOWER_RUN_TAG = "flwr.run_id"
 
 
 @app.main()
 def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
     uri = str(context.run_config.get("tracking-uri") or cfg.tracking.uri or default_tracking_uri())
-    result = run_server(grid, cfg, uri)
+    result = run_server(grid, cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"})
     logging.getLogger("lifelong.federated").warning(
         "federated run finished: average accuracy %.3f, MLflow run %s (%s)",
         result.summary["avg_accuracy"], result.run_id, uri)
@@ -253,7 +256,11 @@ def config_from_run_config(run_config: dict) -> Config:
             apply_override(data, item)
         cfg = validate_config(data)
     else:
-        cfg = load_config(Path(source) if source else None, overrides)
+        path = Path(source) if source else None
+        if path is not None and not path.is_absolute() and not path.exists():
+            # Relative to the app's directory (the installed FAB), not to where the SuperLink runs.
+            path = Path(__file__).resolve().parents[1] / path
+        cfg = load_config(path, overrides)
     if cfg.flow != "federated":
         cfg = validate_config({**cfg.model_dump(mode="json"), "flow": "federated"})
     return cfg

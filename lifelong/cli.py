@@ -110,6 +110,11 @@ def clients_launch(
     backend: Annotated[Optional[str], typer.Option(
         help="inprocess (this process, no actors) or ray (Flower's simulation engine)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set federated.rounds=3")] = [],
+    deployment: Annotated[bool, typer.Option(
+        "--deployment", help="Run on a real Flower deployment on this machine: a SuperLink and one "
+        "SuperNode per client as separate processes, the app submitted with `flwr run`")] = False,
+    workdir: Annotated[Path, typer.Option(help="--deployment: logs and Flower state go here")] = Path(
+        ".lifelong/deployment"),
 ) -> None:
     """Run the federated flow with N simulated clients, each a continual learner on its own data."""
     overrides = ["flow=\"federated\"", *set_]
@@ -122,9 +127,45 @@ def clients_launch(
         check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
+    if deployment:
+        deploy_and_run(cfg, config, overrides, workdir)
+        return
     from flows.federated import run_federated
 
     print_federated(run_federated(cfg))
+
+
+def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path) -> None:
+    """Start a SuperLink and a SuperNode per client, submit the app, print where the results are."""
+    import shutil
+
+    from clients.deploy import DeploymentError, LocalDeployment, app_dir
+    from lifelong.env import default_tracking_uri
+
+    uri = cfg.tracking.uri or default_tracking_uri()
+    shutil.rmtree(workdir, ignore_errors=True)
+    run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
+                  "tracking-uri": uri}
+    n = cfg.federated.clients
+    typer.echo(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {workdir}/)")
+    try:
+        with LocalDeployment(workdir, num_nodes=n) as dep:
+            typer.echo(f"submitting the app to the SuperLink at 127.0.0.1:{dep.port} (flwr run)")
+            run = dep.run_app(app_dir(), run_config)
+    except DeploymentError as exc:
+        _fail(str(exc), code=1)
+    if run["status"] != "finished:completed":
+        _fail(f"Flower run {run['run-id']} {run['status']}: {run.get('status-details')} (log: {run['log']})", 1)
+    from flows.federated import FLOWER_RUN_TAG
+    from lifelong import tracking
+
+    client = tracking.client_for(uri)
+    found = client.search_runs([tracking.experiment_id(client, cfg.tracking.experiment)],
+                               f"tags.`{FLOWER_RUN_TAG}` = '{run['run-id']}'")
+    typer.echo(f"Flower run {run['run-id']} completed (log: {run['log']})")
+    if found:
+        typer.echo(f"MLflow run: {found[0].info.run_id}  (store: {uri})")
+        typer.echo(f"  lifelong results {found[0].info.run_id}")
 
 
 @app.command()

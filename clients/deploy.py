@@ -1,0 +1,197 @@
+"""A real Flower deployment on this machine: a SuperLink and N SuperNodes as separate processes,
+and the app submitted with ``flwr run`` — the same commands a multi-machine deployment uses.
+
+flwr 1.42's processes, and what each needs (README, "Deploying clients"):
+
+* ``flower-superlink --insecure --host H --port P``: one HTTP port serves the Fleet, Control and
+  Runtime APIs; ``--disable-runtime-dependency-installation`` because the app's dependencies are
+  this venv (by default the SuperLink ``uv sync``s them for every run, from the network).
+* ``flower-supernode --insecure --superlink H:P --port Q --node-config "partition-id=i
+  num-partitions=N"``: every SuperNode on one host needs its own ``--port``; it starts one
+  ``flwr-clientapp`` process per message, and keeps the node's ``Context.state`` between them.
+* ``flwr run APP CONNECTION --run-config ...``: the connection is read from
+  ``$FLWR_HOME/config.toml`` (not from pyproject); ``flwr run --stream`` exits 0 even when the run
+  failed, so the outcome is read back with ``flwr ls --run-id``.
+
+SuperLink and SuperNodes start their helper processes by bare name, so the venv's ``bin`` goes
+first on their PATH. Each process gets its own ``FLWR_HOME`` and process group; stopping the
+deployment stops every group, and errors name the service and its log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+CONNECTION = "lifelong-local"
+
+
+class DeploymentError(RuntimeError):
+    """A service that could not start or a run that did not complete; the message says which."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_port_free(port: int, service: str) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise DeploymentError(f"{service}: port {port} on 127.0.0.1 is already in use; "
+                                  "stop what holds it or choose another port") from None
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string is a JSON string for paths and text
+
+
+class LocalDeployment:
+    """``with LocalDeployment(workdir, num_nodes=2) as dep: dep.run_app(app_dir, run_config)``."""
+
+    def __init__(self, workdir: Path, num_nodes: int = 2, port: int | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 60.0):
+        self.dir = Path(workdir)
+        self.num_nodes, self.timeout = num_nodes, timeout
+        self.port = port or free_port()
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
+        self.cli_home = self.dir / "cli-home"
+
+    def log_file(self, name: str) -> Path:
+        return self.dir / f"{name}.log"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        exe = BIN / args[0]
+        if not exe.exists():
+            raise DeploymentError(f"{name}: {exe} not found; install Flower into this venv (make install)")
+        with open(self.log_file(name), "wb") as log:
+            proc = subprocess.Popen([str(exe), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**self.env, "FLWR_HOME": str(self.dir / f"{name}-home")},
+                                    start_new_session=True)
+        self.procs.append((name, proc))
+
+    def start(self) -> "LocalDeployment":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        check_port_free(self.port, "superlink")
+        try:
+            self._spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
+                                      str(self.port), "--disable-runtime-dependency-installation"])
+            for i in range(self.num_nodes):
+                self._spawn(f"supernode{i}", [
+                    "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                    "--host", "127.0.0.1", "--port", str(free_port()),
+                    "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"])
+            self.cli_home.mkdir(exist_ok=True)
+            (self.cli_home / "config.toml").write_text(
+                f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self._superlink_up():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"superlink: not healthy after {self.timeout:.0f} s; "
+                                      f"see {self.log_file('superlink')}")
+            time.sleep(0.1)
+        while (online := self.online_nodes()) < self.num_nodes:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"supernodes: {online} of {self.num_nodes} online after "
+                                      f"{self.timeout:.0f} s; see {self.dir}/supernode*.log")
+            time.sleep(0.2)
+
+    def _superlink_up(self) -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5)
+            return True
+        except OSError:
+            return False
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise DeploymentError(f"{name}: exited with code {proc.returncode} while starting; "
+                                      f"see {self.log_file(name)}")
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env={**self.env, "FLWR_HOME": str(self.cli_home)},
+                              capture_output=True, text=True, check=False)
+
+    def online_nodes(self) -> int:
+        out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        try:
+            return sum(n.get("status") == "online" for n in json.loads(out.stdout)["nodes"])
+        except (ValueError, KeyError):
+            return 0
+
+    def run_app(self, app_dir: Path, run_config: dict[str, object], timeout: float = 900) -> dict:
+        """Submit the app, wait for the run to finish, and return its record from ``flwr ls``."""
+        cfg = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", cfg, "--format", "json")
+        if out.returncode != 0:
+            raise DeploymentError(f"flwr run: could not start the run:\n{out.stdout}\n{out.stderr}")
+        run_id = str(json.loads(out.stdout)["run-id"])
+        log = self.log_file(f"run-{run_id}")
+        try:  # returns when the run has finished
+            logs = subprocess.run([str(BIN / "flwr"), "log", run_id, CONNECTION, "--stream"], check=False,
+                                  env={**self.env, "FLWR_HOME": str(self.cli_home)},
+                                  capture_output=True, text=True, timeout=timeout)
+            log.write_text(logs.stdout + logs.stderr)
+        except subprocess.TimeoutExpired:
+            self.flwr("stop", run_id, CONNECTION)
+            raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f} s; stopped") from None
+        info = json.loads(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json").stdout)
+        run = info["runs"][0]
+        run["log"] = str(log)
+        return run
+
+    def stop(self) -> None:
+        for _, proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+        # The SuperLink's executor runs in a session of its own; it exits once the SuperLink has
+        # gone (it watches its parent's pid every 0.2 s).
+        time.sleep(1.0)
+
+    def __enter__(self) -> "LocalDeployment":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def app_dir() -> Path:
+    """The Flower app's directory: the project root, where ``pyproject.toml`` declares it."""
+    return Path(__file__).resolve().parents[1]

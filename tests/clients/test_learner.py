@@ -1,0 +1,76 @@
+"""A client's continual learner: lazy consolidation at experience boundaries, state in Context.state."""
+
+import torch
+from flwr.app import RecordDict
+
+from clients import state as st
+from clients.learner import ClientLearner, client_indices
+from flows.federated import initial_weights
+from lifelong.config import load_config
+from strategies.ewc import EWC
+from tasks.streams import build_stream
+
+
+def config(*extra):
+    return load_config(None, ['flow="federated"', 'model.name="mlp"', "model.hidden=16", "training.epochs=1",
+                              "federated.clients=4", "federated.rounds=2", "stream.n_experiences=5", *extra])
+
+
+def test_client_shares_are_disjoint_and_cover_the_experience():
+    cfg = config()
+    s = build_stream(cfg.stream, cfg.seed)
+    parts = client_indices(cfg, s, 1)
+    joined = torch.cat(parts)
+    assert len(parts) == 4 and len(joined) == len(set(joined.tolist())) == len(s.train_stream[1].dataset)
+
+
+def test_ewc_consolidates_once_per_experience_when_the_next_one_starts():
+    cfg = config('strategies=[{name="naive", plugins=[{name="ewc", lam=10.0}]}]')
+    state = RecordDict()
+    w = initial_weights(cfg)
+    client = ClientLearner(cfg, 1, state)
+    w, _ = client.train_round(w, 0, 1)
+    w, _ = client.train_round(w, 0, 2)  # a second round of the same experience: nothing consolidated
+    assert st.read_progress(state) == {"trained": 0, "consolidated": -1}
+    assert int(st.read_tensors(state, st.reg_key(0))["count"]) == 0
+    received = {k: v.clone() for k, v in w.items()}
+    w, m = client.train_round(w, 1, 3)  # first round of experience 1: consolidate experience 0
+    assert st.read_progress(state) == {"trained": 1, "consolidated": 0}
+    ewc = EWC(10.0)
+    ewc.load_state_dict(st.read_tensors(state, st.reg_key(0)))
+    assert len(ewc.fishers) == 1
+    # The anchor is the global model the client received at the boundary.
+    assert all(torch.equal(ewc.anchors[0][k], received[k]) for k in ewc.anchors[0])
+    assert m["experience"] == 1 and m["partition-id"] == 1 and m["num-examples"] > 0
+
+
+def test_replay_memory_grows_one_group_per_finished_experience():
+    cfg = config('strategies=[{name="replay", mem_size=20}]')
+    state = RecordDict()
+    w = initial_weights(cfg)
+    client = ClientLearner(cfg, 0, state)
+    for exp, rnd in [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]:
+        w, _ = client.train_round(w, exp, rnd)
+    groups = {k.split("/")[0] for k in st.read_tensors(state, st.REPLAY)}
+    assert groups == {"0", "1"}  # experiences 0 and 1 finished; 2 is being trained
+
+
+def test_a_client_skipped_for_an_experience_consolidates_the_one_it_trained():
+    cfg = config('strategies=[{name="replay", mem_size=20}]')
+    state = RecordDict()
+    w = initial_weights(cfg)
+    client = ClientLearner(cfg, 2, state)
+    w, _ = client.train_round(w, 0, 1)
+    w, _ = client.train_round(w, 2, 5)  # not sampled during experience 1
+    assert st.read_progress(state) == {"trained": 2, "consolidated": 0}
+    assert {k.split("/")[0] for k in st.read_tensors(state, st.REPLAY)} == {"0"}
+
+
+def test_same_seed_same_round_same_update():
+    cfg = config()
+    w = initial_weights(cfg)
+    a, _ = ClientLearner(cfg, 3, RecordDict()).train_round(w, 0, 1)
+    b, _ = ClientLearner(cfg, 3, RecordDict()).train_round(w, 0, 1)
+    c, _ = ClientLearner(cfg, 3, RecordDict()).train_round(w, 0, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # another round draws other batches

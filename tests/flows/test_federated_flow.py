@@ -1,0 +1,152 @@
+"""End to end: federated continual learning through Prefect, Flower and MLflow."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+from typer.testing import CliRunner
+
+from clients.app import train as client_train
+from flows.federated import run_federated
+from lifelong.cli import app as cli
+from lifelong.config import load_config
+from lifelong.tracking import client_for, read_results
+
+pytestmark = pytest.mark.integration
+
+
+def fed_config(tmp_path, *extra):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    return load_config(None, [
+        'flow="federated"', 'model.name="mlp"', "model.hidden=32", "training.epochs=2", 'training.optimizer="adam"',
+        "training.lr=0.01", "stream.n_experiences=2", "federated.clients=3", "federated.rounds=2",
+        'strategies=[{name="replay", mem_size=30}]', f'tracking.uri="{uri}"', 'tracking.experiment="fed"', *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fed")
+    cfg = fed_config(tmp)
+    return cfg, run_federated(cfg)
+
+
+def test_one_finished_run_with_round_and_experience_metrics(finished):
+    cfg, result = finished
+    client = client_for(cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["lifelong.flow"] == "federated"
+    rounds = client.get_metric_history(result.run_id, "round/avg_acc_seen")
+    assert [m.step for m in rounds] == [0, 1, 2, 3, 4]  # the initial model, then 2 experiences × 2 rounds
+    assert [m.step for m in client.get_metric_history(result.run_id, "matrix/acc_exp0")] == [0, 1]
+    assert [int(m.value) for m in client.get_metric_history(result.run_id, "round/clients_ok")] == [3, 3, 3, 3]
+    assert "final/avg_accuracy" in run.data.metrics and "final/min_acc" in run.data.metrics
+    assert run.data.params["federated.clients"] == "3"
+
+
+def test_accuracy_matrix_is_the_last_round_of_each_experience(finished):
+    cfg, result = finished
+    client = client_for(cfg.tracking.uri)
+    back = read_results(result.run_id, cfg.tracking.uri)
+    assert np.allclose(back.matrix, result.matrix)
+    last_rounds = [m for m in client.get_metric_history(result.run_id, "round/acc_exp1") if m.step in (2, 4)]
+    assert [m.value for m in sorted(last_rounds, key=lambda m: m.step)] == pytest.approx(list(result.matrix[:, 1]))
+    assert result.matrix[1, 1] > 0.3 > result.matrix[0, 1]  # the federation learned experience 1
+
+
+def test_split_and_client_table_are_logged(finished, tmp_path):
+    cfg, result = finished
+    client = client_for(cfg.tracking.uri)
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"class_histograms.png", "class_histograms.json", "clients.json", "accuracy_matrix.png",
+            "continual_eval.png", "config.json"} <= names
+    table = json.loads(open(client.download_artifacts(result.run_id, "clients.json", str(tmp_path))).read())
+    assert len(table["data"]) == 4 * 3 and {row[3] for row in table["data"]} == {"ok"}
+    assert sorted({row[2] for row in table["data"]}) == [0, 1, 2]
+    hists = json.loads(open(client.download_artifacts(result.run_id, "class_histograms.json", str(tmp_path))).read())
+    assert np.array(hists["exp0"]).shape == (3, 10)
+    assert np.array(hists["exp0"])[:, 5:].sum() == 0  # experience 0 holds classes 0-4 only
+
+
+def test_logged_model_holds_the_final_global_weights(finished):
+    import mlflow
+
+    cfg, result = finished
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in result.weights.items())
+
+
+def test_results_command_prints_the_global_matrix(finished):
+    cfg, result = finished
+    out = CliRunner().invoke(cli, ["results", result.run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 0, out.output
+    assert "after exp1" in out.output and "avg_accuracy=" in out.output
+
+
+def test_same_config_and_seed_give_the_same_run(finished, tmp_path):
+    cfg, result = finished
+    again = run_federated(fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false"))
+    assert np.array_equal(again.matrix, result.matrix)
+    assert all(torch.equal(again.weights[k], v) for k, v in result.weights.items())
+
+
+def test_inprocess_backend_matches_flowers_ray_engine(tmp_path):
+    # Ray gives each client actor ray_cpus_per_client threads; torch's float reductions depend
+    # on the thread count, so the actors get as many as this process uses.
+    common = ["tracking.log_model=false", "tracking.log_plots=false", "federated.clients=2",
+              f"federated.ray_cpus_per_client={torch.get_num_threads()}"]
+    ours = run_federated(fed_config(tmp_path / "a", *common))
+    ray = run_federated(fed_config(tmp_path / "b", *common, 'federated.backend="ray"'))
+    assert np.array_equal(ours.matrix, ray.matrix)
+    assert all(torch.equal(ours.weights[k], ray.weights[k]) for k in ours.weights)
+
+
+def failing_client_app(bad_partition: int) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) == bad_partition:
+            raise RuntimeError("disk full")
+        return client_train(msg, context)
+
+    return app
+
+
+def test_a_failing_client_does_not_stop_the_run(tmp_path):
+    cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false")
+    result = run_federated(cfg, client_app=failing_client_app(1))
+    assert result.failures == 4 and result.skipped_rounds == []
+    client = client_for(cfg.tracking.uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    table = json.loads(open(client.download_artifacts(result.run_id, "clients.json", str(tmp_path))).read())
+    failed = [row for row in table["data"] if row[3] == "failed"]
+    assert len(failed) == 4 and all(row[1] == 2 and "disk full" in row[6] for row in failed)
+    assert [int(m.value) for m in client.get_metric_history(result.run_id, "round/clients_ok")] == [2, 2, 2, 2]
+
+
+def test_rounds_below_min_results_keep_the_global_model(tmp_path):
+    cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false", "federated.min_results=3")
+    result = run_federated(cfg, client_app=failing_client_app(0))
+    assert result.skipped_rounds == [1, 2, 3, 4]
+    client = client_for(cfg.tracking.uri)
+    accs = [m.value for m in client.get_metric_history(result.run_id, "round/avg_acc_seen")]
+    assert len(set(accs[:3])) == 1  # rounds 0-2 on experience 0: the initial model throughout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-clients", "500"], "500 clients but the experience has only"),
+    (["--set", "federated.fraction=0.05"], "samples no client"),
+    (["--set", 'federated.partition="labels"'], "federated.partition: 'labels' is not allowed"),
+    (["--set", 'federated.partition="dirichlet"', "--set", "federated.alpha=0"], "must be > 0"),
+    (["--set", "federated.min_results=20"], "min_results"),
+    (["--set", 'strategies=[{name="joint"}]'], "not available in the federated flow"),
+])
+def test_bad_federated_input_is_refused_before_any_round(tmp_path, args, message):
+    out = CliRunner().invoke(cli, ["clients", "launch", "configs/federated.toml",
+                                   "--set", f'tracking.uri="sqlite:///{tmp_path / "m.db"}"', *args])
+    assert out.exit_code == 2 and message in out.output, out.output
+    assert not (tmp_path / "m.db").exists()  # no run was opened

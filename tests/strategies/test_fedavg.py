@@ -1,0 +1,115 @@
+"""ContinualFedAvg: Flower's FedAvg with seeded sampling, a minimum of results and per-client outcomes."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+
+from clients.inprocess import InProcessGrid  # sets the task identity Messages are built with
+from strategies.fedavg import ContinualFedAvg
+
+
+class EchoApp:
+    """A ClientApp stand-in: replies with fixed weights per partition (or fails)."""
+
+    def __init__(self, weights, sizes, fail=()):
+        self.weights, self.sizes, self.fail = weights, sizes, set(fail)
+
+    def __call__(self, msg, context):
+        pid = int(context.node_config["partition-id"])
+        if pid in self.fail:
+            raise RuntimeError(f"partition {pid} is down")
+        metrics = MetricRecord({"num-examples": self.sizes[pid], "train-loss": float(pid), "partition-id": pid,
+                                "experience": 0})
+        return Message(RecordDict({"arrays": ArrayRecord({"w": self.weights[pid]}), "metrics": metrics}),
+                       reply_to=msg)
+
+
+def run_round(strategy, grid, server_round=1):
+    msgs = list(strategy.configure_train(server_round, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(msgs))
+    return msgs, replies
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    weights = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0]), torch.tensor([-1.0, 0.0])]
+    sizes = [10, 30, 60]
+    grid = InProcessGrid(EchoApp(weights, sizes), 3)
+    strategy = ContinualFedAvg(1.0, 1, 3, seed=0)
+    _, replies = run_round(strategy, grid)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = (10 * weights[0] + 30 * weights[1] + 60 * weights[2]) / 100  # by hand: [0.4, 2.0]
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], expected)
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.tensor([0.4, 2.0]))
+    assert metrics["train-loss"] == pytest.approx((0 * 10 + 1 * 30 + 2 * 60) / 100)
+
+
+def test_aggregation_does_not_depend_on_reply_order():
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1000, generator=gen) * 10 ** i for i in range(5)]
+    grid = InProcessGrid(EchoApp(weights, [7, 3, 11, 5, 2]), 5)
+    strategy = ContinualFedAvg(1.0, 1, 5, seed=0)
+    _, replies = run_round(strategy, grid)
+    a = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()["w"]
+    b = strategy.aggregate_train(1, list(reversed(replies)))[0].to_torch_state_dict()["w"]
+    assert torch.equal(a, b)
+
+
+def test_sampling_is_seeded_per_round():
+    grid = InProcessGrid(EchoApp([torch.zeros(2)] * 20, [1] * 20), 20)
+
+    def sampled(seed, rnd):
+        s = ContinualFedAvg(0.25, 1, 20, seed=seed)
+        return [m.metadata.dst_node_id for m in s.configure_train(rnd, ArrayRecord({}), ConfigRecord(), grid)]
+
+    assert sampled(0, 1) == sampled(0, 1)
+    assert len(sampled(0, 1)) == 5 and len(set(sampled(0, 1))) == 5
+    assert sampled(0, 1) != sampled(0, 2) or sampled(0, 1) != sampled(1, 1)
+
+
+def test_a_failing_client_is_recorded_and_the_round_aggregates_the_rest():
+    weights = [torch.tensor([1.0]), torch.tensor([100.0]), torch.tensor([3.0])]
+    grid = InProcessGrid(EchoApp(weights, [1, 1, 1], fail={1}), 3)
+    strategy = ContinualFedAvg(1.0, 2, 3, seed=0)
+    _, replies = run_round(strategy, grid)
+    assert sum(r.has_error() for r in replies) == 1
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.tensor([2.0]))
+    failed = [o for o in strategy.outcomes if o.status == "failed"]
+    assert len(failed) == 1 and failed[0].node_id == 2 and "partition 1 is down" in failed[0].reason
+
+
+def test_too_few_results_keep_the_global_model():
+    grid = InProcessGrid(EchoApp([torch.zeros(1)] * 3, [1] * 3, fail={0, 1}), 3)
+    strategy = ContinualFedAvg(1.0, 2, 3, seed=0)
+    _, replies = run_round(strategy, grid)
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.skipped_rounds == [1]
+
+
+def test_a_client_that_never_replies_is_counted_as_lost():
+    grid = InProcessGrid(EchoApp([torch.ones(1)] * 3, [1] * 3), 3)
+    strategy = ContinualFedAvg(1.0, 1, 3, seed=0)
+    _, replies = run_round(strategy, grid)
+    arrays, _ = strategy.aggregate_train(1, replies[:2])  # the third reply never came (timeout)
+    assert arrays is not None
+    lost = [o for o in strategy.outcomes if o.status == "lost"]
+    assert len(lost) == 1
+
+
+def test_error_reply_is_a_flower_error_message():
+    grid = InProcessGrid(EchoApp([torch.ones(1)], [1], fail={0}), 1)
+    strategy = ContinualFedAvg(1.0, 1, 1, seed=0)
+    _, replies = run_round(strategy, grid)
+    assert replies[0].has_error() and isinstance(replies[0].error, Error)
+    assert replies[0].metadata.src_node_id == 1
+
+
+def test_nodes_are_materialised_only_when_sampled():
+    grid = InProcessGrid(EchoApp([torch.ones(1)] * 1000, [1] * 1000), 1000)
+    strategy = ContinualFedAvg(0.01, 1, 1000, seed=0)
+    run_round(strategy, grid)
+    run_round(strategy, grid, 2)
+    assert 10 <= len(grid.contexts) <= 20
+    assert np.all([grid.contexts[n].node_config["partition-id"] == n - 1 for n in grid.contexts])
