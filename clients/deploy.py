@@ -58,7 +58,9 @@ def toml_value(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(str(v))  # a TOML basic string is a JSON string for paths and text
+    text = str(v)
+    # A literal string keeps double quotes as they are (flwr's parser rejects escaped ones).
+    return f"'{text}'" if "'" not in text else json.dumps(text)
 
 
 class LocalDeployment:
@@ -151,9 +153,10 @@ class LocalDeployment:
         """Submit the app, wait for the run to finish, and return its record from ``flwr ls``."""
         cfg = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         out = self.flwr("run", str(app_dir), CONNECTION, "--run-config", cfg, "--format", "json")
-        if out.returncode != 0:
-            raise DeploymentError(f"flwr run: could not start the run:\n{out.stdout}\n{out.stderr}")
-        run_id = str(json.loads(out.stdout)["run-id"])
+        try:
+            run_id = str(json.loads(out.stdout)["run-id"])
+        except (ValueError, KeyError):
+            raise DeploymentError(f"flwr run: could not start the run:\n{out.stdout}\n{out.stderr}") from None
         log = self.log_file(f"run-{run_id}")
         try:  # returns when the run has finished
             logs = subprocess.run([str(BIN / "flwr"), "log", run_id, CONNECTION, "--stream"], check=False,
