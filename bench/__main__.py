@@ -1,4 +1,4 @@
-"""`python -m bench [overhead] [multitask]`: run the benchmarks (default: all), print the ratios,
+"""`python -m bench [overhead] [multitask] [federated]`: run the benchmarks (default: all), print the ratios,
 write bench/out/results.json."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import multitask, overhead
+from bench import federated, multitask, overhead
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["overhead", "multitask"]
+    which = sys.argv[1:] or ["overhead", "multitask", "federated"]
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -22,6 +22,9 @@ def main() -> None:
     if "multitask" in which:
         results["multitask"] = multitask.run()
         print(multitask.report(results["multitask"]))
+    if "federated" in which:
+        results["federated"] = federated.run(out / "federated")
+        print(federated.report(results["federated"]))
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {path}")
 

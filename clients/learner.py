@@ -16,18 +16,19 @@ federation's model at the end of that experience.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from flwr.app import RecordDict
 
 from clients import state as st
 from lifelong.config import Config, ReplaySpec
 from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
-from strategies.plugin import build_regularizer
+from strategies.plugin import RegularizerPlugin, build_regularizer
 from tasks.models import build_model
 from tasks.partition import experience_labels, experience_seed, partition
 from tasks.streams import Stream, build_stream, experience_share
@@ -63,8 +64,47 @@ class _LossMeter(SupervisedPlugin):
         self.count += n
 
 
+@dataclass
+class _Worker:
+    """The training machinery (model, Avalanche strategy, plugins) for one config.
+
+    Like a pfl-research worker, it is built once per process and lent to each client in turn:
+    every round loads the client's weights, regulariser state and replay memory into it from
+    the client's ``Context.state``, so it holds nothing of any client between rounds. Building
+    an Avalanche strategy per client round would cost more than the round's training.
+    """
+
+    model: torch.nn.Module
+    strategy: object
+    regularizers: list[RegularizerPlugin]
+    replay: ReplayPlugin | None
+    meter: _LossMeter
+
+
+_WORKERS: dict[str, _Worker] = {}
+
+
+def worker_for(cfg: Config, stream: Stream) -> _Worker:
+    key = cfg.model_dump_json()
+    if key not in _WORKERS:
+        spec = cfg.strategies[0]
+        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+        model.to(resolve_device(cfg.training.device))
+        meter = _LossMeter()
+        with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
+            warnings.simplefilter("ignore", UserWarning)
+            evaluator = EvaluationPlugin(loggers=[])
+        memory = st.ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
+        strategy = build_learner(spec, model, cfg.training, [meter], evaluator, stream.n_classes, cfg.seed,
+                                 consolidate=False, storage_policy=memory)
+        _WORKERS.clear()  # one config at a time per process
+        _WORKERS[key] = _Worker(model, strategy, [p for p in strategy.plugins if isinstance(p, RegularizerPlugin)],
+                                next((p for p in strategy.plugins if isinstance(p, ReplayPlugin)), None), meter)
+    return _WORKERS[key]
+
+
 class ClientLearner:
-    """Client ``partition_id``'s learner, rebuilt each round from the config and its state."""
+    """Client ``partition_id``'s learner for a round: a worker loaded with the client's state."""
 
     def __init__(self, cfg: Config, partition_id: int, state: RecordDict):
         self.cfg, self.pid, self.state = cfg, partition_id, state
@@ -79,48 +119,56 @@ class ClientLearner:
     def train_round(self, weights: dict[str, torch.Tensor], experience: int,
                     server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train on this client's share of ``experience``; returns the new weights and metrics."""
-        cfg, stream = self.cfg, self.stream
-        RNGManager.set_random_seeds(round_seed(cfg.seed, server_round, self.pid))
-        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+        worker = worker_for(self.cfg, self.stream)
+        try:
+            return self._train_round(worker, weights, experience, server_round)
+        except BaseException:
+            _WORKERS.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
+            raise
+
+    def _train_round(self, worker: _Worker, weights, experience: int, server_round: int):
+        cfg, stream, model = self.cfg, self.stream, worker.model
         model.load_state_dict(weights)
-        model.to(self.device)
+        # Seeded after the worker exists (building one draws from the RNG): a client's round
+        # draws the same batches whichever process runs it, first or hundredth.
+        RNGManager.set_random_seeds(round_seed(cfg.seed, server_round, self.pid))
 
         regularizers = [build_regularizer(p, stream.n_classes) for p in self.spec.plugins]
         for i, reg in enumerate(regularizers):
             saved = st.read_tensors(self.state, st.reg_key(i))
             if saved is not None:
                 reg.load_state_dict(saved)
+            worker.regularizers[i].regularizer = reg
         memory = None
-        if isinstance(self.spec, ReplaySpec):
+        if worker.replay is not None:
             memory = st.ClientReplayBuffer(self.spec.mem_size)
             saved = st.read_tensors(self.state, st.REPLAY)
             if saved:
                 memory.load_state_dict(saved)
+            worker.replay.storage_policy = memory
 
         progress = st.read_progress(self.state)
         if progress["consolidated"] < progress["trained"] < experience:
-            self._consolidate(progress["trained"], model, regularizers, memory)
+            if regularizers or memory is not None:
+                self._consolidate(progress["trained"], model, regularizers, memory)
             progress["consolidated"] = progress["trained"]
             if memory is not None:
                 st.write_tensors(self.state, st.REPLAY, memory.state_dict())
 
-        meter = _LossMeter()
-        with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
-            warnings.simplefilter("ignore", UserWarning)
-            evaluator = EvaluationPlugin(loggers=[])
-        learner = build_learner(self.spec, model, cfg.training, [meter], evaluator,
-                                stream.n_classes, cfg.seed, regularizers=regularizers, consolidate=False,
-                                storage_policy=memory)
+        # A fresh local optimizer every round (momentum and Adam moments do not carry over).
+        worker.strategy.optimizer.state.clear()
+        worker.meter.total, worker.meter.count = 0.0, 0
         share = self.share(experience)
         with quiet_avalanche_deprecations():
-            learner.train(share, eval_streams=[], num_workers=0)
+            worker.strategy.train(share, eval_streams=[], num_workers=0)
 
         for i, reg in enumerate(regularizers):  # e.g. center loss moves its centers while training
             st.write_tensors(self.state, st.reg_key(i), reg.state_dict())
         st.write_progress(self.state, experience, progress["consolidated"])
-        metrics = {"num-examples": len(share.dataset), "train-loss": meter.total / max(meter.count, 1),
+        metrics = {"num-examples": len(share.dataset),
+                   "train-loss": worker.meter.total / max(worker.meter.count, 1),
                    "partition-id": self.pid, "experience": experience}
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, metrics
 
     def _consolidate(self, experience: int, model, regularizers, memory) -> None:
         share = self.share(experience)

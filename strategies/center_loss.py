@@ -95,6 +95,10 @@ class CenterLoss:
             param = getattr(model.head, name)
             param[self.frozen.to(param.device)] = saved[self.frozen].to(param.device)
 
+    def release(self) -> None:
+        """Take the gradient hooks off the model (a federated round ends without consolidating)."""
+        self._unhook()
+
     def _unhook(self) -> None:
         for h in self._handles:
             h.remove()

@@ -56,6 +56,10 @@ class RegularizerPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         if self.consolidate:
             self._consolidate(strategy)
+        else:  # the model is reused by the next client: take the regulariser's hooks off it
+            release = getattr(self.regularizer, "release", None)
+            if release is not None:
+                release()
         # Unhook between experiences: the model is copied, pickled and logged without the plugin.
         if self._handle is not None:
             self._handle.remove()

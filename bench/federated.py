@@ -1,0 +1,224 @@
+"""Federated simulation speed and memory: a bare PyTorch loop vs our in-process backend vs Flower's
+Ray engine, side by side in one run; peak memory for 100 and 1,000 virtual clients.
+
+Workload (the issue's): Split-Digits, 10 clients with IID shares, 5 rounds (one per experience),
+2 local epochs of naive fine-tuning per client per round, FedAvg, and the global model evaluated
+on every experience after every round. The bare loop does the same SGD steps on the same client
+shares (same batch size, same optimizer, counted by a global optimizer hook), the same weighted
+average and the same evaluations — no Flower, no Avalanche, no Prefect, no MLflow.
+
+Both federated backends run the whole ``run_federated`` flow (MLflow run, split report, rounds,
+logs) after the Prefect API and the MLflow store have started (reported apart). The Ray figure
+includes starting Ray and its actors, which a user of that backend pays on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+COUNT = {"steps": 0}
+OVERRIDES = ['flow="federated"', "stream.n_experiences=5", "federated.clients=10", "federated.rounds=1",
+             "training.epochs=2", 'strategies=[{name="naive"}]', "tracking.log_model=false"]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    COUNT["steps"] += 1
+
+
+def bare_loop(cfg) -> float:
+    from clients.learner import client_indices
+    from flows.federated import initial_weights
+    from strategies.baselines import make_optimizer
+    from tasks.models import build_model
+    from tasks.streams import build_stream
+
+    t0 = time.perf_counter()
+    stream = build_stream(cfg.stream, cfg.seed)
+    n_exp, fed, bs = stream.n_experiences, cfg.federated, cfg.training.batch_size
+    train = [stream.train_tensors(e) for e in range(n_exp)]
+    test = [stream.test_tensors(e) for e in range(n_exp)]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+    weights = initial_weights(cfg)
+
+    @torch.no_grad()
+    def evaluate(w):
+        model.load_state_dict(w)
+        model.eval()
+        return [float((model(x).argmax(1) == y).float().mean()) for x, y, _ in test]
+
+    evaluate(weights)
+    for e in range(n_exp):
+        for _ in range(fed.rounds):
+            updates = []
+            for idx in client_indices(cfg, stream, e):
+                x, y = train[e][0][idx], train[e][1][idx]
+                model.load_state_dict(weights)
+                model.train()
+                opt = make_optimizer(cfg.training, model)
+                for _ in range(cfg.training.epochs):
+                    perm = torch.randperm(len(x), generator=gen)
+                    for b in range(math.ceil(len(x) / bs)):
+                        sel = perm[b * bs:(b + 1) * bs]
+                        opt.zero_grad()
+                        torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+                        opt.step()
+                updates.append((len(x), {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            total = sum(n for n, _ in updates)
+            weights = {k: sum(n * u[k] for n, u in updates) / total for k in weights}
+            evaluate(weights)
+    return time.perf_counter() - t0
+
+
+def run(out_dir: Path | None = None) -> dict:
+    t = time.perf_counter()
+    from prefect import flow
+
+    import lifelong  # noqa: F401
+    from flows.federated import run_federated
+    from lifelong.config import load_config
+    from lifelong.tracking import client_for
+    imports_s = time.perf_counter() - t
+
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-fed-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{(out_dir / 'bench.db').resolve()}"
+    cfg = load_config("configs/federated.toml", [*OVERRIDES, f'tracking.uri="{uri}"',
+                                                 'tracking.experiment="bench-federated"'])
+
+    @flow(name="noop")
+    def noop() -> int:
+        return 1
+
+    t = time.perf_counter()
+    noop()
+    prefect_start_s = time.perf_counter() - t
+    client_for(uri).search_experiments()
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from clients.launch import inprocess_grid
+    from flows.federated import open_federated_run, serve
+
+    quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_plots": False})})
+
+    def rounds() -> float:
+        """The backend alone: every round through the in-process grid, metrics logged to MLflow."""
+        run_id = open_federated_run(quiet, uri)
+        return _timed(serve, inprocess_grid(quiet), quiet, run_id, uri)
+
+    ray_cfg = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"backend": "ray"})})
+    bare_loop(cfg), rounds()  # warm-up: first-call costs (stream cache, kernels) are not the loop's
+    handle = register_optimizer_step_post_hook(_count_step)
+    steps, times = {}, {}
+    try:
+        for name, fn in [("bare", lambda: bare_loop(cfg)), ("inprocess", rounds),
+                         ("flow", lambda: _timed(run_federated, cfg)), ("bare2", lambda: bare_loop(cfg)),
+                         ("inprocess2", rounds), ("ray", lambda: _timed(run_federated, ray_cfg))]:
+            COUNT["steps"] = 0
+            times[name] = fn()
+            steps[name] = COUNT["steps"]
+    finally:
+        handle.remove()
+    bare_s = (times["bare"] + times["bare2"]) / 2
+    inproc_s = (times["inprocess"] + times["inprocess2"]) / 2
+    return {
+        "workload": "Split-Digits, 10 clients (IID), 5 rounds (1 per experience), 2 local epochs, naive, FedAvg",
+        "imports_s": imports_s, "prefect_api_start_s": prefect_start_s,
+        "bare_s": [times["bare"], times["bare2"]], "inprocess_s": [times["inprocess"], times["inprocess2"]],
+        "inprocess_flow_s": times["flow"], "ray_flow_s": times["ray"],
+        "inprocess_over_bare": inproc_s / bare_s, "flow_over_bare": times["flow"] / bare_s,
+        "ray_over_inprocess_flow": times["ray"] / times["flow"], "ray_over_bare": times["ray"] / bare_s,
+        # Ray's actors step in other processes: this process's hook does not see them.
+        "optimizer_steps": {"bare": steps["bare"], "inprocess": steps["inprocess"], "flow": steps["flow"]},
+        "same_steps": len({steps["bare"], steps["inprocess"], steps["flow"]}) == 1,
+        "memory": memory(out_dir),
+    }
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+MEMORY_OVERRIDES = ['flow="federated"', 'stream.name="permuted_digits"', "stream.n_experiences=2",
+                    "federated.rounds=3", "training.epochs=1", 'strategies=[{name="replay", mem_size=50}]',
+                    "tracking.log_model=false", "tracking.log_plots=false"]
+
+
+def memory(out_dir: Path) -> dict:
+    """Peak RSS of a fresh process running the in-process backend with N virtual clients, 10
+    sampled per round (Permuted-Digits: 1,437 training samples per experience, so 1,000 clients
+    each hold one or two). Each in its own process, so peaks do not mix."""
+    out = {}
+    for n in (10, 100, 1000):
+        res = subprocess.run([sys.executable, "-m", "bench.federated", "memory", str(n), str(out_dir)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        out[str(n)] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _memory_child(n: int, out_dir: Path) -> dict:
+    import lifelong  # noqa: F401
+    from clients.launch import inprocess_grid
+    from flows.federated import open_federated_run, serve
+    from lifelong.config import load_config
+
+    uri = f"sqlite:///{(out_dir / f'memory{n}.db').resolve()}"
+    cfg = load_config("configs/federated.toml", [*MEMORY_OVERRIDES, f"federated.clients={n}",
+                                                 f"federated.fraction={10 / n}", f'tracking.uri="{uri}"'])
+    grid = inprocess_grid(cfg)
+    run_id = open_federated_run(cfg, uri)
+    before = _rss_mb("VmRSS")
+    # Reset the kernel's peak-RSS mark to the current RSS: the peak below is the rounds' own, not
+    # the imports' (torch and Avalanche alone peak above 1 GB while loading).
+    Path("/proc/self/clear_refs").write_text("5")
+    t = time.perf_counter()
+    serve(grid, cfg, run_id, uri)
+    return {"peak_rss_mb": _rss_mb("VmHWM"), "rss_before_rounds_mb": before,
+            "peak_growth_mb": _rss_mb("VmHWM") - before, "seconds": time.perf_counter() - t,
+            "clients_materialised": len(grid.contexts), "sampled_per_round": cfg.federated.sampled,
+            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def report(r: dict) -> str:
+    lines = [
+        f"Federated simulation ({r['workload']})",
+        f"  bare PyTorch loop            {min(r['bare_s']):6.2f} s  (runs {', '.join(f'{s:.2f}' for s in r['bare_s'])})",
+        f"  in-process backend, rounds   {min(r['inprocess_s']):6.2f} s  (runs "
+        f"{', '.join(f'{s:.2f}' for s in r['inprocess_s'])})  ratio to bare {r['inprocess_over_bare']:.2f} "
+        "(target <= 1.3)",
+        f"  in-process, whole flow       {r['inprocess_flow_s']:6.2f} s  ratio to bare {r['flow_over_bare']:.2f} "
+        "(+ Prefect steps, MLflow run, split report, plots, artifacts)",
+        f"  Flower's Ray, whole flow     {r['ray_flow_s']:6.2f} s  ratio to in-process flow "
+        f"{r['ray_over_inprocess_flow']:.1f}, to bare {r['ray_over_bare']:.1f}",
+        f"  optimizer steps: {r['optimizer_steps']} -> {'same' if r['same_steps'] else 'DIFFERENT'}",
+        "  peak memory, in-process backend, 10 clients sampled per round (Permuted-Digits, replay):",
+    ]
+    for n, m in r["memory"].items():
+        lines.append(f"    {int(n):>5} virtual clients: peak RSS during the rounds {m['peak_rss_mb']:7.1f} MB, "
+                     f"+{m['peak_growth_mb']:.1f} MB over the {m['rss_before_rounds_mb']:.1f} MB before them "
+                     f"({m['clients_materialised']} clients materialised, {m['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["memory"]:
+    print(json.dumps(_memory_child(int(sys.argv[2]), Path(sys.argv[3]))))
