@@ -9,8 +9,11 @@ ids, experience indices, the live learner) — never tensors to hash — and use
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +24,9 @@ from prefect.cache_policies import NO_CACHE
 
 from lifelong import tracking
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
-from lifelong.env import default_tracking_uri
+from lifelong.env import default_tracking_uri, state_dir
 from lifelong.progress import EpochProgressPlugin, Progress
+from strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
 from strategies.baselines import (
     build_learner,
     quiet_avalanche_deprecations,
@@ -84,6 +88,20 @@ class Learner:
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
                                       EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed)
+        self.start = 0  # the first experience to train (later than 0 when resumed)
+        try:
+            check_checkpointable(self.strategy)
+        except NotCheckpointable as exc:
+            print(f"[lifelong] {self.label}: {exc}; it runs without checkpoints", file=sys.stderr)
+
+    def restore(self, state: dict) -> None:
+        load_learner_state(self.strategy, state)
+        self.rows = [list(r) for r in state["rows"]]
+        for it, exp, accs in state["trace"]:
+            self.trace.add(it, exp, accs)
+        self.start = state["next_experience"]
+        for i in range(self.start):
+            self.progress.experience_done(i, float(np.mean(self.rows[i][: i + 1])))
 
     def _log_point(self, iteration: int, experience: int, accs: dict[int, float]) -> None:
         values = {f"ceval/acc_exp{i}": a for i, a in accs.items()}
@@ -115,6 +133,76 @@ def pretraining_data(cfg: Config, stream: Stream):
     if a.input_shape != stream.input_shape:
         raise ValueError(f"pretrain.path: inputs of shape {a.input_shape}, the stream's are {stream.input_shape}")
     return torch.cat([a.x_train, a.x_test]), torch.cat([a.y_train, a.y_test])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_VERSION = 1
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed: a corrupt or mismatched checkpoint, an unknown run."""
+
+
+def checkpoint_path(parent_run_id: str, index: int) -> Path:
+    return state_dir() / "checkpoints" / parent_run_id / f"strategy{index}.pt"
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """What must match for a checkpoint to be resumed: everything but where results are logged."""
+    data = cfg.model_dump(mode="json")
+    data.pop("tracking")
+    return json.dumps(data, sort_keys=True)
+
+
+def save_checkpoint(learner: "Learner", experience: int, path: Path) -> None:
+    """After experience ``experience`` (trained and evaluated): everything to go on from the next."""
+    try:
+        state = learner_state(learner.strategy)
+    except NotCheckpointable:
+        return  # said once, when the learner was built
+    state.update({"version": CHECKPOINT_VERSION, "config": config_fingerprint(learner.cfg),
+                  "run_id": learner.run_id, "label": learner.label, "next_experience": experience + 1,
+                  "rows": learner.rows, "trace": [(p.iteration, p.experience, p.accuracies)
+                                                  for p in learner.trace.points]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(cfg: Config, path: Path) -> dict:
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # truncated, not a checkpoint, unreadable
+        raise ResumeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                          "delete it to restart that strategy from its first experience") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ResumeError(f"checkpoint {path} is not a Lifelong checkpoint of version {CHECKPOINT_VERSION}")
+    if state["config"] != config_fingerprint(cfg):
+        old, new = _flatten_json(state["config"]), _flatten_json(config_fingerprint(cfg))
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise ResumeError(f"checkpoint {path} was written with a different config (differs in: "
+                          f"{', '.join(keys[:8])}); resume with the run's own config")
+    return state
+
+
+def check_resumable(client, run_id: str, uri: str):
+    """The run a ``--resume`` names must be a continual pipeline's top-level run."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # MlflowException for an unknown id, connection errors for a bad URI
+        raise ResumeError(f"--resume: no MLflow run {run_id!r} in {uri}") from None
+    if run.data.tags.get("lifelong.flow") != "continual" or run.data.tags.get("mlflow.parentRunId"):
+        raise ResumeError(f"--resume: run {run_id} is not a continual pipeline's run (resume is for "
+                          "`lifelong run` of the continual flow; give the id it printed)")
+    return run
+
+
+def _flatten_json(text: str) -> dict:
+    from lifelong.config import _flatten
+
+    return _flatten(json.loads(text))
 
 
 @task(cache_policy=NO_CACHE)
@@ -193,21 +281,29 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
     return StrategyResult(learner.label, run_id, matrix, summary, learner.strategy.clock.train_iterations)
 
 
-def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str) -> StrategyResult:
+def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str,
+                 resume_run_id: str | None = None) -> StrategyResult:
+    """Train and evaluate one strategy; checkpoint after every experience. ``resume_run_id``: the
+    strategy's run of an interrupted run, continued from its last checkpoint."""
     spec = cfg.strategies[index]
     stream = build_stream(cfg.stream, cfg.seed)
-    run_id = open_strategy_run(cfg, parent_run_id, index, uri)
     client = tracking.client_for(uri)
+    run_id = resume_run_id or open_strategy_run(cfg, parent_run_id, index, uri)
+    path = checkpoint_path(parent_run_id, index)
     learner = None
     try:
         learner = Learner(cfg, spec, stream, run_id, client)
+        if resume_run_id is not None and path.exists():
+            learner.restore(load_checkpoint(cfg, path))
         if learner.joint:
             train_experience(learner, stream.n_experiences - 1)
             evaluate_experience(learner, stream.n_experiences - 1)
         else:
-            for i in range(stream.n_experiences):
+            for i in range(learner.start, stream.n_experiences):
                 train_experience(learner, i)
                 evaluate_experience(learner, i)
+                learner.logger.flush()
+                save_checkpoint(learner, i, path)
         return finish_strategy_run(learner, uri)
     except BaseException:
         if learner is not None:
@@ -218,22 +314,40 @@ def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str) -> Strat
 
 
 @flow(name="continual", validate_parameters=False)
-def continual_flow(config: dict) -> ContinualResult:
-    """Run every configured strategy on the configured stream; one MLflow run per strategy."""
+def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
+    """Run every configured strategy on the configured stream; one MLflow run per strategy.
+
+    ``resume``: the parent run id of an interrupted run; finished strategies are read back, the
+    interrupted one continues from its last checkpoint into its own run, the rest run.
+    """
     cfg = config if isinstance(config, Config) else validate_config(config)
     t0 = time.perf_counter()
     uri = cfg.tracking.uri or default_tracking_uri()
     client = tracking.client_for(uri)
     info = build_stream_step(cfg)
-    name = cfg.tracking.run_name or f"{info['name']}-{'-vs-'.join(strategy_label(s) for s in cfg.strategies)}"
-    parent_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "continual",
-                                                             "lifelong.stream": info["name"]},
-                                  experiment=cfg.tracking.experiment)
-    client.log_dict(parent_id, cfg.model_dump(mode="json"), "config.json")
+    children: dict[str, object] = {}
+    if resume is None:
+        name = cfg.tracking.run_name or f"{info['name']}-{'-vs-'.join(strategy_label(s) for s in cfg.strategies)}"
+        parent_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "continual",
+                                                                 "lifelong.stream": info["name"]},
+                                      experiment=cfg.tracking.experiment)
+        client.log_dict(parent_id, cfg.model_dump(mode="json"), "config.json")
+    else:
+        parent_id = resume
+        check_resumable(client, parent_id, uri)
+        children = {r.info.run_name: r for r in tracking.child_runs(client, parent_id)}
+        client.update_run(parent_id, status="RUNNING")
+    print(f"[lifelong] MLflow run {parent_id}; if interrupted: lifelong run --resume {parent_id}",
+          file=sys.stderr, flush=True)
     result = ContinualResult(parent_id, uri)
     try:
-        for index in range(len(cfg.strategies)):
-            result.results.append(run_strategy(cfg, index, parent_id, uri))
+        for index, spec in enumerate(cfg.strategies):
+            child = children.get(strategy_label(spec))
+            if child is not None and child.info.status == "FINISHED":
+                result.results.append(finished_result(child, uri))
+                continue
+            result.results.append(run_strategy(cfg, index, parent_id, uri,
+                                               child.info.run_id if child is not None else None))
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
@@ -246,7 +360,15 @@ def continual_flow(config: dict) -> ContinualResult:
     return result
 
 
-def run_continual(cfg: Config) -> ContinualResult:
-    """Entry point for Python users and the CLI: seeds are set per strategy inside the flow."""
+def finished_result(run, uri: str) -> StrategyResult:
+    """A strategy that finished before the run was interrupted, read back from MLflow."""
+    back = tracking.read_results(run.info.run_id, uri)
+    summary = {k.removeprefix("final/"): v for k, v in back.metrics.items() if k.startswith("final/")}
+    return StrategyResult(back.name, run.info.run_id, back.matrix, summary, 0)
+
+
+def run_continual(cfg: Config, resume: str | None = None) -> ContinualResult:
+    """Entry point for Python users and the CLI: seeds are set per strategy inside the flow.
+    ``resume``: an interrupted run's id (see :func:`continual_flow`)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return continual_flow(cfg)
+    return continual_flow(cfg, resume)

@@ -30,13 +30,28 @@ def _fail(message: str, code: int = 2) -> None:
 def run(
     config: Annotated[Optional[Path], typer.Argument(help="TOML config (default: built-in defaults)")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set training.epochs=3")] = [],
+    resume: Annotated[Optional[str], typer.Option(
+        help="Continue an interrupted run (its MLflow run id) from its last checkpoint")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        help="--resume: the MLflow store of the run (default: ./mlruns.db)")] = None,
 ) -> None:
     """Run a pipeline: every configured strategy on the configured stream, tracked in MLflow."""
     try:
-        cfg = load_config(config, set_)
+        if resume is not None:
+            cfg = resume_config(resume, config, set_, tracking_uri)
+        else:
+            cfg = load_config(config, set_)
         check_before_work(cfg)
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, LookupError) as exc:
         _fail(str(exc))
+    if resume is not None:
+        from flows.continual import ResumeError, run_continual
+
+        try:
+            print_results_table(run_continual(cfg, resume=resume))
+        except ResumeError as exc:
+            _fail(str(exc))
+        return
     if cfg.flow == "multitask":
         from flows.multitask import multitask_flow
 
@@ -50,6 +65,33 @@ def run(
     from flows.continual import run_continual
 
     print_results_table(run_continual(cfg))
+
+
+def resume_config(run_id: str, config: Path | None, overrides: list[str], uri: str | None):
+    """The interrupted run's own config (from its MLflow record); a given config must match it."""
+    import json
+    import tempfile
+
+    from flows.continual import check_resumable, config_fingerprint
+    from lifelong import tracking
+    from lifelong.config import validate_config
+    from lifelong.env import default_tracking_uri
+
+    uri = uri or default_tracking_uri()
+    client = tracking.client_for(uri)
+    check_resumable(client, run_id, uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = validate_config(json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text()))
+    # Results go where the interrupted run is, whatever the current defaults say.
+    stored = validate_config({**stored.model_dump(mode="json"),
+                              "tracking": {**stored.tracking.model_dump(mode="json"), "uri": uri}})
+    if config is None and not overrides:
+        return stored
+    given = load_config(config, overrides)
+    if config_fingerprint(given) != config_fingerprint(stored):
+        raise ConfigError(f"--resume: the config given differs from run {run_id}'s own; "
+                          "resume without a config to use the run's")
+    return stored
 
 
 def check_before_work(cfg) -> None:

@@ -230,6 +230,12 @@ class RunResults:
     children: list["RunResults"]
 
 
+def child_runs(client: MlflowClient, run_id: str) -> list:
+    exp_id = client.get_run(run_id).info.experiment_id
+    return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                              order_by=["attributes.start_time ASC"])
+
+
 def read_results(run_id: str, uri: str | None = None) -> RunResults:
     client = client_for(uri)
     try:
@@ -244,10 +250,6 @@ def read_results(run_id: str, uri: str | None = None) -> RunResults:
             matrix, rows, cols = np.array(data["matrix"]), data["rows"], data["columns"]
         except Exception:  # a parent run, or a run that stopped before its first experience ended
             pass
-    children = []
-    exp_id = run.info.experiment_id
-    for child in client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
-                                    order_by=["attributes.start_time ASC"]):
-        children.append(read_results(child.info.run_id, uri))
+    children = [read_results(child.info.run_id, uri) for child in child_runs(client, run_id)]
     return RunResults(run_id, run.info.run_name, run.info.status, matrix, rows, cols,
                       dict(run.data.metrics), children)

@@ -1,0 +1,133 @@
+"""Checkpoints after every experience; `lifelong run --resume` continues into the same MLflow run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import flows.continual as fc
+from lifelong.cli import app as cli
+from lifelong.config import load_config
+from lifelong.tracking import client_for
+
+pytestmark = pytest.mark.integration
+
+STRATEGIES = 'strategies=[{name="naive"}, {name="replay", mem_size=40, plugins=[{name="ewc", lam=5.0}]}]'
+
+
+def overrides(tmp_path, *extra):
+    return ['model.name="mlp"', "model.hidden=32", "training.epochs=2", STRATEGIES,
+            f'tracking.uri="sqlite:///{tmp_path / "mlruns.db"}"', "tracking.log_model=false",
+            "tracking.log_plots=false", *extra]
+
+
+def latest_parent(uri: str) -> str:
+    client = client_for(uri)
+    exp = client.get_experiment_by_name("lifelong").experiment_id
+    runs = client.search_runs([exp], "tags.`lifelong.flow` = 'continual'", order_by=["attributes.start_time DESC"])
+    return next(r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags)
+
+
+def interrupted_run(cfg, monkeypatch, label="replay+ewc", at=3) -> str:
+    original = fc.train_experience
+
+    def failing(learner, i):
+        if learner.label == label and i == at:
+            raise RuntimeError("power cut")
+        return original.fn(learner, i)
+
+    monkeypatch.setattr(fc, "train_experience", failing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fc.run_continual(cfg)
+    monkeypatch.setattr(fc, "train_experience", original)
+    return latest_parent(cfg.tracking.uri)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = load_config(None, overrides(tmp_path))
+    full = fc.run_continual(cfg)
+    parent = interrupted_run(cfg, monkeypatch)
+    client = client_for(cfg.tracking.uri)
+    assert client.get_run(parent).info.status == "FAILED"
+    assert torch.load(fc.checkpoint_path(parent, 1), weights_only=False)["next_experience"] == 3
+    resumed = fc.run_continual(cfg, resume=parent)
+    assert resumed.parent_run_id == parent and client.get_run(parent).info.status == "FINISHED"
+    for a, b in zip(full.results, resumed.results, strict=True):
+        assert a.label == b.label and np.array_equal(a.matrix, b.matrix)
+        assert a.summary == pytest.approx(b.summary)
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 2  # the interrupted strategy went on in its own run
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, monkeypatch):
+    cfg = load_config(None, overrides(tmp_path))
+    parent = interrupted_run(cfg, monkeypatch)
+    other = load_config(None, overrides(tmp_path, "training.lr=0.01"))
+    with pytest.raises(fc.ResumeError, match=r"different config \(differs in: training.lr\)"):
+        fc.run_continual(other, resume=parent)
+    out = CliRunner().invoke(cli, ["run", "--resume", parent, "--tracking-uri", cfg.tracking.uri,
+                                   "--set", "training.lr=0.01", *sum((["--set", o] for o in overrides(tmp_path)), [])])
+    assert out.exit_code == 2 and "differs from run" in out.output
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, monkeypatch):
+    cfg = load_config(None, overrides(tmp_path))
+    parent = interrupted_run(cfg, monkeypatch)
+    fc.checkpoint_path(parent, 1).write_bytes(b"not a checkpoint")
+    out = CliRunner().invoke(cli, ["run", "--resume", parent, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 2 and "is unreadable" in out.output and "Traceback" not in out.output
+
+
+def test_unknown_run_is_refused(tmp_path):
+    out = CliRunner().invoke(cli, ["run", "--resume", "0" * 32, "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert out.exit_code == 2 and "no MLflow run" in out.output
+
+
+def test_a_killed_process_resumes_to_the_same_final_metrics(tmp_path):
+    """The real thing: SIGKILL a `lifelong run` mid-experience, then `lifelong run --resume`."""
+    cfg_path = tmp_path / "run.toml"
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg_path.write_text(
+        'seed = 3\n[model]\nname = "mlp"\nhidden = 64\n[training]\nepochs = 12\neval_every = 5\n'
+        '[[strategies]]\nname = "replay"\nmem_size = 60\n[[strategies.plugins]]\nname = "ewc"\nlam = 5.0\n'
+        f'[tracking]\nuri = "{uri}"\nlog_model = false\nlog_plots = false\n')
+    env = {**os.environ, "LIFELONG_HOME": str(tmp_path / "home")}
+    lifelong = [sys.executable, "-m", "lifelong.cli"]
+    proc = subprocess.Popen([*lifelong, "run", str(cfg_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoints = tmp_path / "home" / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:  # kill it while it trains experience 2 (the checkpoint after experience 1 exists)
+        while time.monotonic() < deadline:
+            done = [torch.load(p, weights_only=False)["next_experience"] for p in checkpoints.rglob("*.pt")]
+            if done and max(done) >= 2:
+                time.sleep(0.3)
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process group: Prefect's API server goes too
+        proc.wait()
+    parent = latest_parent(uri)
+    assert client_for(uri).get_run(parent).info.status == "RUNNING"  # it never got to say otherwise
+    out = subprocess.run([*lifelong, "run", "--resume", parent, "--tracking-uri", uri], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    uninterrupted = subprocess.run([*lifelong, "run", str(cfg_path)], env=env, capture_output=True,
+                                   text=True, timeout=300, check=False)
+    assert uninterrupted.returncode == 0
+    client = client_for(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lifelong").experiment_id],
+                              "tags.`lifelong.flow` = 'continual'")
+    finals = [{k: v for k, v in r.data.metrics.items() if k.startswith("final/")}
+              for r in runs if r.data.tags.get("mlflow.parentRunId") is not None]
+    assert len(finals) == 2 and finals[0] and finals[0] == pytest.approx(finals[1], abs=1e-12)
+    assert Path(checkpoints / parent).exists()
