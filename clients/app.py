@@ -1,6 +1,7 @@
 """The Flower ClientApp (Message API): a continual learner on the node's private data.
 
-Each train message carries the global model (``arrays``) and a ``config`` record with the
+Each train message carries the global model (``arrays``), the model the previous experience
+ended with (``boundary``, when the learner has regularisers to consolidate), and a ``config`` record with the
 experience index, the round and the run's Lifelong config (as JSON: the server is the one source
 of truth, so the same app runs under the in-process backend, Flower's Ray engine and real
 SuperNodes without a config file on the client's machine). The node's ``partition-id`` (from
@@ -22,6 +23,8 @@ from lifelong.config import Config, validate_config
 CONFIG_KEY = "lifelong-config"
 EXPERIENCE_KEY = "experience"
 ROUND_OFFSET_KEY = "round-offset"
+#: The global model at the end of the previous experience (sent when clients consolidate with it).
+BOUNDARY_KEY = "boundary"
 
 app = ClientApp()
 
@@ -41,7 +44,8 @@ def train(msg: Message, context: Context) -> Message:
                          f"splits the data across federated.clients={cfg.federated.clients}")
     server_round = int(conf[ROUND_OFFSET_KEY]) + int(conf["server-round"])
     learner = ClientLearner(cfg, partition_id, context.state)
+    boundary = msg.content[BOUNDARY_KEY].to_torch_state_dict() if BOUNDARY_KEY in msg.content else None
     weights, metrics = learner.train_round(msg.content["arrays"].to_torch_state_dict(),
-                                           int(conf[EXPERIENCE_KEY]), server_round)
+                                           int(conf[EXPERIENCE_KEY]), server_round, boundary)
     content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -60,7 +60,12 @@ def toml_value(v: object) -> str:
         return repr(v)
     text = str(v)
     # A literal string keeps double quotes as they are (flwr's parser rejects escaped ones).
-    return f"'{text}'" if "'" not in text else json.dumps(text)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' in text:
+        raise DeploymentError(f"run config value {text!r} has both quote kinds, which flwr cannot parse")
+    return f'"{text}"'
+
 
 
 class LocalDeployment:

@@ -86,8 +86,14 @@ class InProcessGrid(Grid):
 
     def _deliver(self, msg: Message) -> Message:
         node_id = msg.metadata.dst_node_id
+        ctx = self.context(node_id)
+        # As Flower's engine does, the node's context is kept only if the app succeeds: the app
+        # works on a copy of the state's record index (records are replaced, not mutated).
+        trial = Context(run_id=ctx.run_id, node_id=node_id, node_config=ctx.node_config,
+                        state=RecordDict({k: ctx.state[k] for k in ctx.state.keys()}), run_config=ctx.run_config)
         try:
-            reply = self.client_app(msg, self.context(node_id))
+            reply = self.client_app(msg, trial)
+            self.contexts[node_id] = trial
         except Exception as exc:  # as Flower's engine does: the failure becomes an error reply
             log.warning("client %d (partition %d) failed: %s", node_id, self.partitions[node_id], exc)
             log.debug(traceback.format_exc())

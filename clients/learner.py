@@ -116,19 +116,31 @@ class ClientLearner:
         return experience_share(self.stream, experience,
                                 client_indices(self.cfg, self.stream, experience)[self.pid])
 
-    def train_round(self, weights: dict[str, torch.Tensor], experience: int,
-                    server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Train on this client's share of ``experience``; returns the new weights and metrics."""
+    def train_round(self, weights: dict[str, torch.Tensor], experience: int, server_round: int,
+                    boundary: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Train on this client's share of ``experience``; returns the new weights and metrics.
+
+        ``boundary``: the global model at the end of the previous experience, which the client
+        consolidates with (else with ``weights``: a client sampled late in an experience would
+        anchor its Fisher and L2 anchors to a model already trained on the next one). The
+        client's state changes only if the round succeeds: a failed round leaves it as it was.
+        """
         worker = worker_for(self.cfg, self.stream)
+        staged = RecordDict()
         try:
-            return self._train_round(worker, weights, experience, server_round)
+            result = self._train_round(worker, weights, experience, server_round, boundary, staged)
         except BaseException:
             _WORKERS.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
             raise
+        for key in list(staged.keys()):
+            self.state[key] = staged[key]
+        return result
 
-    def _train_round(self, worker: _Worker, weights, experience: int, server_round: int):
+    def _train_round(self, worker: _Worker, weights, experience: int, server_round: int, boundary,
+                     staged: RecordDict):
         cfg, stream, model = self.cfg, self.stream, worker.model
-        model.load_state_dict(weights)
+        model.load_state_dict(boundary if boundary is not None else weights)
         # Seeded after the worker exists (building one draws from the RNG): a client's round
         # draws the same batches whichever process runs it, first or hundredth.
         RNGManager.set_random_seeds(round_seed(cfg.seed, server_round, self.pid))
@@ -150,10 +162,11 @@ class ClientLearner:
         progress = st.read_progress(self.state)
         if progress["consolidated"] < progress["trained"] < experience:
             if regularizers or memory is not None:
-                self._consolidate(progress["trained"], model, regularizers, memory)
+                self._consolidate(progress["trained"], model, regularizers, memory, staged)
             progress["consolidated"] = progress["trained"]
             if memory is not None:
-                st.write_tensors(self.state, st.REPLAY, memory.state_dict())
+                st.write_tensors(staged, st.REPLAY, memory.state_dict())
+        model.load_state_dict(weights)
 
         # A fresh local optimizer every round (momentum and Adam moments do not carry over).
         worker.strategy.optimizer.state.clear()
@@ -163,14 +176,14 @@ class ClientLearner:
             worker.strategy.train(share, eval_streams=[], num_workers=0)
 
         for i, reg in enumerate(regularizers):  # e.g. center loss moves its centers while training
-            st.write_tensors(self.state, st.reg_key(i), reg.state_dict())
-        st.write_progress(self.state, experience, progress["consolidated"])
+            st.write_tensors(staged, st.reg_key(i), reg.state_dict())
+        st.write_progress(staged, experience, progress["consolidated"])
         metrics = {"num-examples": len(share.dataset),
                    "train-loss": worker.meter.total / max(worker.meter.count, 1),
                    "partition-id": self.pid, "experience": experience}
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, metrics
 
-    def _consolidate(self, experience: int, model, regularizers, memory) -> None:
+    def _consolidate(self, experience: int, model, regularizers, memory, staged: RecordDict) -> None:
         share = self.share(experience)
         classes = sorted(int(c) for c in share.classes_in_this_experience)
         data = share.dataset.eval()
@@ -179,6 +192,6 @@ class ClientLearner:
             reg.before_experience(model, classes)
             reg.after_experience(model, ((b[0].to(self.device), b[1].to(self.device), b[-1].to(self.device))
                                          for b in loader))
-            st.write_tensors(self.state, st.reg_key(regularizers.index(reg)), reg.state_dict())
+            st.write_tensors(staged, st.reg_key(regularizers.index(reg)), reg.state_dict())
         if memory is not None:
             memory.add_experience(share)

@@ -145,6 +145,8 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
                                 evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
         if len(result.arrays):  # empty when every round of the experience was skipped
             arrays = result.arrays
+        if cfg.strategies[0].plugins:  # regularisers consolidate with the experience's final model
+            strategy.boundary = arrays
         row = rows[-1]
         values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
         values["avg_acc_seen"] = float(np.mean(row[: e + 1]))
@@ -211,10 +213,11 @@ def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> No
 
 def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None) -> FederatedResult:
     """Open the MLflow run, log the split, serve every round, close the run (FAILED on error)."""
+    hists = split_report(cfg)  # an impossible split is refused before a run is opened
     run_id = open_federated_run(cfg, uri, tags)
     client = tracking.client_for(uri)
     try:
-        log_split(cfg, run_id, uri, split_report(cfg))
+        log_split(cfg, run_id, uri, hists)
         result = serve(grid, cfg, run_id, uri)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -246,7 +249,7 @@ def server_main(grid: Grid, context: Context) -> None:
 def config_from_run_config(run_config: dict) -> Config:
     source = str(run_config.get("config", "") or "")
     overrides = [s for s in str(run_config.get("set", "") or "").split(";") if s.strip()]
-    if "\n" in source or "=" in source:  # inline TOML
+    if "\n" in source or (not source.endswith(".toml") and "=" in source):  # inline TOML
         import tomllib
 
         from lifelong.config import apply_override

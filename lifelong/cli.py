@@ -155,7 +155,7 @@ def clients_launch(
     deployment: Annotated[bool, typer.Option(
         "--deployment", help="Run on a real Flower deployment on this machine: a SuperLink and one "
         "SuperNode per client as separate processes, the app submitted with `flwr run`")] = False,
-    workdir: Annotated[Path, typer.Option(help="--deployment: logs and Flower state go here")] = Path(
+    workdir: Annotated[Path, typer.Option(help="--deployment: logs and Flower state go in a new folder here")] = Path(
         ".lifelong/deployment"),
 ) -> None:
     """Run the federated flow with N simulated clients, each a continual learner on its own data."""
@@ -179,13 +179,13 @@ def clients_launch(
 
 def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path) -> None:
     """Start a SuperLink and a SuperNode per client, submit the app, print where the results are."""
-    import shutil
-
     from clients.deploy import DeploymentError, LocalDeployment, app_dir
     from lifelong.env import default_tracking_uri
 
+    import time
+
     uri = cfg.tracking.uri or default_tracking_uri()
-    shutil.rmtree(workdir, ignore_errors=True)
+    workdir = workdir / time.strftime("%Y%m%d-%H%M%S")  # a fresh folder: nothing of the user's is touched
     run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
                   "tracking-uri": uri}
     n = cfg.federated.clients

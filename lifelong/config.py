@@ -468,6 +468,9 @@ class Config(_Section):
         if isinstance(spec, (JointSpec, OnePromptSpec)):
             raise ValueError(f"strategies.0: {spec.name!r} is not available in the federated flow; "
                              "use 'naive' or 'replay' with any plugins")
+        if spec.arbitrate:
+            raise ValueError("strategies.0.arbitrate: GCond arbitration keeps per-learner state that "
+                             "federated clients do not persist yet; remove it for a federated run")
         if self.stream.resolved_scenario == "task":
             raise ValueError("stream.scenario: the federated flow trains one single-head model; "
                              "use a class or domain stream (multi-head task streams are not federated yet)")

@@ -171,13 +171,14 @@ def model_name(flow: str, configured: str | None = None) -> str:
     return check_model_name(configured or f"lifelong-{flow}")
 
 
-def check_model_name(name: str) -> str:
+def check_model_name(name: str, key: str = "model name") -> str:
+    """``name`` if it can be registered and referred to; ``key`` starts the message (a config key)."""
     if not name or not name.strip():
-        raise RegistryInputError("model name: empty")
+        raise RegistryInputError(f"{key}: empty")
     bad = sorted({c for c in name if c in "/:@"})
     if bad:
-        raise RegistryInputError(f"model name {name!r}: {' '.join(bad)} not allowed (MLflow refuses '/' and "
-                                 "':'; '/' and '@' separate versions and aliases), e.g. 'lifelong-continual'")
+        raise RegistryInputError(f"{key} {name!r}: {' '.join(bad)} not allowed (MLflow refuses '/' and ':'; "
+                                 "'/' and '@' separate versions and aliases), e.g. 'lifelong-continual'")
     return name
 
 
@@ -189,19 +190,22 @@ def check_alias(alias: str, what: str = "alias") -> str:
     return alias
 
 
-def parse_rule(text: str) -> PromotionRule:
-    """Read ``METRIC OP ALIAS`` (e.g. ``avg_accuracy>champion``); see the module docstring."""
+def parse_rule(text: str, key: str = "promote_if") -> PromotionRule:
+    """Read ``METRIC OP ALIAS`` (e.g. ``avg_accuracy>champion``); see the module docstring.
+
+    ``key`` starts the message (the config key, e.g. ``tracking.promote_if``).
+    """
     m = _RULE.fullmatch(text or "")
     syntax = "expected METRIC OP ALIAS with OP one of > >= < <=, e.g. 'avg_accuracy>champion'"
     if not m:
-        raise RegistryInputError(f"promote_if {text!r}: {syntax}")
+        raise RegistryInputError(f"{key} {text!r}: {syntax}")
     alias = m["alias"]
     if re.fullmatch(r"[-+]?[\d.]+(e[-+]?\d+)?", alias):
-        raise RegistryInputError(f"promote_if {text!r}: compares with the version under an alias, not a "
+        raise RegistryInputError(f"{key} {text!r}: compares with the version under an alias, not a "
                                  f"number; {syntax}")
-    check_alias(alias, f"promote_if {text!r}: alias")
+    check_alias(alias, f"{key} {text!r}: alias")
     if alias == CANDIDATE:
-        raise RegistryInputError(f"promote_if {text!r}: '{CANDIDATE}' moves to every new version; "
+        raise RegistryInputError(f"{key} {text!r}: '{CANDIDATE}' moves to every new version; "
                                  "compare with another alias, e.g. 'champion'")
     return PromotionRule(m["metric"], m["op"], alias)
 
@@ -391,6 +395,19 @@ def register_run_model(client: MlflowClient, run_id: str, model_uri: str, name: 
         if rule is not None:
             _apply_rule(client, rule, name, mv.version, values)
         return _info(client.get_model_version(name, mv.version))
+
+
+def register_from_config(cfg, client: MlflowClient, run_id: str, model_uri: str | None, *, flow: str,
+                         stream: str, strategy: str, metrics: Mapping[str, float]) -> VersionInfo | None:
+    """The flows' one call at the end of a finished run: :func:`register_run_model` with the name,
+    rule and switch from ``cfg.tracking`` (``model_name``, ``promote_if``, ``register``) and the
+    run's flat config. Nothing when registration is off or no model was logged."""
+    t = cfg.tracking
+    if not t.register or model_uri is None:
+        return None
+    return register_run_model(client, run_id, model_uri, model_name(flow, t.model_name),
+                              {"flow": flow, "stream": stream, "strategy": strategy}, metrics, t.promote_if,
+                              config=cfg.flat())
 
 
 def _metric_values(metrics: Mapping[str, float]) -> dict[str, float]:

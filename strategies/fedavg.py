@@ -51,6 +51,9 @@ class ContinualFedAvg(FedAvg):
                          train_metrics_aggr_fn=_mean_loss)
         self.min_results, self.seed, self.wait_for_nodes_s = min_results, seed, wait_for_nodes_s
         self.round_offset = 0  # global round = offset + Flower's per-start round
+        #: Sent with every train message when set (the model the previous experience ended with).
+        self.boundary: ArrayRecord | None = None
+        self._all_connected = False
         self.outcomes: list[ClientOutcome] = []
         self.skipped_rounds: list[int] = []
         self._sent: list[int] = []
@@ -58,12 +61,17 @@ class ContinualFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        nodes = sorted(self._wait_for_nodes(grid))
-        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+        # Wait for every client before the first round only: later, a client that has gone
+        # (a SuperNode stopped) must not stop the run; the round samples from those online.
+        nodes = sorted(grid.get_node_ids() if self._all_connected else self._wait_for_nodes(grid))
+        self._all_connected = True
+        size = min(max(int(self.min_available_nodes * self.fraction_train), self.min_train_nodes), len(nodes))
         rng = random.Random(f"{self.seed}/{self.round_offset + server_round}")
         self._sent = rng.sample(nodes, size)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if self.boundary is not None:
+            record["boundary"] = self.boundary
         return self._construct_messages(record, self._sent, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:

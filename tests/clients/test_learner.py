@@ -1,5 +1,6 @@
 """A client's continual learner: lazy consolidation at experience boundaries, state in Context.state."""
 
+import pytest
 import torch
 from flwr.app import RecordDict
 
@@ -74,3 +75,50 @@ def test_same_seed_same_round_same_update():
     c, _ = ClientLearner(cfg, 3, RecordDict()).train_round(w, 0, 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # another round draws other batches
+
+
+def test_consolidation_anchors_to_the_boundary_model_when_given():
+    cfg = config('strategies=[{name="naive", plugins=[{name="ewc", lam=10.0}]}]')
+    state = RecordDict()
+    w = initial_weights(cfg)
+    client = ClientLearner(cfg, 0, state)
+    end_of_exp0, _ = client.train_round(w, 0, 1)
+    drifted = {k: v + 1.0 for k, v in end_of_exp0.items()}  # the federation moved on meanwhile
+    client.train_round(drifted, 1, 4, boundary=end_of_exp0)
+    ewc = EWC(10.0)
+    ewc.load_state_dict(st.read_tensors(state, st.reg_key(0)))
+    assert all(torch.equal(ewc.anchors[0][k], end_of_exp0[k]) for k in ewc.anchors[0])
+
+
+def test_a_failed_round_leaves_the_client_state_as_it_was(monkeypatch):
+    cfg = config('strategies=[{name="replay", mem_size=20, plugins=[{name="ewc", lam=10.0}]}]')
+    state = RecordDict()
+    w = initial_weights(cfg)
+    client = ClientLearner(cfg, 0, state)
+    w, _ = client.train_round(w, 0, 1)
+    before = {k: dict(state[k]) if k == st.PROGRESS else st.read_tensors(state, k) for k in state.keys()}
+    import clients.learner as cl
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    worker = cl.worker_for(cfg, client.stream)
+    monkeypatch.setattr(worker.strategy, "train", crash)
+    with pytest.raises(RuntimeError):  # fails after consolidating experience 0
+        client.train_round(w, 1, 3)
+    assert set(state.keys()) == set(before)
+    assert st.read_progress(state) == {"trained": 0, "consolidated": -1}
+    assert int(st.read_tensors(state, st.reg_key(0))["count"]) == 0
+    monkeypatch.undo()
+    client.train_round(w, 1, 3)  # the retry consolidates experience 0 exactly once
+    ewc = EWC(10.0)
+    ewc.load_state_dict(st.read_tensors(state, st.reg_key(0)))
+    assert len(ewc.fishers) == 1
+    assert {k.split("/")[0] for k in st.read_tensors(state, st.REPLAY)} == {"0"}
+
+
+def test_gcond_arbitration_is_refused_for_federated_runs():
+    from lifelong.config import ConfigError
+
+    with pytest.raises(ConfigError, match="arbitrate: GCond arbitration keeps per-learner state"):
+        config('strategies=[{name="replay", arbitrate="gcond"}]')

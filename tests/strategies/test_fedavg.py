@@ -113,3 +113,25 @@ def test_nodes_are_materialised_only_when_sampled():
     run_round(strategy, grid, 2)
     assert 10 <= len(grid.contexts) <= 20
     assert np.all([grid.contexts[n].node_config["partition-id"] == n - 1 for n in grid.contexts])
+
+
+def test_a_client_gone_after_the_first_round_does_not_stall_the_next():
+    grid = InProcessGrid(EchoApp([torch.ones(1)] * 3, [1] * 3), 3)
+    strategy = ContinualFedAvg(1.0, 1, 3, seed=0, wait_for_nodes_s=0.5)
+    run_round(strategy, grid)
+    del grid.partitions[3]  # a SuperNode stopped
+    msgs, replies = run_round(strategy, grid, 2)
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 2]
+    assert strategy.aggregate_train(2, replies)[0] is not None
+
+
+def test_a_failed_client_keeps_its_previous_context_state():
+    class Writer:
+        def __call__(self, msg, context):
+            context.state["progress"] = ConfigRecord({"n": 1})
+            raise RuntimeError("after writing")
+
+    grid = InProcessGrid(Writer(), 1)
+    strategy = ContinualFedAvg(1.0, 1, 1, seed=0)
+    run_round(strategy, grid)
+    assert "progress" not in grid.context(1).state
