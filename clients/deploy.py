@@ -177,6 +177,9 @@ class LocalDeployment:
         return run
 
     def stop(self) -> None:
+        # The SuperLink's executor (and the ServerApp it starts) runs in a session of its own,
+        # out of reach of killpg: collect every descendant first, and make sure each is gone.
+        family = [d for _, proc in self.procs for d in descendants(proc.pid)]
         for _, proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -189,15 +192,43 @@ class LocalDeployment:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
-        # The SuperLink's executor runs in a session of its own; it exits once the SuperLink has
-        # gone (it watches its parent's pid every 0.2 s).
-        time.sleep(1.0)
+        deadline = time.monotonic() + 10  # they exit on their own once their parent has gone
+        while (alive := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> "LocalDeployment":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent (init) reaps it
 
 
 def app_dir() -> Path:
