@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,13 @@ from prefect.cache_policies import NO_CACHE
 
 from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from clients.learner import client_indices
+from flows.federated_checkpoint import (
+    FederatedResumeError,
+    checkpoint_file,
+    load_round,
+    restore_server,
+    save_round,
+)
 from lifelong import tracking
 from lifelong.config import Config, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
@@ -99,8 +107,14 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None) -> FederatedResult:
-    """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``."""
+def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
+          checkpoint: Path | None = None, resume: dict | None = None) -> FederatedResult:
+    """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``.
+
+    ``checkpoint``: where to save the server's and the clients' state after every round (the
+    in-process backend's clients only: Ray's engine and SuperNodes keep theirs out of reach);
+    ``resume``: such a checkpoint, to go on from the round after it.
+    """
     client = tracking.client_for(uri)
     logger = tracking.MLflowLogger(run_id, client)
     stream = build_stream(cfg.stream, cfg.seed)
@@ -110,11 +124,24 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed)
     trace, rows = ContinualTrace(), []
     config_json = json.dumps(cfg.model_dump(mode="json"))
+    arrays = ArrayRecord(initial_weights(cfg))
+    done_rounds = 0
+    if resume is not None:
+        arrays, done_rounds = restore_server(resume, strategy, trace, rows, grid, fed.rounds,
+                                             bool(cfg.strategies[0].plugins))
+        for e, row in enumerate(rows):  # (again: a kill may have come between a row and its log)
+            logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(row)},
+                               "avg_acc_seen": float(np.mean(row[: e + 1]))}, e)
+            if progress is not None:
+                progress.experience_done(e, float(np.mean(row[: e + 1])))
+    last_evaluated = done_rounds if resume is not None else -1
 
     def evaluate_round(experience: int, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 and experience > 0:
-            return None  # the same model as the previous experience's last round
+        nonlocal last_evaluated
         rnd = strategy.round_offset + server_round
+        if rnd <= last_evaluated:
+            return None  # the model the previous round (or experience) ended with: evaluated
+        last_evaluated = rnd
         model.load_state_dict(arrays.to_torch_state_dict())
         accs = evaluate(model, stream, range(n_exp), cfg.training.eval_batch_size, device)
         seen = {i: accs[i] for i in range(experience + 1)}
@@ -130,17 +157,20 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
                 values["round/train_loss"] = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
         logger.log_values(values, rnd)
         if progress is not None and server_round:
-            progress.epoch(experience, server_round - 1)
-        if server_round == fed.rounds:
+            progress.epoch(experience, rnd - experience * fed.rounds - 1)
+        if rnd == (experience + 1) * fed.rounds:
             rows.append([accs[i] for i in range(n_exp)])
+        if checkpoint is not None and server_round:
+            logger.flush()  # the checkpoint never runs ahead of what MLflow has
+            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows, grid)
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
 
-    arrays = ArrayRecord(initial_weights(cfg))
-    for e in range(n_exp):
-        strategy.round_offset = e * fed.rounds
+    for e in range(done_rounds // fed.rounds, n_exp):
+        strategy.round_offset = max(e * fed.rounds, done_rounds)
         train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
                                      CONFIG_KEY: config_json})
-        result = strategy.start(grid, arrays, num_rounds=fed.rounds, timeout=fed.round_timeout,
+        result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
+                                timeout=fed.round_timeout,
                                 train_config=train_config,
                                 evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
         if len(result.arrays):  # empty when every round of the experience was skipped
@@ -285,31 +315,45 @@ def open_run_step(cfg: Config, uri: str, hists: list[np.ndarray]) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def rounds_step(cfg: Config, run_id: str, uri: str, client_app) -> FederatedResult:
-    """Every experience's rounds on the configured backend."""
+def rounds_step(cfg: Config, run_id: str, uri: str, client_app, resume: dict | None = None) -> FederatedResult:
+    """Every experience's rounds on the configured backend (checkpointed after every round when
+    in-process)."""
     from clients.launch import inprocess_grid, simulate_with_ray
 
     progress = Progress(f"fed {strategy_label(cfg.strategies[0])}", build_stream(cfg.stream, cfg.seed).n_experiences,
                         cfg.federated.rounds, step_name="round")
     try:
         if cfg.federated.backend == "inprocess":
-            return serve(inprocess_grid(cfg, client_app), cfg, run_id, uri, progress)
+            return serve(inprocess_grid(cfg, client_app), cfg, run_id, uri, progress,
+                         checkpoint=checkpoint_file(run_id), resume=resume)
         return simulate_with_ray(cfg, lambda grid: serve(grid, cfg, run_id, uri, progress), client_app)
     finally:
         progress.close()
 
 
 @flow(name="federated", validate_parameters=False)
-def federated_flow(config: dict, client_app=None) -> FederatedResult:
-    """Federated continual learning: Flower rounds over every experience of the stream."""
+def federated_flow(config: dict, client_app=None, resume: str | None = None) -> FederatedResult:
+    """Federated continual learning: Flower rounds over every experience of the stream.
+    ``resume``: an interrupted in-process run's id, continued from its last round's checkpoint."""
     cfg = config if isinstance(config, Config) else validate_config(config)
     t0 = time.perf_counter()
     uri = cfg.tracking.uri or default_tracking_uri()
     hists = split_step(cfg)
-    run_id = open_run_step(cfg, uri, hists)
     client = tracking.client_for(uri)
+    state = None
+    if resume is None:
+        run_id = open_run_step(cfg, uri, hists)
+    else:
+        if cfg.federated.backend != "inprocess":
+            raise FederatedResumeError("federated runs resume on the in-process backend only (Ray's engine "
+                                       "and SuperNodes keep the clients' state out of reach)")
+        run_id = resume
+        state = load_round(checkpoint_file(run_id), cfg)
+        client.update_run(run_id, status="RUNNING")
+    print(f"[lifelong] MLflow run {run_id}; if interrupted: lifelong clients launch --resume {run_id}",
+          file=sys.stderr, flush=True)
     try:
-        result = rounds_step(cfg, run_id, uri, client_app)
+        result = rounds_step(cfg, run_id, uri, client_app, state)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -318,9 +362,9 @@ def federated_flow(config: dict, client_app=None) -> FederatedResult:
     return result
 
 
-def run_federated(cfg: Config, client_app=None) -> FederatedResult:
+def run_federated(cfg: Config, client_app=None, resume: str | None = None) -> FederatedResult:
     """Entry point for Python users and the CLI (``client_app``: a ClientApp to use instead of
-    ``clients.app.app``, e.g. one made to fail in a test)."""
+    ``clients.app.app``, e.g. one made to fail in a test; ``resume``: an interrupted run's id)."""
     if cfg.flow != "federated":
         cfg = validate_config({**cfg.model_dump(mode="json"), "flow": "federated"})
-    return federated_flow(cfg, client_app)
+    return federated_flow(cfg, client_app, resume)

@@ -44,6 +44,9 @@ FLOWS: dict[str, tuple[str, str]] = {
 }
 TAG = "lifelong"
 HEALTH_TIMEOUT_S = 5.0
+# A served deployment is polled every PREFECT_RUNNER_POLL_FREQUENCY (10 s); Prefect's server calls
+# one unpolled for 60 s "not ready" (PREFECT_SERVER_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS).
+SERVED_WITHIN_S = 60
 
 START_SERVER = (
     "start one with `prefect server start --host 127.0.0.1 --port 4200` (or `make stack`), then "
@@ -59,14 +62,15 @@ class ScheduleError(Exception):
 
 
 def build_schedule(cron: str | None = None, interval: float | None = None, rrule: str | None = None,
-                   timezone: str | None = None) -> "SCHEDULE_TYPES":
+                   timezone: str | None = None) -> SCHEDULE_TYPES:
     """Exactly one of cron / interval (seconds) / rrule, validated by Prefect's own schedule models.
 
     Runs before anything touches a server, so a typo costs nothing. Prefect's cron check
     (croniter, without its random/hashed extensions) and rrule check (dateutil) are the ones the
     server applies; we only reword their errors so they quote the expression and name the option.
     """
-    given = [opt for opt, v in (("--cron", cron), ("--interval", interval), ("--rrule", rrule)) if v is not None]
+    options = (("--cron", cron), ("--interval", interval), ("--rrule", rrule))
+    given = [opt for opt, value in options if value is not None]
     if len(given) != 1:
         raise ScheduleError("give exactly one of --cron, --interval, --rrule"
                             + (f" (got {', '.join(given)})" if given else ""))
@@ -115,7 +119,7 @@ def _first_error(exc: Exception) -> str:
     return msg.rsplit('": ', 1)[-1] if msg.startswith("Invalid RRule string") else msg
 
 
-def describe_schedule(schedule: "SCHEDULE_TYPES") -> str:
+def describe_schedule(schedule: SCHEDULE_TYPES) -> str:
     """One line for a schedule as a user would have written it."""
     from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule, RRuleSchedule
 
@@ -194,7 +198,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def make_deployment(cfg: Config, name: str, schedule: "SCHEDULE_TYPES", source: str | None = None):
+def make_deployment(cfg: Config, name: str, schedule: SCHEDULE_TYPES, source: str | None = None):
     """The runner deployment for ``cfg``: its flow, the schedule, the config as its parameter.
 
     The entrypoint is the flow's module path (``flows.continual.continual_flow``), importable
@@ -252,7 +256,7 @@ class ScheduledDeployment:
     name: str  # flow/deployment
     schedules: list[str]
     state: str  # active, paused, or inactive (every schedule switched off)
-    served: str  # whether a process polls for its runs (Prefect's deployment status)
+    served: bool  # whether a process polls for its runs
     next_run: dt.datetime | None
 
 
@@ -263,9 +267,14 @@ def _flow_names(client) -> dict[Any, str]:
     return {f.id: f.name for f in flows}
 
 
-def _our_deployments(client, names: list[str] | None = None) -> tuple[list["DeploymentResponse"], dict]:
+def _our_deployments(client, names: list[str] | None = None) -> tuple[list[DeploymentResponse], dict]:
     """Deployments of our flows (optionally only those named ``names``), and the flow-id -> name map."""
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+    )
     from prefect.client.schemas.sorting import DeploymentSort
 
     flows = _flow_names(client)
@@ -277,7 +286,7 @@ def _our_deployments(client, names: list[str] | None = None) -> tuple[list["Depl
     return deployments, flows
 
 
-def _state(deployment: "DeploymentResponse") -> str:
+def _state(deployment: DeploymentResponse) -> str:
     if deployment.paused:
         return "paused"
     if deployment.schedules and not any(s.active for s in deployment.schedules):
@@ -294,7 +303,7 @@ def list_deployments() -> list[ScheduledDeployment]:
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
-    from prefect.client.schemas.objects import DeploymentStatus, StateType
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     require_server()
@@ -312,18 +321,29 @@ def list_deployments() -> list[ScheduledDeployment]:
                     next_runs[run.deployment_id] = run.expected_start_time
     rows = []
     for d in deployments:
-        served = {DeploymentStatus.READY: "served", DeploymentStatus.NOT_READY: "not served"}.get(d.status, "?")
         schedules: list[DeploymentSchedule] = d.schedules
         rows.append(ScheduledDeployment(
             name=f"{flows.get(d.flow_id, '?')}/{d.name}",
             schedules=[describe_schedule(s.schedule) + ("" if s.active else " [off]") for s in schedules]
             or ["no schedule"],
-            state=_state(d), served=served,
+            state=_state(d), served=_served(d),
             next_run=None if d.paused else next_runs.get(d.id)))
     return rows
 
 
-def find_deployment(client, name: str) -> tuple[str, "DeploymentResponse"]:
+def _served(deployment: DeploymentResponse) -> bool:
+    """Whether a process polls for the deployment's runs: polled within the last minute.
+
+    Prefect's own ``status`` says the same but lags: the server marks a deployment NOT_READY only
+    on a later pass of its foreman service, so a stopped ``lifelong schedule`` would still read READY.
+    """
+    if deployment.last_polled is None:
+        return False
+    age = dt.datetime.now(dt.UTC) - deployment.last_polled
+    return age.total_seconds() < SERVED_WITHIN_S
+
+
+def find_deployment(client, name: str) -> tuple[str, DeploymentResponse]:
     """Resolve ``deployment`` or ``flow/deployment`` to exactly one deployment of our flows."""
     from prefect.exceptions import ObjectNotFound
 

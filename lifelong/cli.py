@@ -45,12 +45,7 @@ def run(
     except (ConfigError, ValueError, LookupError) as exc:
         _fail(str(exc))
     if resume is not None:
-        from flows.continual import ResumeError, run_continual
-
-        try:
-            print_results_table(run_continual(cfg, resume=resume))
-        except ResumeError as exc:
-            _fail(str(exc))
+        resume_run(cfg, resume)
         return
     if cfg.flow == "multitask":
         from flows.multitask import multitask_flow
@@ -79,7 +74,12 @@ def resume_config(run_id: str, config: Path | None, overrides: list[str], uri: s
 
     uri = uri or default_tracking_uri()
     client = tracking.client_for(uri)
-    check_resumable(client, run_id, uri)
+    run = client.get_run(run_id) if _run_exists(client, run_id) else None
+    if run is None or run.data.tags.get("lifelong.flow") == "continual":
+        check_resumable(client, run_id, uri)  # says what is wrong
+    elif run.data.tags.get("lifelong.flow") != "federated":
+        raise LookupError(f"--resume: run {run_id} is a {run.data.tags.get('lifelong.flow')} run; "
+                          "continual and federated runs can be resumed")
     with tempfile.TemporaryDirectory() as tmp:
         stored = validate_config(json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text()))
     # Results go where the interrupted run is, whatever the current defaults say.
@@ -92,6 +92,29 @@ def resume_config(run_id: str, config: Path | None, overrides: list[str], uri: s
         raise ConfigError(f"--resume: the config given differs from run {run_id}'s own; "
                           "resume without a config to use the run's")
     return stored
+
+
+def _run_exists(client, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except Exception:  # MlflowException for an unknown id
+        return False
+
+
+def resume_run(cfg, run_id: str) -> None:
+    from flows.continual import ResumeError, run_continual
+    from flows.federated_checkpoint import FederatedResumeError
+
+    try:
+        if cfg.flow == "federated":
+            from flows.federated import run_federated
+
+            print_federated(run_federated(cfg, resume=run_id))
+        else:
+            print_results_table(run_continual(cfg, resume=run_id))
+    except (ResumeError, FederatedResumeError) as exc:
+        _fail(str(exc))
 
 
 def check_before_work(cfg) -> None:
@@ -157,8 +180,18 @@ def clients_launch(
         "SuperNode per client as separate processes, the app submitted with `flwr run`")] = False,
     workdir: Annotated[Path, typer.Option(help="--deployment: logs and Flower state go in a new folder here")] = Path(
         ".lifelong/deployment"),
+    resume: Annotated[Optional[str], typer.Option(
+        help="Continue an interrupted in-process run (its MLflow run id) from its last round")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="--resume: the run's MLflow store")] = None,
 ) -> None:
     """Run the federated flow with N simulated clients, each a continual learner on its own data."""
+    if resume is not None:
+        try:
+            cfg = resume_config(resume, config, set_, tracking_uri)
+        except (ConfigError, ValueError, LookupError) as exc:
+            _fail(str(exc))
+        resume_run(cfg, resume)
+        return
     overrides = ["flow=\"federated\"", *set_]
     if num_clients is not None:
         overrides.append(f"federated.clients={num_clients}")

@@ -150,3 +150,49 @@ def test_bad_federated_input_is_refused_before_any_round(tmp_path, args, message
                                    "--set", f'tracking.uri="sqlite:///{tmp_path / "m.db"}"', *args])
     assert out.exit_code == 2 and message in out.output, out.output
     assert not (tmp_path / "m.db").exists()  # no run was opened
+
+
+def interrupting_app(at_round: int) -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        conf = msg.content["config"]
+        if int(conf["round-offset"]) + int(conf["server-round"]) == at_round:
+            raise KeyboardInterrupt("the machine went down")  # not a client failure: the run stops
+        return client_train(msg, context)
+
+    return app
+
+
+def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
+    import torch as _torch
+
+    from flows.federated_checkpoint import checkpoint_file
+
+    cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false",
+                     'strategies=[{name="replay", mem_size=30, plugins=[{name="ewc", lam=5.0}]}]')
+    full = run_federated(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(5))  # mid-experience 1 (rounds 4-6)
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    assert _torch.load(checkpoint_file(run_id), weights_only=False)["round"] == 4
+    out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 0, out.output
+    back = read_results(run_id, cfg.tracking.uri)
+    assert back.status == "FINISHED" and np.array_equal(back.matrix, full.matrix)
+    finals = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("final/")}
+    assert finals == pytest.approx({f"final/{k}": v for k, v in full.summary.items()})
+
+
+def test_resume_refuses_a_run_without_a_checkpoint(tmp_path):
+    cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false")
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(1))  # before any round ended
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 2 and "no checkpoint at" in out.output

@@ -1,0 +1,117 @@
+"""A federated run's checkpoint after every round, and going on from it.
+
+Everything the next round depends on: the global model, the model the previous experience ended
+with (``boundary``), the strategy's records (client outcomes, skipped rounds, which node holds
+which partition), the evaluation trace and the accuracy-matrix rows — and every client's
+``Context.state``, which only the in-process backend can reach (Flower's Ray engine and real
+SuperNodes keep theirs). No RNG state: client sampling and every client's training are seeded
+per round, so round r+1 after a resume draws what it would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from lifelong.config import Config
+from lifelong.env import state_dir
+from strategies.fedavg import ClientOutcome
+
+VERSION = 1
+
+
+class FederatedResumeError(ValueError):
+    """A federated run that cannot be resumed; the message says why."""
+
+
+def checkpoint_file(run_id: str) -> Path:
+    return state_dir() / "checkpoints" / run_id / "federated.pt"
+
+
+def fingerprint(cfg: Config) -> str:
+    data = cfg.model_dump(mode="json")
+    data.pop("tracking")
+    return json.dumps(data, sort_keys=True)
+
+
+def _records(state: RecordDict) -> dict:
+    out = {}
+    for key in state.keys():
+        rec = state[key]
+        if isinstance(rec, ArrayRecord):
+            out[key] = ("arrays", dict(rec.to_torch_state_dict()))
+        elif isinstance(rec, ConfigRecord):
+            out[key] = ("config", dict(rec))
+        else:
+            raise FederatedResumeError(f"client state record {key!r} of type {type(rec).__name__} "
+                                       "cannot be checkpointed")
+    return out
+
+
+def _record_dict(saved: dict) -> RecordDict:
+    return RecordDict({k: ArrayRecord(v) if kind == "arrays" else ConfigRecord(v) for k, (kind, v) in saved.items()})
+
+
+def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayRecord, strategy, trace, rows,
+               grid) -> None:
+    contexts = getattr(grid, "contexts", None)
+    if contexts is None:
+        return  # Ray / a deployment: the clients' state is not ours to save
+    state = {
+        "version": VERSION, "config": fingerprint(cfg), "run_id": run_id, "round": rnd,
+        "arrays": dict(arrays.to_torch_state_dict()),
+        "boundary": dict(strategy.boundary.to_torch_state_dict()) if strategy.boundary is not None else None,
+        "outcomes": [vars(o) for o in strategy.outcomes], "skipped": list(strategy.skipped_rounds),
+        "partition_of": dict(strategy._partition_of),
+        "trace": [(p.iteration, p.experience, p.accuracies) for p in trace.points],
+        "rows": [list(r) for r in rows],
+        "clients": {node: _records(ctx.state) for node, ctx in contexts.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write keeps the previous round's checkpoint
+
+
+def load_round(path: Path, cfg: Config) -> dict:
+    if not path.exists():
+        raise FederatedResumeError(f"no checkpoint at {path}: the run was not simulated in-process, or "
+                                   "it stopped before its first round ended")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # truncated, not a checkpoint
+        raise FederatedResumeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise FederatedResumeError(f"checkpoint {path} is not a Lifelong federated checkpoint of version {VERSION}")
+    if state["config"] != fingerprint(cfg):
+        raise FederatedResumeError(f"checkpoint {path} was written with a different config; "
+                                   "resume with the run's own config")
+    return state
+
+
+def restore_server(state: dict, strategy, trace, rows, grid, rounds_per_experience: int,
+                   consolidates: bool) -> tuple[ArrayRecord, int]:
+    """Load a checkpoint into the strategy, trace, rows and the in-process grid's clients;
+    returns the global model and the number of rounds done."""
+    from flwr.app import Context
+
+    strategy.outcomes = [ClientOutcome(**o) for o in state["outcomes"]]
+    strategy.skipped_rounds = list(state["skipped"])
+    strategy._partition_of = dict(state["partition_of"])
+    strategy._all_connected = True
+    arrays = ArrayRecord(state["arrays"])
+    strategy.boundary = ArrayRecord(state["boundary"]) if state["boundary"] is not None else None
+    if consolidates and state["round"] % rounds_per_experience == 0:
+        # Saved at an experience's last round, before the server set it as the boundary.
+        strategy.boundary = arrays
+    rows.extend(state["rows"])
+    for it, exp, accs in state["trace"]:
+        trace.add(it, exp, accs)
+    for node, saved in state["clients"].items():
+        ctx = grid.context(int(node))
+        grid.contexts[int(node)] = Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config,
+                                           state=_record_dict(saved), run_config=ctx.run_config)
+    return arrays, int(state["round"])
