@@ -22,7 +22,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from lifelong import tracking
+from lifelong import registry, tracking
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri, state_dir
 from lifelong.progress import EpochProgressPlugin, Progress
@@ -274,9 +274,11 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
         points = [(p.iteration, p.experience, p.accuracies) for p in learner.trace.points]
         tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, learner.label),
                             "continual_eval.png")
-    if cfg.tracking.log_model:
-        tracking.log_torch_model(run_id, learner.model, uri)
+    model_uri = tracking.log_torch_model(run_id, learner.model, uri) if cfg.tracking.log_model else None
     client.set_terminated(run_id, "FINISHED")
+    if not learner.joint:  # joint training is the upper-bound baseline, not a model to promote
+        registry.register_from_config(cfg, client, run_id, model_uri, flow="continual", stream=learner.stream.name,
+                                      strategy=learner.label, metrics=summary)
     learner.progress.close()
     return StrategyResult(learner.label, run_id, matrix, summary, learner.strategy.clock.train_iterations)
 

@@ -45,7 +45,7 @@ from flows.federated_checkpoint import (
     restore_server,
     save_round,
 )
-from lifelong import tracking
+from lifelong import registry, tracking
 from lifelong.config import Config, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
@@ -206,9 +206,12 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, label, xlabel="round"),
                             "continual_eval.png")
     weights = arrays.to_torch_state_dict()
+    model_uri = None
     if cfg.tracking.log_model:
         model.load_state_dict(weights)
-        tracking.log_torch_model(run_id, model, uri)
+        model_uri = tracking.log_torch_model(run_id, model, uri)
+    registry.register_from_config(cfg, client, run_id, model_uri, flow="federated", stream=stream.name,
+                                  strategy=strategy_label(cfg.strategies[0]), metrics=summary)
     return FederatedResult(run_id, uri, label, matrix, summary, n_exp * fed.rounds,
                            list(strategy.skipped_rounds),
                            sum(o.status != "ok" for o in strategy.outcomes), weights=dict(weights))

@@ -18,7 +18,7 @@ import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from lifelong import tracking
+from lifelong import registry, tracking
 from lifelong.config import CombinerSpec, Config, check_combiners, combiner_label, validate_config
 from lifelong.env import default_tracking_uri
 from strategies.gcond import GCond, GCondTrainer
@@ -96,15 +96,15 @@ def train_combiner(cfg: Config, index: int, parent_run_id: str, uri: str) -> Com
         summary = _train(cfg, spec, logger)
         logger.log_values({f"final/{k}": v for k, v in summary.items() if k != "_model"}, 0)
         logger.flush()
-        if cfg.tracking.log_model:
-            tracking.log_torch_model(run_id, summary.pop("_model"), uri)
-        else:
-            summary.pop("_model")
+        model = summary.pop("_model")
+        model_uri = tracking.log_torch_model(run_id, model, uri) if cfg.tracking.log_model else None
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         logger.flush()
         client.set_terminated(run_id, "FAILED")
         raise
+    registry.register_from_config(cfg, client, run_id, model_uri, flow="multitask", stream=cfg.multitask.problem,
+                                  strategy=label, metrics=summary)
     return CombinerResult(label, run_id, summary)
 
 

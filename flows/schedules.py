@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,15 @@ START_SERVER = (
 
 
 class ScheduleError(Exception):
-    """A one-line, user-facing reason why a scheduling command cannot proceed."""
+    """A one-line, user-facing reason why a scheduling command cannot proceed.
+
+    ``code`` is the exit status the command line gives it, as elsewhere in ``lifelong``: 2 for bad
+    input (an expression, a name), 1 when the server cannot be reached or refuses.
+    """
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 # --------------------------------------------------------------------------- schedules
@@ -173,7 +182,7 @@ def require_server() -> str:
     if not url:
         raise ScheduleError(
             "schedules need a Prefect server: PREFECT_API_URL is not set, and Prefect's ephemeral API "
-            f"(what `lifelong run` uses) cannot run schedules; {START_SERVER}")
+            f"(what `lifelong run` uses) cannot run schedules; {START_SERVER}", code=1)
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
@@ -186,7 +195,7 @@ def require_server() -> str:
         problem = exc
     if problem is not None:
         raise ScheduleError(f"no Prefect server answers at PREFECT_API_URL={url} "
-                            f"({_short(problem)}); {START_SERVER}")
+                            f"({_short(problem)}); {START_SERVER}", code=1)
     return url
 
 
@@ -231,19 +240,26 @@ def apply(deployment) -> str:
         deployment.apply()
     except (DeploymentApplyError, httpx.HTTPError) as exc:  # the server refused it, or went away
         raise ScheduleError(f"the Prefect server refused the deployment {deployment.full_name!r}: "
-                            f"{_short(exc)}") from None
+                            f"{_short(exc)}", code=1) from None
     return deployment.full_name
 
 
-def serve(deployment) -> None:
+def serve(deployment) -> bool:
     """Serve the deployment until interrupted: scheduled and triggered runs execute here.
 
     Prefect's runner pauses the deployment when it stops (Ctrl-C, SIGTERM), so a schedule that
-    nobody serves does not pile up late runs; serving it again resumes it.
+    nobody serves does not pile up late runs; serving it again resumes it. Returns False when the
+    deployment was deleted meanwhile (``--delete`` from another shell): the runner's pause on the
+    way out then finds nothing, which Prefect raises as ``ObjectNotFound``.
     """
     from prefect import serve as prefect_serve
+    from prefect.exceptions import ObjectNotFound
 
-    prefect_serve(deployment, print_starting_message=False)
+    try:
+        prefect_serve(deployment, print_starting_message=False)
+    except ObjectNotFound:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- management
@@ -296,7 +312,6 @@ def _state(deployment: DeploymentResponse) -> str:
 
 def list_deployments() -> list[ScheduledDeployment]:
     """Our flows' deployments with their schedules, state, whether served, and next scheduled run."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterDeploymentId,
@@ -307,7 +322,7 @@ def list_deployments() -> list[ScheduledDeployment]:
     from prefect.client.schemas.sorting import FlowRunSort
 
     require_server()
-    with get_client(sync_client=True) as client:
+    with _client() as client:
         deployments, flows = _our_deployments(client)
         next_runs: dict[Any, dt.datetime] = {}
         if deployments:
@@ -363,7 +378,7 @@ def find_deployment(client, name: str) -> tuple[str, DeploymentResponse]:
     if len(found) > 1:
         raise ScheduleError(f"{name!r} names {len(found)} deployments ({', '.join(n for n, _ in found)}); "
                             "give it as flow/deployment")
-    known = [r for r in _known(client)]
+    known = _known(client)
     hint = f"known: {', '.join(known)}" if known else "there are no Lifelong deployments on this server"
     raise ScheduleError(f"no deployment named {name!r} ({hint}; see `lifelong schedule --list`)")
 
@@ -373,26 +388,25 @@ def _known(client) -> list[str]:
     return [f"{flows.get(d.flow_id, '?')}/{d.name}" for d in deployments]
 
 
-def pause(name: str) -> str:
+def pause(name: str) -> tuple[str, bool]:
     """Pause a deployment: no new scheduled runs; its future scheduled runs are deleted (Prefect)."""
     return _manage(name, "pause")
 
 
-def resume(name: str) -> str:
+def resume(name: str) -> tuple[str, bool]:
     """Resume a paused deployment: the server schedules its runs again within seconds."""
     return _manage(name, "resume")
 
 
-def delete(name: str) -> str:
+def delete(name: str) -> tuple[str, bool]:
     """Delete a deployment and its scheduled runs; finished runs (and MLflow's records) stay."""
     return _manage(name, "delete")
 
 
-def _manage(name: str, action: str) -> str:
-    from prefect.client.orchestration import get_client
-
+def _manage(name: str, action: str) -> tuple[str, bool]:
+    """Returns the deployment's full name, and whether a process serves it."""
     require_server()
-    with get_client(sync_client=True) as client:
+    with _client() as client:
         full, deployment = find_deployment(client, name)
         if action == "pause":
             client.pause_deployment(deployment.id)
@@ -400,4 +414,17 @@ def _manage(name: str, action: str) -> str:
             client.resume_deployment(deployment.id)
         else:
             client.delete_deployment(deployment.id)
-    return full
+    return full, _served(deployment)
+
+
+@contextmanager
+def _client():
+    """Prefect's sync client; a server that fails mid-command becomes one line, not a traceback."""
+    import httpx
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            yield client
+    except httpx.HTTPError as exc:  # includes PrefectHTTPStatusError
+        raise ScheduleError(f"the Prefect server failed: {_short(exc)}", code=1) from None

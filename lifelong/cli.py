@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
+from lifelong.cli_registry import registry_app
 from lifelong.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -165,6 +166,7 @@ def print_federated(result) -> None:
 clients_app = typer.Typer(help="Federated clients: simulate them (in-process or on Ray) or deploy them.",
                           no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
+app.add_typer(registry_app, name="registry")
 
 
 @clients_app.command("launch")

@@ -10,7 +10,8 @@ does for an unknown run).
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -18,7 +19,7 @@ registry_app = typer.Typer(help="The MLflow model registry: each finished run's 
                                 "lifelong-<flow>, with aliases 'candidate' (newest) and 'champion'.",
                            no_args_is_help=True)
 
-TrackingUri = Annotated[Optional[str], typer.Option(
+TrackingUri = Annotated[str | None, typer.Option(
     "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")]
 T = TypeVar("T")
 
@@ -43,9 +44,11 @@ def _call(fn: Callable[[], T]) -> T:
         _fail(str(exc), 1)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    for row in [headers, *rows]:
+def _table(headers: list[str] | None, rows: list[list[str]]) -> None:
+    """Left-aligned columns two spaces apart (``headers=None``: no header line)."""
+    lines = [headers, *rows] if headers else rows
+    widths = [max(len(str(x)) for x in col) for col in zip(*lines)]
+    for row in lines:
         typer.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
@@ -59,7 +62,7 @@ def _when(info) -> str:
 
 @registry_app.command("list")
 def list_(
-    model: Annotated[Optional[str], typer.Option("--model", help="Only this registered model")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Only this registered model")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Every registered version, newest first: aliases, what it learned, its headline metrics."""
@@ -91,10 +94,11 @@ def show(
     rows += [[k, val] for k, val in sorted(v.tags.items())]
     if v.promotion:
         rows.append(["promotion", v.promotion])
-    _table(["", ""], rows)
+    _table(None, rows)
     if v.metrics:
         typer.echo("\nmetrics")
-        _table(["  metric", "value"], [[f"  {k}", _num(v.metrics[k])] for k in registry.ordered_metrics(v.metrics)])
+        _table(["  metric", "value"],
+               [[f"  {k}", _num(v.metrics[k])] for k in registry.ordered_metrics(v.metrics)])
     if v.config:
         typer.echo(f"\nconfig ({len(v.config)} keys)")
         _table(["  key", "value"], [[f"  {k}", val] for k, val in sorted(v.config.items())])

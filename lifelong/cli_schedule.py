@@ -19,8 +19,9 @@ registered on the main app in ``lifelong/cli.py``; it also runs on its own
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,27 +29,27 @@ import lifelong  # noqa: F401  (prepares Prefect's environment before anything i
 
 
 def schedule(
-    config: Annotated[Optional[Path], typer.Argument(
+    config: Annotated[Path | None, typer.Argument(
         help="TOML config to run on the schedule (its `flow` key picks the flow)")] = None,
-    cron: Annotated[Optional[str], typer.Option(
+    cron: Annotated[str | None, typer.Option(
         help='Cron expression, e.g. "0 2 * * *" (02:00 every day)', show_default=False)] = None,
-    interval: Annotated[Optional[float], typer.Option(
+    interval: Annotated[float | None, typer.Option(
         help="Run every SECONDS", metavar="SECONDS", show_default=False)] = None,
-    rrule: Annotated[Optional[str], typer.Option(
+    rrule: Annotated[str | None, typer.Option(
         help='iCalendar RRule, e.g. "FREQ=WEEKLY;BYDAY=MO;BYHOUR=2;BYMINUTE=0"', show_default=False)] = None,
-    timezone: Annotated[Optional[str], typer.Option(
+    timezone: Annotated[str | None, typer.Option(
         help="IANA time zone the schedule is read in (default: UTC)", show_default=False)] = None,
-    name: Annotated[Optional[str], typer.Option(
+    name: Annotated[str | None, typer.Option(
         help="Deployment name (default: the config file's name, e.g. `default`)", show_default=False)] = None,
     set_: Annotated[list[str], typer.Option(
         "--set", help="Override a config key: --set training.epochs=3")] = [],
     list_: Annotated[bool, typer.Option(
         "--list", help="List the deployments: schedules, active/paused, served, next run")] = False,
-    pause: Annotated[Optional[str], typer.Option(
+    pause: Annotated[str | None, typer.Option(
         help="Pause a deployment (NAME or flow/NAME)", metavar="NAME", show_default=False)] = None,
-    resume: Annotated[Optional[str], typer.Option(
+    resume: Annotated[str | None, typer.Option(
         help="Resume a paused deployment", metavar="NAME", show_default=False)] = None,
-    delete: Annotated[Optional[str], typer.Option(
+    delete: Annotated[str | None, typer.Option(
         help="Delete a deployment and its scheduled runs", metavar="NAME", show_default=False)] = None,
 ) -> None:
     """Run a pipeline on a schedule (a Prefect deployment served here), or manage the schedules.
@@ -69,8 +70,8 @@ def schedule(
         _manage(chosen[0], manage[chosen[0]])
         return
     if config is None:
-        _fail('give a CONFIG.toml and a schedule (e.g. `lifelong schedule configs/default.toml --cron "0 2 * * *"`), '
-              "or one of --list, --pause, --resume, --delete")
+        _fail("give a CONFIG.toml and a schedule (e.g. `lifelong schedule configs/default.toml "
+              '--cron "0 2 * * *"`), or one of --list, --pause, --resume, --delete')
     _create_and_serve(config, cron, interval, rrule, timezone, name, set_)
 
 
@@ -82,7 +83,7 @@ def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_)
     try:
         when = sched.build_schedule(cron=cron, interval=interval, rrule=rrule, timezone=timezone)
     except sched.ScheduleError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc.code)
     try:
         cfg = load_config(config, set_)
         check_before_work(cfg)
@@ -92,12 +93,12 @@ def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_)
     try:
         deployment = sched.make_deployment(cfg, name, when, source=str(config))
     except sched.ScheduleError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc.code)
     try:
         url = sched.require_server()
         full = sched.apply(deployment)
     except sched.ScheduleError as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), exc.code)
     params = sched.deployment_parameters(cfg)["config"]
     typer.echo(f"deployment {full}: {sched.describe_schedule(when)}, on the Prefect server at {url}")
     typer.echo(f"  runs the {cfg.flow} flow with the config from {config} as validated now "
@@ -105,7 +106,10 @@ def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_)
     typer.echo(f"  run it now:  prefect deployment run '{full}'")
     typer.echo("  manage it:   lifelong schedule --list | --pause NAME | --resume NAME | --delete NAME")
     typer.echo("serving: scheduled and triggered runs execute here; Ctrl-C stops (and pauses the schedule)")
-    sched.serve(deployment)
+    if sched.serve(deployment):
+        typer.echo(f"stopped serving {full} (Prefect paused it; serving it again resumes it)")
+    else:
+        typer.echo(f"stopped serving {full} (it had been deleted)")
 
 
 def _manage(option: str, name) -> None:
@@ -117,12 +121,14 @@ def _manage(option: str, name) -> None:
             _print_list(sched.list_deployments())
             return
         action = {"--pause": sched.pause, "--resume": sched.resume, "--delete": sched.delete}[option]
-        full = action(name)
+        full, served = action(name)
     except sched.ScheduleError as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), exc.code)
     done = {"--pause": "paused (its scheduled runs are removed until it is resumed)",
-            "--resume": "resumed (runs execute while a `lifelong schedule` process serves it)",
-            "--delete": "deleted (finished runs and their MLflow records are kept)"}[option]
+            "--resume": "resumed" + ("" if served else "; nobody serves it: run `lifelong schedule CONFIG "
+                                                        "--cron ...` again (same name) so its runs execute"),
+            "--delete": "deleted with its scheduled runs (finished runs and their MLflow records are kept)"
+            + ("; the process serving it keeps running until you stop it" if served else "")}[option]
     typer.echo(f"{full}: {done}")
 
 
@@ -132,16 +138,24 @@ def _print_list(rows) -> None:
                    '(create one: lifelong schedule CONFIG.toml --cron "0 2 * * *")')
         return
     width = max(len(r.name) for r in rows) + 2
-    typer.echo(f"{'deployment':<{width}}{'state':<10}{'served':<12}{'next run (UTC)':<22}schedule")
+    typer.echo(f"{'deployment':<{width}}{'state':<10}{'served':<8}{'next run (UTC)':<21}schedule")
+    waiting = []
     for r in rows:
-        nxt = r.next_run.astimezone(_utc()).strftime("%Y-%m-%d %H:%M:%S") if r.next_run else "-"
-        typer.echo(f"{r.name:<{width}}{r.state:<10}{r.served:<12}{nxt:<22}{'; '.join(r.schedules)}")
-
-
-def _utc():
-    import datetime
-
-    return datetime.timezone.utc
+        if r.next_run is not None:
+            nxt = r.next_run.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        elif r.state == "active":
+            nxt = "none yet"
+            waiting.append(r.name)
+        else:
+            nxt = "-"
+        served = "yes" if r.served else "no"
+        typer.echo(f"{r.name:<{width}}{r.state:<10}{served:<8}{nxt:<21}{'; '.join(r.schedules)}")
+    if waiting:
+        typer.echo(f"note: no run of {', '.join(waiting)} is scheduled yet; the server's scheduler creates "
+                   "them within seconds of a change; if none appear, its log says why")
+    if any(not r.served and r.state == "active" for r in rows):
+        typer.echo("note: a deployment nobody serves gets late runs; serve it again with "
+                   "`lifelong schedule CONFIG --cron ...` (same name)")
 
 
 # Standalone use (`python -m lifelong.cli_schedule schedule ...`): the same command on a tiny app.

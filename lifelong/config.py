@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -366,6 +366,29 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     log_model: bool = True
     log_plots: bool = True
+    #: Register each finished run's final model in the MLflow model registry (needs log_model).
+    register_model: bool = True
+    #: Registered model name; default ``lifelong-<flow>`` ('/', ':' and '@' are not allowed).
+    model_name: str | None = None
+    #: Promotion after registration, ``METRIC OP ALIAS``, e.g. "avg_accuracy>champion"
+    #: (lifelong/registry.py); unset: a new version only becomes ``candidate``.
+    promote_if: str | None = None
+
+    @field_validator("model_name")
+    @classmethod
+    def _registrable(cls, v: str | None) -> str | None:
+        from lifelong.registry import check_model_name  # imports MLflow: only when the key is set
+
+        return v if v is None else check_model_name(v, "tracking.model_name")
+
+    @field_validator("promote_if")
+    @classmethod
+    def _rule(cls, v: str | None) -> str | None:
+        from lifelong.registry import parse_rule
+
+        if v is not None:
+            parse_rule(v, "tracking.promote_if")
+        return v
 
 
 # --------------------------------------------------------------------------- federated

@@ -4,7 +4,8 @@ Why: a run logs its final model, but "which model do we use?" is a question acro
 registry answers it with versions of one registered model per flow and two aliases: ``candidate``
 (the newest version, always) and ``champion`` (the one to use: moved by hand with ``promote`` or
 by a rule). Everything goes through ``MlflowClient``'s registry API, so the embedded SQLite store
-and a tracking server behave the same.
+and a tracking server behave the same. A flow calls :func:`register_from_config` once a run has
+finished; ``lifelong registry`` (lifelong/cli_registry.py) reads and promotes.
 
 **Names.** ``lifelong-<flow>`` (``lifelong-continual``, ``lifelong-federated``,
 ``lifelong-multitask``) unless configured. Not ``lifelong/<flow>``: MLflow 3.17 refuses ``/`` and
@@ -14,7 +15,9 @@ and a tracking server behave the same.
 **A version holds** the run's logged model (``models:/m-…``, its run id is the lineage) and tags:
 
 * ``metric.<name>`` — a headline metric, e.g. ``metric.avg_accuracy = "0.938"`` (NaN is left out);
-* ``lifelong.config`` — the run's flat config (``Config.flat()``) as JSON, for ``compare``;
+* ``lifelong.config`` — the run's flat config as JSON, for ``compare``: by default the run's
+  MLflow parameters, which is the config as that run saw it (a strategy's nested run holds the
+  shared keys and its own strategy's, not its siblings');
 * the flow's own tags as given (``flow``, ``stream``, ``strategy``, ...);
 * ``lifelong.promotion`` — what the promotion rule decided and why, when there is a rule.
 
@@ -44,7 +47,8 @@ empty alias list (its SQL store does not fill them in), and a tracking server's
 **Errors** are one line naming the store and the model: :class:`RegistryInputError` (a malformed
 reference, rule, name or alias), :class:`RegistryLookupError` (an unknown model, version or
 alias; a SQLite store that does not exist — a read does not create one), and
-:class:`StoreUnavailable` (a tracking server that cannot be reached). ``MlflowClient`` retries a
+:class:`StoreUnavailable` (a tracking server that cannot be reached, or an HTTP server that is not
+MLflow's: its HTML error page is not repeated). ``MlflowClient`` retries a
 refused connection for minutes (7 retries with exponential backoff, 120 s timeouts);
 :func:`fail_fast` makes one attempt with a 10 s timeout, for interactive commands only: runs keep
 MLflow's patient defaults.
@@ -63,11 +67,12 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import requests
 from mlflow import MlflowClient
@@ -102,7 +107,7 @@ class RegistryLookupError(RegistryError, LookupError):
 
 
 class StoreUnavailable(RegistryError, ConnectionError):
-    """The tracking server cannot be reached."""
+    """The tracking server cannot be reached, or what answers there is not MLflow's API."""
 
 
 @dataclass
@@ -122,10 +127,6 @@ class VersionInfo:
     #: Lineage, filled in by :func:`show` (one more call per version).
     run_name: str | None = None
     run_status: str | None = None
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}/{self.version}"
 
 
 @dataclass
@@ -183,6 +184,7 @@ def check_model_name(name: str, key: str = "model name") -> str:
 
 
 def check_alias(alias: str, what: str = "alias") -> str:
+    """``alias`` if MLflow accepts it (checked here to name the problem before any request)."""
     if not _ALIAS.fullmatch(alias or ""):
         raise RegistryInputError(f"{what} {alias!r}: only letters, digits, '_' and '-' (e.g. 'champion')")
     if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
@@ -264,6 +266,10 @@ def _translated(uri: str) -> Iterator[None]:
         problem = _network_problem(exc)
         if problem:
             raise StoreUnavailable(f"cannot reach the MLflow tracking server at {uri}: {problem}") from None
+        status = re.search(r"failed with error code (\d+)", str(exc.message))
+        if status:  # something answers, but not MLflow's API
+            raise StoreUnavailable(f"{uri} answered HTTP {status[1]} to an MLflow registry request; "
+                                   "is it an MLflow tracking server (`mlflow server`)?") from None
         first = str(exc.message).strip().splitlines()[0] if str(exc.message).strip() else type(exc).__name__
         raise RegistryError(f"MLflow store {uri}: {first[:300]}") from None
 
@@ -342,7 +348,8 @@ def _selector(selector: str) -> dict[str, str]:
 
 def _info(mv: ModelVersion, aliases: list[str] | None = None) -> VersionInfo:
     tags = dict(mv.tags or {})
-    metrics = {k.removeprefix(METRIC_PREFIX): float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)}
+    metrics = {k.removeprefix(METRIC_PREFIX): float(v)
+               for k, v in tags.items() if k.startswith(METRIC_PREFIX)}
     config = json.loads(tags[CONFIG_TAG]) if CONFIG_TAG in tags else {}
     promotion = tags.get(PROMOTION_TAG)
     rest = {k: v for k, v in tags.items()
@@ -374,7 +381,7 @@ def register_run_model(client: MlflowClient, run_id: str, model_uri: str, name: 
 
     ``model_uri`` is what :func:`lifelong.tracking.log_torch_model` returns (``models:/m-…``);
     ``tags`` go on the version as given (``flow``, ``stream``, ``strategy``), ``metrics`` as
-    ``metric.<name>``, ``config`` (flat, e.g. ``Config.flat()``) as JSON. With ``promote_rule``
+    ``metric.<name>``, ``config`` (flat; default: the run's parameters) as JSON. With ``promote_rule``
     (e.g. ``"avg_accuracy>champion"``, checked before anything is written) the version may also
     take the rule's alias. Returns the version as read back, aliases included.
     """
@@ -383,10 +390,11 @@ def register_run_model(client: MlflowClient, run_id: str, model_uri: str, name: 
     values = _metric_values(metrics)
     version_tags = {str(k): str(v) for k, v in tags.items()}
     version_tags.update({f"{METRIC_PREFIX}{k}": repr(v) for k, v in values.items()})
-    if config is not None:
-        version_tags[CONFIG_TAG] = json.dumps({str(k): str(v) for k, v in config.items()}, sort_keys=True)
     uri = client.tracking_uri
     with _translated(uri):
+        if config is None:
+            config = client.get_run(run_id).data.params
+        version_tags[CONFIG_TAG] = json.dumps({str(k): str(v) for k, v in config.items()}, sort_keys=True)
         _ensure_registered(client, name)
         model_id = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
         mv = client.create_model_version(name, model_uri, run_id=run_id, tags=version_tags,
@@ -399,15 +407,15 @@ def register_run_model(client: MlflowClient, run_id: str, model_uri: str, name: 
 
 def register_from_config(cfg, client: MlflowClient, run_id: str, model_uri: str | None, *, flow: str,
                          stream: str, strategy: str, metrics: Mapping[str, float]) -> VersionInfo | None:
-    """The flows' one call at the end of a finished run: :func:`register_run_model` with the name,
-    rule and switch from ``cfg.tracking`` (``model_name``, ``promote_if``, ``register``) and the
-    run's flat config. Nothing when registration is off or no model was logged."""
+    """The flows' one call at the end of a finished run: :func:`register_run_model` with the
+    name, rule and switch from ``cfg.tracking`` (``model_name``, ``promote_if``,
+    ``register_model``). Nothing when registration is off or no model was logged (``model_uri``
+    None)."""
     t = cfg.tracking
-    if not t.register or model_uri is None:
+    if not t.register_model or model_uri is None:
         return None
     return register_run_model(client, run_id, model_uri, model_name(flow, t.model_name),
-                              {"flow": flow, "stream": stream, "strategy": strategy}, metrics, t.promote_if,
-                              config=cfg.flat())
+                              {"flow": flow, "stream": stream, "strategy": strategy}, metrics, t.promote_if)
 
 
 def _metric_values(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -480,7 +488,8 @@ def compare(uri: str | None, name: str, v1: str | int, v2: str | int) -> Compari
     with _translated(uri):
         a = _with_lineage(client, _info(_resolve(client, name, uri, **_selector(str(v1)))))
         b = _with_lineage(client, _info(_resolve(client, name, uri, **_selector(str(v2)))))
-    metrics = {k: (a.metrics.get(k), b.metrics.get(k)) for k in ordered_metrics(a.metrics.keys() | b.metrics.keys())}
+    names = ordered_metrics(a.metrics.keys() | b.metrics.keys())
+    metrics = {k: (a.metrics.get(k), b.metrics.get(k)) for k in names}
     config = {k: (a.config.get(k), b.config.get(k)) for k in sorted(a.config.keys() | b.config.keys())
               if a.config.get(k) != b.config.get(k)}
     return Comparison(a, b, metrics, config)
@@ -492,7 +501,7 @@ def ordered_metrics(keys) -> list[str]:
 
 
 def load(ref: str, uri: str | None = None):
-    """The model of ``ref`` (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``) as a ``torch.nn.Module`` in eval mode."""
+    """The model of ``ref`` (``NAME``, ``NAME@ALIAS``, ``NAME/VERSION``): a torch module in eval mode."""
     import mlflow.artifacts
     import mlflow.pytorch
 

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 
 def free_port() -> int:
@@ -41,13 +42,13 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         backend = f"sqlite:///{self.workdir / 'server.db'}"
         _create_schema(backend)
@@ -78,7 +79,8 @@ class MlflowServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"mlflow server not healthy after {self.startup_timeout:.0f} s:\n{self._log_tail()}")
+        raise RuntimeError(f"mlflow server not healthy after {self.startup_timeout:.0f} s:\n"
+                           f"{self._log_tail()}")
 
     def _log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"

@@ -7,11 +7,15 @@ model); each test registers them under a model name of its own, so tests share n
 
 from __future__ import annotations
 
+import http.server
+import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -22,7 +26,7 @@ from lifelong import registry, tracking
 from lifelong.cli_registry import registry_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/servers.py (importlib mode)
-from servers import MlflowServer, group_alive  # noqa: E402
+from servers import MlflowServer, group_alive
 
 runner = CliRunner()
 METRICS = {"a": {"avg_accuracy": 0.5, "avg_forgetting": 0.4, "bwt": -0.4},
@@ -64,7 +68,10 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("server", marks=pytest.mark.integration)])
 def store(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"registry-{request.param}")
-    uri = request.getfixturevalue("server").uri if request.param == "server" else f"sqlite:///{tmp / 'mlruns.db'}"
+    if request.param == "server":
+        uri = request.getfixturevalue("server").uri
+    else:
+        uri = f"sqlite:///{tmp / 'mlruns.db'}"
     client = tracking.client_for(uri)
     if request.param == "sqlite":  # its artifacts would go to ./mlruns otherwise
         client.create_experiment("lifelong", artifact_location=(tmp / "artifacts").as_uri())
@@ -72,7 +79,8 @@ def store(request, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)  # log_torch_model sets it process-wide: undone below
         runs, nets = {}, {}
         for i, which in enumerate("ab"):
-            run_id = tracking.open_run(client, f"registry-test-{which}", {"seed": 0}, {"lifelong.flow": "continual"})
+            run_id = tracking.open_run(client, f"registry-test-{which}", {**CONFIG[which], "from": "params"},
+                                       {"lifelong.flow": "continual"})
             nets[which] = tiny_net(i)
             runs[which] = (run_id, tracking.log_torch_model(run_id, nets[which], uri))
             client.set_terminated(run_id, "FINISHED")
@@ -174,20 +182,36 @@ def test_automatic_promotion_both_ways(store, name):
 
 
 def test_lower_is_better_and_other_aliases(store, name):
-    store.register(name, "a", "avg_forgetting<production", metrics={"avg_forgetting": 0.3})
-    assert store.register(name, "a", "avg_forgetting<production", metrics={"avg_forgetting": 0.1}).aliases == [
-        "candidate", "production"]
-    assert store.register(name, "a", "avg_forgetting<production", metrics={"avg_forgetting": 0.2}).aliases == [
-        "candidate"]
-    assert store.register(name, "a", "avg_forgetting<=production", metrics={"avg_forgetting": 0.1}).aliases == [
-        "candidate", "production"]  # ties promote with <=
+    def aliases(rule, forgetting):
+        return store.register(name, "a", rule, metrics={"avg_forgetting": forgetting}).aliases
+
+    assert aliases("avg_forgetting<production", 0.3) == ["candidate", "production"]
+    assert aliases("avg_forgetting<production", 0.1) == ["candidate", "production"]
+    assert aliases("avg_forgetting<production", 0.2) == ["candidate"]
+    assert aliases("avg_forgetting<production", 0.1) == ["candidate"]  # not strictly lower
+    assert aliases("avg_forgetting<=production", 0.1) == ["candidate", "production"]  # ties promote with <=
+
+
+def test_register_from_config_names_the_flow_and_can_be_switched_off(store):
+    run_id, model_uri = store.runs["b"]
+    on = SimpleNamespace(tracking=SimpleNamespace(register_model=True, model_name=None, promote_if="bwt>champion"))
+    v = registry.register_from_config(on, store.client, run_id, model_uri, flow=f"fed{uuid.uuid4().hex[:6]}",
+                                      stream="split_digits", strategy="replay", metrics=METRICS["b"])
+    assert v.name.startswith("lifelong-fed") and v.aliases == ["candidate", "champion"]
+    assert v.tags == {"flow": v.name.removeprefix("lifelong-"), "stream": "split_digits",
+                      "strategy": "replay"}
+    assert v.config == {**CONFIG["b"], "from": "params"}  # the run's own parameters
+    assert v.metrics["bwt"] == -0.05
+    off = SimpleNamespace(tracking=SimpleNamespace(register_model=False, model_name="x", promote_if=None))
+    assert registry.register_from_config(off, store.client, run_id, model_uri, flow="continual",
+                                         stream="s", strategy="naive", metrics={}) is None
 
 
 # --------------------------------------------------------------------------- validated input
 
 
-@pytest.mark.parametrize("text", ["avg_accuracy>champion", " avg_accuracy >= champion ", "class/accuracy<best",
-                                  "final.bwt<=prod-1"])
+@pytest.mark.parametrize("text", ["avg_accuracy>champion", " avg_accuracy >= champion ",
+                                  "class/accuracy<best", "final.bwt<=prod-1"])
 def test_rule_syntax_accepts(text):
     rule = registry.parse_rule(text)
     assert str(rule) == text.replace(" ", "")
@@ -262,25 +286,46 @@ def test_unreachable_server_fails_fast_with_one_line(monkeypatch):
         result = runner.invoke(registry_app, [*args, "--tracking-uri", uri])
         assert time.monotonic() - t0 < 10
         one_line_error(result, 1, f"cannot reach the MLflow tracking server at {uri}", "connection refused")
-    import os
-
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # only for the command's duration
 
 
-def test_fail_fast_leaves_the_users_settings(monkeypatch):
-    import os
+class NotMlflow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_error(404)  # an HTML error page, as a web server answers an unknown path
 
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_http_server_that_is_not_mlflow_is_named_as_such():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}"
+        result = runner.invoke(registry_app, ["list", "--tracking-uri", uri])
+        one_line_error(result, 1, f"{uri} answered HTTP 404", "is it an MLflow tracking server")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_fail_fast_leaves_the_users_settings(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     with registry.fail_fast():
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
-    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60" and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 def test_missing_sqlite_store_is_not_created(tmp_path):
     uri = f"sqlite:///{tmp_path / 'typo.db'}"
-    one_line_error(runner.invoke(registry_app, ["list", "--tracking-uri", uri]), 2, f"no MLflow store at {uri}")
+    result = runner.invoke(registry_app, ["list", "--tracking-uri", uri])
+    one_line_error(result, 2, f"no MLflow store at {uri}")
     with pytest.raises(registry.RegistryLookupError):
         registry.load("m@champion", uri)
     assert not (tmp_path / "typo.db").exists()
@@ -300,8 +345,8 @@ def test_cli_list_show_promote_compare(store, name):
     out = runner.invoke(registry_app, ["list", "--model", name, *uri])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
-    assert lines[0].split() == ["model", "version", "aliases", "created", "strategy", "stream", "avg_accuracy",
-                                "avg_forgetting", "bwt", "run"]
+    assert lines[0].split() == ["model", "version", "aliases", "created", "strategy", "stream",
+                                "avg_accuracy", "avg_forgetting", "bwt", "run"]
     assert lines[1].split()[:3] == [name, "2", "candidate"] and "0.9000" in lines[1]
     assert lines[2].split()[:3] == [name, "1", "champion"] and "naive" in lines[2]
 
@@ -319,8 +364,7 @@ def test_cli_list_show_promote_compare(store, name):
     assert any(line.split() == ["strategies.0.name", "naive", "replay"] for line in out.output.splitlines())
 
 
-def test_cli_list_of_an_empty_registry(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'empty.db'}"
-    tracking.client_for(uri).search_experiments()  # creates the store
-    out = runner.invoke(registry_app, ["list", "--tracking-uri", uri])
+def test_cli_list_of_an_empty_registry(monkeypatch):
+    monkeypatch.setattr(registry, "list_models", lambda uri, name: [])  # a new store costs seconds
+    out = runner.invoke(registry_app, ["list"])
     assert out.exit_code == 0 and "no registered models" in out.output
