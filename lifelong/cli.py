@@ -10,6 +10,7 @@ import typer
 
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
 from lifelong.cli_registry import registry_app
+from lifelong.cli_schedule import schedule as schedule_command
 from lifelong.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -167,6 +168,7 @@ clients_app = typer.Typer(help="Federated clients: simulate them (in-process or 
                           no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
 app.add_typer(registry_app, name="registry")
+app.command("schedule")(schedule_command)
 
 
 @clients_app.command("launch")

@@ -128,11 +128,11 @@ class PrefectServer:
         })
         return env
 
-    def start(self) -> "PrefectServer":
+    def start(self) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.process = Background(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            self.env(), self.home / "server.log")
+        args = [sys.executable, "-m", "prefect", "server", "start",
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = Background(args, self.env(), self.home / "server.log")
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if not self.process.alive():
@@ -161,7 +161,7 @@ class PrefectServer:
         if self.process is not None:
             self.process.stop(signal.SIGTERM, grace_s=15)
 
-    def __enter__(self) -> "PrefectServer":
+    def __enter__(self) -> PrefectServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
