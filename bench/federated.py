@@ -113,9 +113,11 @@ def run(out_dir: Path | None = None) -> dict:
     quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_plots": False})})
 
     def rounds() -> float:
-        """The backend alone: every round through the in-process grid, metrics logged to MLflow."""
+        """The backend alone: every round through the in-process grid, metrics logged to MLflow,
+        a checkpoint after every round (as the flow does)."""
         run_id = open_federated_run(quiet, uri)
-        return _timed(serve, inprocess_grid(quiet), quiet, run_id, uri)
+        return _timed(lambda: serve(inprocess_grid(quiet), quiet, run_id, uri,
+                                    checkpoint=out_dir / "checkpoints" / run_id / "federated.pt"))
 
     ray_cfg = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"backend": "ray"})})
     bare_loop(cfg), rounds()  # warm-up: first-call costs (stream cache, kernels) are not the loop's
