@@ -89,19 +89,23 @@ class Learner:
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
                                       EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed)
         self.start = 0  # the first experience to train (later than 0 when resumed)
+        self.checkpoint: Path | None = None  # where this learner's checkpoints go
+        self.attempting: Path | None = None  # set while an experience trains: the checkpoint to go back to
         try:
             check_checkpointable(self.strategy)
         except NotCheckpointable as exc:
             print(f"[lifelong] {self.label}: {exc}; it runs without checkpoints", file=sys.stderr)
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, report: bool = True) -> None:
         load_learner_state(self.strategy, state)
         self.rows = [list(r) for r in state["rows"]]
+        self.trace.points.clear()
         for it, exp, accs in state["trace"]:
             self.trace.add(it, exp, accs)
         self.start = state["next_experience"]
-        for i in range(self.start):
-            self.progress.experience_done(i, float(np.mean(self.rows[i][: i + 1])))
+        if report:
+            for i in range(self.start):
+                self.progress.experience_done(i, float(np.mean(self.rows[i][: i + 1])))
 
     def _log_point(self, iteration: int, experience: int, accs: dict[int, float]) -> None:
         values = {f"ceval/acc_exp{i}": a for i, a in accs.items()}
@@ -225,7 +229,15 @@ def open_strategy_run(cfg: Config, parent_run_id: str, index: int, uri: str) -> 
 
 @task(cache_policy=NO_CACHE)
 def train_experience(learner: Learner, index: int) -> int:
-    """Train on experience ``index`` (joint: on the whole stream at once); returns iterations so far."""
+    """Train on experience ``index`` (joint: on the whole stream at once); returns iterations so far.
+
+    A retry (``training.retries``) finds the learner as the failed attempt left it: it goes back
+    to the last checkpoint first, and drops the attempt's unsent metrics.
+    """
+    if learner.attempting is not None:
+        learner.logger.discard()
+        learner.restore(load_checkpoint(learner.cfg, learner.attempting), report=False)
+    learner.attempting = learner.checkpoint
     stream = learner.stream
     experiences = stream.train_stream if learner.joint else stream.train_stream[index]
     with quiet_avalanche_deprecations():
@@ -295,14 +307,24 @@ def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str,
     learner = None
     try:
         learner = Learner(cfg, spec, stream, run_id, client)
+        learner.checkpoint = path
         if resume_run_id is not None and path.exists():
             learner.restore(load_checkpoint(cfg, path))
+        elif not learner.joint:
+            save_checkpoint(learner, -1, path)  # the starting point a retry of experience 0 goes back to
+        train = train_experience
+        if cfg.training.retries:
+            if learner.joint or not path.exists():
+                raise ValueError(f"training.retries: {learner.label} cannot go back to a checkpoint "
+                                 "(joint training, or a plugin whose state is not checkpointed)")
+            train = train_experience.with_options(retries=cfg.training.retries)
         if learner.joint:
-            train_experience(learner, stream.n_experiences - 1)
+            train(learner, stream.n_experiences - 1)
             evaluate_experience(learner, stream.n_experiences - 1)
         else:
             for i in range(learner.start, stream.n_experiences):
-                train_experience(learner, i)
+                train(learner, i)
+                learner.attempting = None
                 evaluate_experience(learner, i)
                 learner.logger.flush()
                 save_checkpoint(learner, i, path)

@@ -79,6 +79,10 @@ class MLflowLogger(BaseLogger):
         for k, v in values.items():
             self.log_single_metric(k, v, step)
 
+    def discard(self) -> None:
+        """Drop what is buffered (a failed attempt's metrics, before a retry from a checkpoint)."""
+        self._buffer.clear()
+
     def flush(self) -> None:
         while self._buffer:
             chunk, self._buffer = self._buffer[:_BATCH_METRICS], self._buffer[_BATCH_METRICS:]

@@ -131,3 +131,29 @@ def test_a_killed_process_resumes_to_the_same_final_metrics(tmp_path):
               for r in runs if r.data.tags.get("mlflow.parentRunId") is not None]
     assert len(finals) == 2 and finals[0] and finals[0] == pytest.approx(finals[1], abs=1e-12)
     assert Path(checkpoints / parent).exists()
+
+
+def test_prefect_retries_go_back_to_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = load_config(None, overrides(tmp_path))
+    full = fc.run_continual(cfg)
+    failures = {"left": 1}
+
+    class EpochProgressPlugin(fc.EpochProgressPlugin):  # same name: a stateless plugin to checkpoints
+        def before_training_epoch(self, strategy, **kwargs):
+            if strategy.experience.current_experience == 2 and strategy.clock.train_exp_epochs == 1 \
+                    and failures["left"]:
+                failures["left"] -= 1
+                raise ConnectionError("the GPU node was preempted")
+            super().before_training_epoch(strategy, **kwargs)
+
+    monkeypatch.setattr(fc, "EpochProgressPlugin", EpochProgressPlugin)
+    retried = fc.run_continual(load_config(None, overrides(tmp_path, "training.retries=1")))
+    assert failures["left"] == 0  # it did fail once, mid-experience
+    for a, b in zip(full.results, retried.results, strict=True):
+        assert np.array_equal(a.matrix, b.matrix) and a.summary == pytest.approx(b.summary)
+
+
+def test_retries_need_a_checkpointable_learner(tmp_path):
+    cfg = load_config(None, overrides(tmp_path, "training.retries=1", 'strategies=[{name="joint"}]'))
+    with pytest.raises(ValueError, match="training.retries: joint cannot go back to a checkpoint"):
+        fc.run_continual(cfg)
