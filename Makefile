@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/default.toml
 
-.PHONY: run test bench install clean lint
+.PHONY: run test bench install clean lint stack stack-down stack-status docker-lint
 
 run: $(STAMP)  ## set up, then run the default pipeline (naive vs replay vs joint on Split-Digits)
 	$(BIN)/lifelong run $(CONFIG)
@@ -31,3 +31,17 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .lifelong mlruns.db mlartifacts .pytest_cache
+
+STACK_ARGS ?=
+
+stack: $(STAMP)  ## the whole stack natively on loopback, detached (MLflow, Prefect server + worker, SuperLink + 2 SuperNodes)
+	$(BIN)/python -m lifelong.cli_stack up --detach $(STACK_ARGS)
+
+stack-down: $(STAMP)  ## stop what `make stack` started, and everything it started
+	$(BIN)/python -m lifelong.cli_stack down
+
+stack-status: $(STAMP)
+	$(BIN)/python -m lifelong.cli_stack status
+
+docker-lint: $(STAMP)  ## static checks of docker/: hadolint, compose schema, our rules (no Docker engine needed)
+	$(BIN)/python -m pytest -q tests/docker

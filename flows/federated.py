@@ -50,6 +50,8 @@ from lifelong.config import Config, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
 from strategies.baselines import resolve_device
+from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
+from strategies.dp_fedavg import UserLevelDP
 from strategies.fedavg import ContinualFedAvg
 from tasks.evaluation import evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
@@ -96,6 +98,25 @@ def split_report(cfg: Config) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- the server loop
 
 
+def privacy_plan(cfg: Config) -> UserLevelPrivacy | None:
+    """The run's user-level privacy, calibrated before any round; an impossible budget is refused
+    here (``PrivacyBudgetError`` with the numbers)."""
+    p = cfg.privacy
+    if p.clipping == "off":
+        return None
+    rounds = build_stream(cfg.stream, cfg.seed).n_experiences * cfg.federated.rounds
+    common = {"cohort_size": cfg.federated.sampled, "population": cfg.federated.clients, "rounds": rounds,
+              "delta": p.delta, "stated_population": p.population, "stated_cohort_size": p.cohort}
+    if p.target_epsilon is not None:
+        plan = UserLevelPrivacy.from_target_epsilon(p.target_epsilon, **common)
+    else:
+        plan = UserLevelPrivacy(p.noise_multiplier, **common)
+    if p.max_epsilon is not None and (eps := plan.epsilon()) > p.max_epsilon:
+        raise PrivacyBudgetError(f"privacy.max_epsilon: the run would spend epsilon {eps:.3g} > {p.max_epsilon:g} "
+                                 f"({plan.describe(eps)})")
+    return plan
+
+
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
     from flows.continual import pretrained_state
 
@@ -122,6 +143,14 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
     strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed)
+    privacy = privacy_plan(cfg)
+    epsilons: list[float] = []
+    if privacy is not None:
+        p = cfg.privacy
+        strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.noise_multiplier, fed.sampled,
+                               p.allocation, cfg.seed)
+        epsilons = list(privacy.epsilon_per_round())
+        tracking.set_tags(client, run_id, {"privacy": privacy.describe()})
     trace, rows = ContinualTrace(), []
     config_json = json.dumps(cfg.model_dump(mode="json"))
     arrays = ArrayRecord(initial_weights(cfg))
@@ -155,6 +184,9 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             losses = [(o.train_loss, o.num_examples) for o in done if o.status == "ok"]
             if losses:
                 values["round/train_loss"] = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
+        if privacy is not None and server_round:
+            values["privacy/epsilon"] = epsilons[rnd - 1]
+            values.update({f"privacy/{k}": v for k, v in strategy.clip_stats.get(rnd, {}).items()})
         logger.log_values(values, rnd)
         if progress is not None and server_round:
             progress.epoch(experience, rnd - experience * fed.rounds - 1)
@@ -247,6 +279,7 @@ def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> No
 def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None) -> FederatedResult:
     """Open the MLflow run, log the split, serve every round, close the run (FAILED on error)."""
     hists = split_report(cfg)  # an impossible split is refused before a run is opened
+    privacy_plan(cfg)  # and so is an impossible privacy budget
     run_id = open_federated_run(cfg, uri, tags)
     client = tracking.client_for(uri)
     try:
@@ -342,6 +375,7 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
     t0 = time.perf_counter()
     uri = cfg.tracking.uri or default_tracking_uri()
     hists = split_step(cfg)
+    privacy_plan(cfg)  # an impossible privacy budget is refused before a run is opened
     client = tracking.client_for(uri)
     state = None
     if resume is None:

@@ -11,6 +11,7 @@ import typer
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
 from lifelong.cli_registry import registry_app
 from lifelong.cli_schedule import schedule as schedule_command
+from lifelong.cli_stack import stack_app
 from lifelong.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -137,9 +138,10 @@ def check_before_work(cfg) -> None:
     if cfg.pretrain.epochs:
         pretraining_data(cfg, stream)
     if cfg.flow == "federated":
-        from flows.federated import split_report
+        from flows.federated import privacy_plan, split_report
 
         split_report(cfg)  # more clients than samples, too many shards: refused here
+        privacy_plan(cfg)  # an unreachable target epsilon or an exceeded budget: refused here
 
 
 def print_multitask_table(result) -> None:
@@ -169,6 +171,7 @@ clients_app = typer.Typer(help="Federated clients: simulate them (in-process or 
 app.add_typer(clients_app, name="clients")
 app.add_typer(registry_app, name="registry")
 app.command("schedule")(schedule_command)
+app.add_typer(stack_app, name="stack")
 
 
 @clients_app.command("launch")

@@ -444,6 +444,40 @@ class FederatedConfig(_Section):
         return int(self.clients * self.fraction)
 
 
+# --------------------------------------------------------------------------- privacy
+
+
+class PrivacyConfig(_Section):
+    """User-level differential privacy for federated rounds: every client's update is clipped to
+    ``clip`` (modes: strategies/dp_clipping.py) and Gaussian noise of std ``z * clip`` is added
+    once to their sum; epsilon is accounted with dp-accounting's PLD accountant."""
+
+    #: ``off``, ``flat`` (global norm), ``per_layer`` (each layer to its own bound),
+    #: ``per_layer_normalize`` / ``per_layer_dim`` (the paper code's layer-wise normalisation).
+    clipping: Literal["off", "flat", "per_layer", "per_layer_normalize", "per_layer_dim"] = "off"
+    clip: float = Field(1.0, gt=0)
+    #: Per-layer bounds: C/sqrt(L) each (``uniform``) or proportional to sqrt(layer size) (``size``).
+    allocation: Literal["uniform", "size"] = "uniform"
+    #: Give the noise multiplier z, or a target epsilon to calibrate z for before the run.
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    #: Account for a larger population than is simulated (the paper's trick): epsilon is then for
+    #: ``population`` users with ``cohort`` sampled per round (noise scaled to keep the average's).
+    population: int | None = Field(None, ge=1)
+    cohort: int | None = Field(None, ge=1)
+    #: Refuse a run whose epsilon would exceed this, before it starts.
+    max_epsilon: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrivacyConfig":
+        if self.clipping != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
+        if self.cohort is not None and self.population is None:
+            raise ValueError("privacy.cohort: the stated cohort needs privacy.population")
+        return self
+
+
 # --------------------------------------------------------------------------- the whole config
 
 
@@ -458,6 +492,7 @@ class Config(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     multitask: MultiTaskConfig = MultiTaskConfig()
     federated: FederatedConfig = FederatedConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     #: One or more strategies, each run on the same stream with the same seed, side by side.
     strategies: list[StrategySpec] = Field(
         default_factory=lambda: [NaiveSpec(name="naive")], min_length=1
@@ -479,6 +514,9 @@ class Config(_Section):
                 raise ValueError(f"strategies.{i}: oneprompt is a class-incremental method; use a class scenario")
         if self.flow == "federated":
             self._check_federated()
+        elif self.privacy.clipping != "off":
+            raise ValueError("privacy.clipping: user-level DP is for federated runs (flow = \"federated\"); "
+                             "sample-level DP for the continual flow is not available yet")
         if self.pretrain.epochs and self.stream.resolved_scenario == "task":
             raise ValueError("pretrain.epochs: pretraining is for single-head models (class or domain streams)")
         if self.pretrain.epochs and not (self.stream.holdout_fraction or self.pretrain.path):

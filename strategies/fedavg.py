@@ -79,6 +79,14 @@ class ContinualFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.record_replies(server_round, replies)
+        if valid is None:
+            return None, None
+        return super().aggregate_train(server_round, valid)
+
+    def record_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message] | None:
+        """Record every sampled client's outcome; the valid replies in partition order, or None
+        when fewer than ``min_results`` (the round is then skipped)."""
         replies = list(replies)
         rnd = self.round_offset + server_round
         valid, errors = self._check_and_log_replies(replies, is_train=True)
@@ -105,11 +113,11 @@ class ContinualFedAvg(FedAvg):
             log.warning("round %d: %d of %d sampled clients replied, fewer than min_results=%d: "
                         "the global model is kept", rnd, len(valid), len(self._sent), self.min_results)
             self.skipped_rounds.append(rnd)
-            return None, None
+            return None
         # In partition order, not arrival order: float sums then do not depend on which client
         # finished first, so every backend (and every rerun) aggregates to the same bits.
         valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))
-        return super().aggregate_train(server_round, valid)
+        return valid
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         deadline = time.monotonic() + self.wait_for_nodes_s

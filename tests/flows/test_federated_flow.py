@@ -196,3 +196,47 @@ def test_resume_refuses_a_run_without_a_checkpoint(tmp_path):
                                 order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
     out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
     assert out.exit_code == 2 and "no checkpoint at" in out.output
+
+
+def test_a_private_run_records_epsilon_per_round(tmp_path):
+    cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false",
+                     'privacy.clipping="per_layer"', "privacy.clip=0.5", "privacy.noise_multiplier=1.0",
+                     "privacy.delta=1e-3")
+    result = run_federated(cfg)
+    client = client_for(cfg.tracking.uri)
+    eps = client.get_metric_history(result.run_id, "privacy/epsilon")
+    assert [m.step for m in eps] == [1, 2, 3, 4]
+    values = [m.value for m in sorted(eps, key=lambda m: m.step)]
+    assert all(a < b for a, b in zip(values, values[1:]))  # the budget is spent round by round
+    from strategies.dp_accounting import epsilon
+
+    assert values[-1] == pytest.approx(epsilon(1.0, 1.0, 4, 1e-3))  # all 3 of 3 clients every round
+    tag = client.get_run(result.run_id).data.tags["privacy"]
+    assert "population of 3 users" in tag and "EXTRAPOLATED" not in tag
+    assert client.get_metric_history(result.run_id, "privacy/clipped_fraction")
+
+
+def test_noise_changes_the_model_and_the_seed_fixes_it(tmp_path):
+    private = ["tracking.log_model=false", "tracking.log_plots=false", 'privacy.clipping="flat"', "privacy.clip=0.5",
+               "privacy.delta=1e-3"]
+    a = run_federated(fed_config(tmp_path / "a", *private, "privacy.noise_multiplier=1.0"))
+    b = run_federated(fed_config(tmp_path / "b", *private, "privacy.noise_multiplier=1.0"))
+    c = run_federated(fed_config(tmp_path / "c", *private, "privacy.noise_multiplier=0.0"))
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", 'privacy.clipping="flat"', "--set", "privacy.target_epsilon=0.001", "--set", "privacy.delta=1e-3"],
+     "target epsilon"),
+    (["--set", 'privacy.clipping="flat"', "--set", "privacy.noise_multiplier=0.5", "--set", "privacy.delta=1e-3",
+      "--set", "privacy.max_epsilon=1"], "privacy.max_epsilon: the run would spend epsilon"),
+    (["--set", 'privacy.clipping="flat"'], "give exactly one of noise_multiplier and target_epsilon"),
+    (["--set", 'privacy.clipping="flat"', "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.delta=0.2"],
+     "delta 0.2 >= 1/population = 1/10"),
+])
+def test_impossible_privacy_budgets_are_refused_before_any_round(tmp_path, args, message):
+    out = CliRunner().invoke(cli, ["clients", "launch", "configs/federated.toml",
+                                   "--set", f'tracking.uri="sqlite:///{tmp_path / "m.db"}"', *args])
+    assert out.exit_code == 2 and message in out.output, out.output
+    assert not (tmp_path / "m.db").exists()

@@ -1,0 +1,88 @@
+"""User-level DP for federated rounds, as a wrapper around a Flower Message-API strategy.
+
+After Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition"
+(see ``strategies/dp_clipping.py`` for the reference code followed), in the shape of Flower's own
+``DifferentialPrivacyServerSideFixedClipping`` (flwr 1.42, ``serverapp/strategy/
+dp_fixed_clipping.py``), which offers flat clipping only: the wrapper keeps the global model each
+round is sent with, clips every reply's *update* (reply − global) with any mode of
+:func:`strategies.dp_clipping.clip_update`, and adds Gaussian noise once to the sum.
+
+Two departures from wrapping FedAvg's weighted mean, both required by the DP analysis: clients
+weigh equally (a weight by sample count would give a big client more than one clip bound of
+influence), and the sum is divided by the *expected* cohort size, not by the number that replied
+(a data-dependent denominator changes the sensitivity). The wrapped strategy still samples
+clients and records their outcomes (``record_replies`` of :class:`ContinualFedAvg`); any other
+attribute is read from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.dp_clipping import clip_update, private_mean
+
+
+class UserLevelDP(Strategy):
+    def __init__(self, inner, mode: str, clip: float, noise_multiplier: float, expected_cohort: int,
+                 allocation: str = "uniform", seed: int = 0):
+        self.inner, self.mode, self.clip, self.allocation = inner, mode, clip, allocation
+        self.noise_multiplier, self.expected_cohort = noise_multiplier, expected_cohort
+        # Seeded: the same config and seed give the same noise (and the same metrics).
+        self.generator = torch.Generator().manual_seed(seed)
+        self._current: dict[str, torch.Tensor] | None = None
+        #: Per round: the fraction of replies whose update was clipped and their mean pre-clip norm.
+        self.clip_stats: dict[int, dict[str, float]] = {}
+
+    def __getattr__(self, name):  # round_offset, outcomes, boundary, ... live on the wrapped strategy
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        if name in ("round_offset", "boundary"):
+            setattr(self.inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._current = dict(arrays.to_torch_state_dict())
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.inner.record_replies(server_round, replies)
+        if valid is None:
+            return None, None
+        keys = list(self._current)
+        clipped, norms, hit = [], [], 0
+        for msg in valid:
+            new = msg.content["arrays"].to_torch_state_dict()
+            # Float tensors only: integer buffers (e.g. counters) are not part of the update.
+            update = [(new[k] - self._current[k]).float() for k in keys]
+            result = clip_update(update, self.clip, self.mode, allocation=self.allocation
+                                 if self.mode in ("per_layer", "per_layer_normalize") else None)
+            clipped.append(result.update)
+            norms.append(float(result.total_norm))
+            hit += not result.within_bound
+        mean = private_mean(clipped, self.noise_multiplier, self.clip, denominator=self.expected_cohort,
+                            generator=self.generator)
+        arrays = {k: (self._current[k].float() + d).to(self._current[k].dtype) for k, d in zip(keys, mean)}
+        rnd = self.inner.round_offset + server_round
+        self.clip_stats[rnd] = {"clipped_fraction": hit / len(valid), "mean_update_norm": sum(norms) / len(norms)}
+        metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], self.inner.weighted_by_key)
+        return ArrayRecord(arrays), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round, replies)
