@@ -193,9 +193,9 @@ class LocalDeployment:
                 proc.wait()
         self.procs.clear()
         deadline = time.monotonic() + 10  # they exit on their own once their parent has gone
-        while (alive := [p for p in family if _alive(p)]) and time.monotonic() < deadline:
+        while (left := [p for p in family if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pid in alive:
+        for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -223,10 +223,10 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (OSError, IndexError):
         return False
     return state != "Z"  # a zombie has exited; its parent (init) reaps it
 

@@ -13,10 +13,10 @@ client's continual-learning memory lives there and nowhere else:
 from __future__ import annotations
 
 import torch
-from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
+from avalanche.training.storage_policy import ExperienceBalancedBuffer
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from tasks.streams import samples_dataset
+from strategies.checkpoint import buffer_state, load_buffer_state
 
 PROGRESS = "progress"
 REPLAY = "replay"
@@ -68,23 +68,7 @@ class ClientReplayBuffer(ExperienceBalancedBuffer):
             self.frozen = True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for g, buf in self.buffer_groups.items():
-            data = buf.buffer.eval()
-            x, y, t = torch.utils.data.default_collate([data[i] for i in range(len(data))]) if len(data) else (
-                torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-            # Avalanche's private reservoir weights: without them a restored group would not keep
-            # the same samples when it is shrunk to make room for the next experience.
-            state.update({f"{g}/x": x, f"{g}/y": y, f"{g}/t": t, f"{g}/w": buf._buffer_weights,
-                          f"{g}/size": torch.tensor(buf.max_size)})
-        return state
+        return buffer_state(self)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        groups = sorted({int(k.split("/")[0]) for k in state})
-        self.buffer_groups = {}
-        for g in groups:
-            buf = ReservoirSamplingBuffer(int(state[f"{g}/size"]))
-            buf.buffer = samples_dataset(state[f"{g}/x"], state[f"{g}/y"], state[f"{g}/t"])
-            buf._buffer_weights = state[f"{g}/w"]
-            self.buffer_groups[g] = buf
-        self._num_exps = len(groups)
+        load_buffer_state(self, state)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from clients.deploy import CONNECTION, DeploymentError, LocalDeployment
+from clients.deploy import CONNECTION, DeploymentError, LocalDeployment, alive, free_port
 
 BIN = Path(sys.executable).parent
 STACK_ID_VAR = "LIFELONG_STACK_ID"
@@ -359,8 +359,8 @@ def status(workdir: Path) -> dict:
     state = read_state(workdir)
     if state is None:
         return {}
-    alive = stack_processes(state["stack_id"])
-    return {"stack_id": state["stack_id"], "processes": len(alive), "urls": state["urls"],
+    running = stack_processes(state["stack_id"])
+    return {"stack_id": state["stack_id"], "processes": len(running), "urls": state["urls"],
             "exports": state["exports"],
             "services": {name: _http_ok(url) for name, url in state["health"].items()}}
 
@@ -386,7 +386,7 @@ def stack_processes(stack_id: str) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0") and _alive(int(entry.name)):
+            if marker in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue
@@ -414,12 +414,6 @@ def stop_stack_processes(stack_id: str, timeout: float = 15.0) -> int:
 # ---------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -440,14 +434,6 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _create_mlflow_schema(uri: str) -> None:
