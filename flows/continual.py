@@ -87,7 +87,8 @@ class Learner:
             EpochProgressPlugin(self.progress, index),
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed)
+                                      EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed,
+                                      sample_dp=sample_dp_config(cfg))
         self.start = 0  # the first experience to train (later than 0 when resumed)
         self.checkpoint: Path | None = None  # where this learner's checkpoints go
         self.attempting: Path | None = None  # set while an experience trains: the checkpoint to go back to
@@ -113,6 +114,17 @@ class Learner:
         if not self.joint:  # stability-gap metrics describe a learner that sees experiences in turn
             values.update({f"ceval/{k}": v for k, v in continual_summary(self.trace, experience).items()})
         self.logger.log_values(values, iteration)
+
+
+def sample_dp_config(cfg: Config):
+    """The Opacus settings of ``[privacy.sample]``, or None."""
+    s = cfg.privacy.sample
+    if s is None:
+        return None
+    from strategies.sample_dp import SampleDPConfig
+
+    return SampleDPConfig(s.noise_multiplier, s.max_grad_norm, s.clipping, s.allocation, s.grad_sample_mode,
+                          s.accountant, s.delta, seed=cfg.seed)
 
 
 _PRETRAINED: dict[str, dict] = {}
@@ -260,6 +272,10 @@ def evaluate_experience(learner: Learner, index: int) -> list[float]:
     step = len(learner.rows) - 1
     values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
     values["avg_acc_seen"] = float(np.mean(row if learner.joint else row[: index + 1]))
+    dp = next((p for p in learner.strategy.plugins if type(p).__name__ == "SampleDPPlugin"), None)
+    if dp is not None and dp.reports:  # epsilon composed over the experiences trained so far
+        values["privacy/sample_epsilon"] = dp.reports[-1].epsilon
+        values["privacy/sample_epsilon_experience"] = dp.reports[-1].epsilon_experience
     learner.logger.log_values(values, step)  # sent with the next experience's batch, or on failure
     learner.progress.experience_done(step, values["avg_acc_seen"])
     return row

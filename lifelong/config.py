@@ -447,6 +447,27 @@ class FederatedConfig(_Section):
 # --------------------------------------------------------------------------- privacy
 
 
+class SampleDPSection(_Section):
+    """Sample-level DP-SGD for local training with Opacus (strategies/sample_dp.py)."""
+
+    noise_multiplier: float = Field(ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clipping: Literal["flat", "per_layer"] = "flat"
+    #: Per-layer bounds: C/sqrt(L) each (``uniform``) or proportional to sqrt(layer size) (``size``).
+    allocation: Literal["uniform", "size"] = "uniform"
+    #: Per-sample gradients by hooks, or Opacus' ghost clipping (flat clipping only).
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ghost(self) -> "SampleDPSection":
+        if self.grad_sample_mode == "ghost" and self.clipping != "flat":
+            raise ValueError("privacy.sample.grad_sample_mode: ghost clipping supports clipping = 'flat' only "
+                             "(Opacus 1.6)")
+        return self
+
+
 class PrivacyConfig(_Section):
     """User-level differential privacy for federated rounds: every client's update is clipped to
     ``clip`` (modes: strategies/dp_clipping.py) and Gaussian noise of std ``z * clip`` is added
@@ -468,6 +489,8 @@ class PrivacyConfig(_Section):
     cohort: int | None = Field(None, ge=1)
     #: Refuse a run whose epsilon would exceed this, before it starts.
     max_epsilon: float | None = Field(None, gt=0)
+    #: Sample-level DP-SGD for the continual flow's local training (``[privacy.sample]``).
+    sample: SampleDPSection | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "PrivacyConfig":
@@ -516,13 +539,31 @@ class Config(_Section):
             self._check_federated()
         elif self.privacy.clipping != "off":
             raise ValueError("privacy.clipping: user-level DP is for federated runs (flow = \"federated\"); "
-                             "sample-level DP for the continual flow is not available yet")
+                             "for the continual flow use sample-level DP ([privacy.sample])")
+        if self.privacy.sample is not None:
+            self._check_sample_dp()
         if self.pretrain.epochs and self.stream.resolved_scenario == "task":
             raise ValueError("pretrain.epochs: pretraining is for single-head models (class or domain streams)")
         if self.pretrain.epochs and not (self.stream.holdout_fraction or self.pretrain.path):
             raise ValueError("pretrain.epochs: pretraining needs data: set stream.holdout_fraction > 0 "
                              "or pretrain.path to an .npz file")
         return self
+
+    def _check_sample_dp(self) -> None:
+        if self.flow != "continual":
+            raise ValueError(f"privacy.sample: sample-level DP is wired into the continual flow only "
+                             f"(flow = {self.flow!r}); inside federated clients it is not available yet")
+        why = {"replay": "replayed samples are drawn outside Poisson sampling and reused",
+               "oneprompt": "its VOR phase and outlier search read the data outside DP-SGD",
+               "ewc": "its Fisher reads the finished experience's data without clipping or noise",
+               "center_loss": "its centers move with every batch's features"}
+        for i, spec in enumerate(self.strategies):
+            names = [spec.name, *(p.name for p in spec.plugins)]
+            bad = next((n for n in names if n in why), None)
+            if bad is not None:
+                raise ValueError(f"strategies.{i}: {bad} cannot be combined with sample-level DP: {why[bad]}")
+            if spec.arbitrate:
+                raise ValueError(f"strategies.{i}.arbitrate: GCond reads raw gradients outside DP-SGD")
 
     def _check_federated(self) -> None:
         if len(self.strategies) != 1:

@@ -34,11 +34,12 @@ def resolve_device(name: str) -> torch.device:
 
 def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugins: list,
                   evaluator: EvaluationPlugin, n_classes: int, seed: int = 0, regularizers: list | None = None,
-                  consolidate: bool = True, storage_policy=None) -> SupervisedTemplate:
+                  consolidate: bool = True, storage_policy=None, sample_dp=None) -> SupervisedTemplate:
     """An Avalanche strategy for ``spec`` (naive | replay | joint) with its regularisers.
 
     A federated client passes its restored ``regularizers`` and replay ``storage_policy``, and
-    ``consolidate=False``: it consolidates at experience boundaries itself.
+    ``consolidate=False``: it consolidates at experience boundaries itself. ``sample_dp`` (a
+    ``SampleDPConfig``) trains with Opacus' DP-SGD; penalties are then added after the noise.
     """
     from strategies.plugin import RegularizerPlugin, build_regularizer
 
@@ -58,7 +59,12 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
     )
     if regularizers is None:
         regularizers = [build_regularizer(p, n_classes) for p in spec.plugins]
-    regularizers = [RegularizerPlugin(r, p.name, consolidate) for r, p in zip(regularizers, spec.plugins)]
+    wrap = RegularizerPlugin
+    if sample_dp is not None:
+        from strategies.sample_dp import PostNoiseRegularizerPlugin
+
+        wrap = PostNoiseRegularizerPlugin  # a weight-only penalty's gradient, added after the noise
+    regularizers = [wrap(r, p.name, consolidate) for r, p in zip(regularizers, spec.plugins)]
     replay = None
     if isinstance(spec, ReplaySpec):
         replay = ReplayPlugin(mem_size=spec.mem_size, batch_size=training.batch_size,
@@ -71,6 +77,11 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
                                                    getattr(spec, "batch_size_mem", None) or training.batch_size,
                                                    replay))
     plugins = [*regularizers, *plugins]
+    if sample_dp is not None:
+        from strategies.sample_dp import SampleDPPlugin
+
+        # First: it puts the plain model back before the regularisers consolidate.
+        plugins = [SampleDPPlugin(sample_dp), *plugins]
     if isinstance(spec, NaiveSpec):
         return Naive(plugins=plugins, **common)
     if isinstance(spec, ReplaySpec):

@@ -109,3 +109,15 @@ def test_results_command_prints_the_matrix(finished):
     assert "naive" in out.output and "replay" in out.output
     assert "after exp4" in out.output and "avg_accuracy=" in out.output
     json.dumps(out.output)
+
+
+def test_sample_level_dp_logs_epsilon_per_experience(tmp_path):
+    from flows.continual import run_continual
+
+    cfg, uri = tiny_config(tmp_path, 'strategies=[{name="naive", plugins=[{name="l2", eps=1.0}]}]',
+                           "privacy.sample={noise_multiplier=1.0, max_grad_norm=1.0}",
+                           "tracking.log_model=false", "tracking.log_plots=false")
+    result = run_continual(cfg)
+    eps = client_for(uri).get_metric_history(result.results[0].run_id, "privacy/sample_epsilon")
+    values = [m.value for m in sorted(eps, key=lambda m: m.step)]
+    assert len(values) == 5 and all(a < b for a, b in zip(values, values[1:]))  # composed over experiences

@@ -115,3 +115,19 @@ def test_bad_overrides():
 def test_validate_config_accepts_a_dict():
     cfg = validate_config({"seed": 3, "strategies": [{"name": "replay", "mem_size": 10}]})
     assert cfg.seed == 3 and cfg.strategies[0].mem_size == 10
+
+
+@pytest.mark.parametrize("extra, message", [
+    (['strategies=[{name="naive", plugins=[{name="ewc"}]}]'], "ewc cannot be combined with sample-level DP"),
+    (['strategies=[{name="replay"}]'], "replay cannot be combined with sample-level DP"),
+    (['flow="federated"', 'strategies=[{name="naive"}]'], "continual flow only"),
+    (['privacy.sample.grad_sample_mode="ghost"', 'privacy.sample.clipping="per_layer"'], "ghost clipping supports"),
+])
+def test_sample_dp_refuses_what_would_break_the_guarantee(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["privacy.sample={noise_multiplier=1.0}", *extra])
+
+
+def test_user_level_dp_is_for_federated_runs():
+    with pytest.raises(ConfigError, match="user-level DP is for federated runs"):
+        load_config(None, ['privacy.clipping="flat"', "privacy.noise_multiplier=1.0"])
