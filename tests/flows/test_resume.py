@@ -96,7 +96,7 @@ def test_a_killed_process_resumes_to_the_same_final_metrics(tmp_path):
     cfg_path = tmp_path / "run.toml"
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg_path.write_text(
-        'seed = 3\n[model]\nname = "mlp"\nhidden = 64\n[training]\nepochs = 12\neval_every = 5\n'
+        'seed = 3\n[model]\nname = "mlp"\nhidden = 64\n[training]\nepochs = 6\neval_every = 5\n'
         '[[strategies]]\nname = "replay"\nmem_size = 60\n[[strategies.plugins]]\nname = "ewc"\nlam = 5.0\n'
         f'[tracking]\nuri = "{uri}"\nlog_model = false\nlog_plots = false\n')
     env = {**os.environ, "LIFELONG_HOME": str(tmp_path / "home")}
