@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from clients.deploy import DeploymentError, LocalDeployment, app_dir
+from clients.deploy import DeploymentError, LocalDeployment
 from lifelong.cli import app as cli
 from lifelong.tracking import client_for, read_results
 
@@ -20,21 +20,23 @@ def flower_processes() -> list[str]:
 
 
 def test_two_supernodes_run_two_rounds_and_metrics_arrive_in_mlflow(tmp_path):
+    """`lifelong clients launch --deployment`: a SuperLink and 2 SuperNodes as processes, `flwr run`."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    overrides = ["federated.clients=2", "stream.n_experiences=2", "federated.rounds=1", 'model.name="mlp"',
-                 "model.hidden=32", "tracking.log_model=false", 'tracking.experiment="deployed"']
-    with LocalDeployment(tmp_path / "flower", num_nodes=2) as dep:
-        run = dep.run_app(app_dir(), {"config": "configs/federated.toml", "set": ";".join(overrides),
-                                      "tracking-uri": uri})
-    assert run["status"] == "finished:completed", open(run["log"]).read()[-3000:]
+    sets = ["federated.clients=2", "stream.n_experiences=2", "federated.rounds=1", 'model.name="mlp"',
+            "model.hidden=32", "tracking.log_model=false", "tracking.log_plots=false",
+            'tracking.experiment="deployed"', f'tracking.uri="{uri}"']
+    out = CliRunner().invoke(cli, ["clients", "launch", "configs/federated.toml", "--deployment",
+                                   "--workdir", str(tmp_path / "flower"), *sum((["--set", s] for s in sets), [])])
+    assert out.exit_code == 0, out.output
+    assert "completed" in out.output and "lifelong results" in out.output
+    run_id = out.output.split("lifelong results ")[1].split()[0]
     client = client_for(uri)
-    (found,) = client.search_runs([client.get_experiment_by_name("deployed").experiment_id],
-                                  f"tags.`flwr.run_id` = '{run['run-id']}'")
-    res = read_results(found.info.run_id, uri)
+    res = read_results(run_id, uri)
     assert res.status == "FINISHED" and res.matrix.shape == (2, 2)
-    steps = [m.step for m in client.get_metric_history(found.info.run_id, "round/avg_acc_seen")]
+    assert client.get_run(run_id).data.tags["flwr.run_id"]
+    steps = [m.step for m in client.get_metric_history(run_id, "round/avg_acc_seen")]
     assert steps == [0, 1, 2]  # initial model, then one round per experience
-    assert [m.value for m in client.get_metric_history(found.info.run_id, "round/clients_ok")] == [2, 2]
+    assert [m.value for m in client.get_metric_history(run_id, "round/clients_ok")] == [2, 2]
     assert not flower_processes()
 
 
@@ -59,16 +61,4 @@ def test_a_service_that_dies_at_start_names_its_log(tmp_path, monkeypatch):
     monkeypatch.setattr(dep, "_spawn", spawn)
     with pytest.raises(DeploymentError, match=r"supernode0: exited with code \d+ while starting; see .*supernode0.log"):
         dep.start()
-    assert not flower_processes()
-
-
-def test_cli_deployment_prints_the_mlflow_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    out = CliRunner().invoke(cli, [
-        "clients", "launch", "configs/federated.toml", "--deployment", "--num-clients", "2",
-        "--workdir", str(tmp_path / "flower"), "--set", "stream.n_experiences=1", "--set", "federated.rounds=1",
-        "--set", 'model.name="mlp"', "--set", "tracking.log_model=false", "--set", "tracking.log_plots=false",
-        "--set", f'tracking.uri="{uri}"'])
-    assert out.exit_code == 0, out.output
-    assert "completed" in out.output and "lifelong results" in out.output
     assert not flower_processes()
