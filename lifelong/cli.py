@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
+from lifelong.cli_audit import audit as audit_command
 from lifelong.cli_registry import registry_app
 from lifelong.cli_schedule import schedule as schedule_command
 from lifelong.cli_stack import stack_app
@@ -171,6 +172,7 @@ clients_app = typer.Typer(help="Federated clients: simulate them (in-process or 
 app.add_typer(clients_app, name="clients")
 app.add_typer(registry_app, name="registry")
 app.command("schedule")(schedule_command)
+app.command("audit")(audit_command)
 app.add_typer(stack_app, name="stack")
 
 

@@ -13,7 +13,7 @@ runner = CliRunner()
 def test_help_documents_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for cmd in ("run", "strategies", "streams", "results", "sweep", "clients", "registry", "schedule"):
+    for cmd in ("run", "strategies", "streams", "results", "sweep", "clients", "registry", "schedule", "audit"):
         assert cmd in out.output
 
 
