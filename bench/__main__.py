@@ -1,4 +1,4 @@
-"""`python -m bench [overhead] [multitask] [federated]`: run the benchmarks (default: all), print the ratios,
+"""`python -m bench [overhead] [multitask] [federated] [privacy]`: run the benchmarks (default: all), print the ratios,
 write bench/out/results.json."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import federated, multitask, overhead
+from bench import federated, multitask, overhead, privacy
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["overhead", "multitask", "federated"]
+    which = sys.argv[1:] or ["overhead", "multitask", "federated", "privacy"]
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -25,6 +25,9 @@ def main() -> None:
     if "federated" in which:
         results["federated"] = federated.run(out / "federated")
         print(federated.report(results["federated"]))
+    if "privacy" in which:
+        results["privacy"] = privacy.run(out / "privacy")
+        print(privacy.report(results["privacy"]))
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {path}")
 
