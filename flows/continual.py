@@ -9,7 +9,6 @@ ids, experience indices, the live learner) — never tensors to hash — and use
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +21,16 @@ from avalanche.training.plugins import EvaluationPlugin
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.checkpoints import (  # noqa: F401  (ResumeError, config_fingerprint: the CLI's too)
+    ResumeError,
+    checkpoint_dir,
+    config_fingerprint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from lifelong import registry, tracking
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
-from lifelong.env import default_tracking_uri, state_dir
+from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
 from strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
 from strategies.baselines import (
@@ -156,19 +162,8 @@ def pretraining_data(cfg: Config, stream: Stream):
 CHECKPOINT_VERSION = 1
 
 
-class ResumeError(ValueError):
-    """A run that cannot be resumed: a corrupt or mismatched checkpoint, an unknown run."""
-
-
 def checkpoint_path(parent_run_id: str, index: int) -> Path:
-    return state_dir() / "checkpoints" / parent_run_id / f"strategy{index}.pt"
-
-
-def config_fingerprint(cfg: Config) -> str:
-    """What must match for a checkpoint to be resumed: everything but where results are logged."""
-    data = cfg.model_dump(mode="json")
-    data.pop("tracking")
-    return json.dumps(data, sort_keys=True)
+    return checkpoint_dir(parent_run_id) / f"strategy{index}.pt"
 
 
 def save_checkpoint(learner: "Learner", experience: int, path: Path) -> None:
@@ -181,26 +176,12 @@ def save_checkpoint(learner: "Learner", experience: int, path: Path) -> None:
                   "run_id": learner.run_id, "label": learner.label, "next_experience": experience + 1,
                   "rows": learner.rows, "trace": [(p.iteration, p.experience, p.accuracies)
                                                   for p in learner.trace.points]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    write_checkpoint(state, path)
 
 
 def load_checkpoint(cfg: Config, path: Path) -> dict:
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as exc:  # truncated, not a checkpoint, unreadable
-        raise ResumeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
-                          "delete it to restart that strategy from its first experience") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ResumeError(f"checkpoint {path} is not a Lifelong checkpoint of version {CHECKPOINT_VERSION}")
-    if state["config"] != config_fingerprint(cfg):
-        old, new = _flatten_json(state["config"]), _flatten_json(config_fingerprint(cfg))
-        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise ResumeError(f"checkpoint {path} was written with a different config (differs in: "
-                          f"{', '.join(keys[:8])}); resume with the run's own config")
-    return state
+    return read_checkpoint(path, cfg, CHECKPOINT_VERSION, "Lifelong",
+                           "; delete it to restart that strategy from its first experience")
 
 
 def check_resumable(client, run_id: str, uri: str):
@@ -213,12 +194,6 @@ def check_resumable(client, run_id: str, uri: str):
         raise ResumeError(f"--resume: run {run_id} is not a continual pipeline's run (resume is for "
                           "`lifelong run` of the continual flow; give the id it printed)")
     return run
-
-
-def _flatten_json(text: str) -> dict:
-    from lifelong.config import _flatten
-
-    return _flatten(json.loads(text))
 
 
 @task(cache_policy=NO_CACHE)

@@ -38,8 +38,8 @@ from prefect.cache_policies import NO_CACHE
 
 from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from clients.learner import client_indices
+from flows.checkpoints import ResumeError
 from flows.federated_checkpoint import (
-    FederatedResumeError,
     checkpoint_file,
     load_round,
     restore_server,
@@ -382,7 +382,7 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
         run_id = open_run_step(cfg, uri, hists)
     else:
         if cfg.federated.backend != "inprocess":
-            raise FederatedResumeError("federated runs resume on the in-process backend only (Ray's engine "
+            raise ResumeError("federated runs resume on the in-process backend only (Ray's engine "
                                        "and SuperNodes keep the clients' state out of reach)")
         run_id = resume
         state = load_round(checkpoint_file(run_id), cfg)

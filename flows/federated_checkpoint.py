@@ -10,31 +10,19 @@ per round, so round r+1 after a resume draws what it would have drawn.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from flows.checkpoints import ResumeError, checkpoint_dir, config_fingerprint, read_checkpoint, write_checkpoint
 from lifelong.config import Config
-from lifelong.env import state_dir
 from strategies.fedavg import ClientOutcome
 
 VERSION = 1
 
 
-class FederatedResumeError(ValueError):
-    """A federated run that cannot be resumed; the message says why."""
-
-
 def checkpoint_file(run_id: str) -> Path:
-    return state_dir() / "checkpoints" / run_id / "federated.pt"
-
-
-def fingerprint(cfg: Config) -> str:
-    data = cfg.model_dump(mode="json")
-    data.pop("tracking")
-    return json.dumps(data, sort_keys=True)
+    return checkpoint_dir(run_id) / "federated.pt"
 
 
 def _records(state: RecordDict) -> dict:
@@ -46,7 +34,7 @@ def _records(state: RecordDict) -> dict:
         elif isinstance(rec, ConfigRecord):
             out[key] = ("config", dict(rec))
         else:
-            raise FederatedResumeError(f"client state record {key!r} of type {type(rec).__name__} "
+            raise ResumeError(f"client state record {key!r} of type {type(rec).__name__} "
                                        "cannot be checkpointed")
     return out
 
@@ -61,7 +49,7 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
     if contexts is None:
         return  # Ray / a deployment: the clients' state is not ours to save
     state = {
-        "version": VERSION, "config": fingerprint(cfg), "run_id": run_id, "round": rnd,
+        "version": VERSION, "config": config_fingerprint(cfg), "run_id": run_id, "round": rnd,
         "arrays": dict(arrays.to_torch_state_dict()),
         "boundary": dict(strategy.boundary.to_torch_state_dict()) if strategy.boundary is not None else None,
         "outcomes": [vars(o) for o in strategy.outcomes], "skipped": list(strategy.skipped_rounds),
@@ -70,26 +58,14 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
         "rows": [list(r) for r in rows],
         "clients": {node: _records(ctx.state) for node, ctx in contexts.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write keeps the previous round's checkpoint
+    write_checkpoint(state, path)
 
 
 def load_round(path: Path, cfg: Config) -> dict:
     if not path.exists():
-        raise FederatedResumeError(f"no checkpoint at {path}: the run was not simulated in-process, or "
+        raise ResumeError(f"no checkpoint at {path}: the run was not simulated in-process, or "
                                    "it stopped before its first round ended")
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as exc:  # truncated, not a checkpoint
-        raise FederatedResumeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or state.get("version") != VERSION:
-        raise FederatedResumeError(f"checkpoint {path} is not a Lifelong federated checkpoint of version {VERSION}")
-    if state["config"] != fingerprint(cfg):
-        raise FederatedResumeError(f"checkpoint {path} was written with a different config; "
-                                   "resume with the run's own config")
-    return state
+    return read_checkpoint(path, cfg, VERSION, "Lifelong federated")
 
 
 def restore_server(state: dict, strategy, trace, rows, grid, rounds_per_experience: int,

@@ -107,8 +107,8 @@ def _run_exists(client, run_id: str) -> bool:
 
 
 def resume_run(cfg, run_id: str) -> None:
-    from flows.continual import ResumeError, run_continual
-    from flows.federated_checkpoint import FederatedResumeError
+    from flows.checkpoints import ResumeError
+    from flows.continual import run_continual
 
     try:
         if cfg.flow == "federated":
@@ -117,7 +117,7 @@ def resume_run(cfg, run_id: str) -> None:
             print_federated(run_federated(cfg, resume=run_id))
         else:
             print_results_table(run_continual(cfg, resume=run_id))
-    except (ResumeError, FederatedResumeError) as exc:
+    except ResumeError as exc:
         _fail(str(exc))
 
 
