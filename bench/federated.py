@@ -26,13 +26,10 @@ from pathlib import Path
 
 import torch
 
-COUNT = {"steps": 0}
+from bench.overhead import COUNT, count_step, start_prefect_api
+
 OVERRIDES = ['flow="federated"', "stream.n_experiences=5", "federated.clients=10", "federated.rounds=1",
              "training.epochs=2", 'strategies=[{name="naive"}]', "tracking.log_model=false"]
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    COUNT["steps"] += 1
 
 
 def bare_loop(cfg) -> float:
@@ -82,8 +79,6 @@ def bare_loop(cfg) -> float:
 
 def run(out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
-    from prefect import flow
-
     import lifelong  # noqa: F401
     from flows.federated import run_federated
     from lifelong.config import load_config
@@ -96,13 +91,7 @@ def run(out_dir: Path | None = None) -> dict:
     cfg = load_config("configs/federated.toml", [*OVERRIDES, f'tracking.uri="{uri}"',
                                                  'tracking.experiment="bench-federated"'])
 
-    @flow(name="noop")
-    def noop() -> int:
-        return 1
-
-    t = time.perf_counter()
-    noop()
-    prefect_start_s = time.perf_counter() - t
+    prefect_start_s = start_prefect_api()
     client_for(uri).search_experiments()
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -121,7 +110,7 @@ def run(out_dir: Path | None = None) -> dict:
 
     ray_cfg = cfg.model_copy(update={"federated": cfg.federated.model_copy(update={"backend": "ray"})})
     bare_loop(cfg), rounds()  # warm-up: first-call costs (stream cache, kernels) are not the loop's
-    handle = register_optimizer_step_post_hook(_count_step)
+    handle = register_optimizer_step_post_hook(count_step)
     steps, times = {}, {}
     try:
         for name, fn in [("bare", lambda: bare_loop(cfg)), ("inprocess", rounds),
