@@ -62,3 +62,53 @@ def test_a_service_that_dies_at_start_names_its_log(tmp_path, monkeypatch):
     with pytest.raises(DeploymentError, match=r"supernode0: exited with code \d+ while starting; see .*supernode0.log"):
         dep.start()
     assert not flower_processes()
+
+
+def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
+    """Three SuperNodes; one is killed (SIGKILL, with its ClientApp process) once the first round
+    has been logged. The SuperLink still lists it until its heartbeat expires, so the server keeps
+    sampling it for a while: those rounds time out on it (``lost``) or get Flower's error reply
+    (``failed``), aggregate the two live clients, and the run finishes."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from clients.deploy import app_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    sets = ["flow=\"federated\"", "federated.clients=3", "stream.n_experiences=2", "federated.rounds=1",
+            "federated.round_timeout=60", 'model.name="mlp"', "model.hidden=32", "training.epochs=1",
+            "tracking.log_model=false", "tracking.log_plots=false", 'tracking.experiment="killed"']
+    run_config = {"config": str(app_dir() / "configs/federated.toml"), "set": ";".join(sets), "tracking-uri": uri}
+    client = client_for(uri)
+    with LocalDeployment(tmp_path / "flower", num_nodes=3) as dep:
+        finished: dict = {}
+        runner = threading.Thread(target=lambda: finished.update(dep.run_app(app_dir(), run_config, timeout=600)))
+        runner.start()
+        victim = dict(dep.procs)["supernode2"]  # partition 2
+        deadline = time.monotonic() + 300
+        while True:  # wait until the first round's metrics are in MLflow
+            assert runner.is_alive() and time.monotonic() < deadline, "the first round never completed"
+            exp = client.get_experiment_by_name("killed")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and (done := client.get_metric_history(runs[0].info.run_id, "round/clients_ok")):
+                break
+            time.sleep(0.2)
+        killed_after = max(m.step for m in done)
+        os.killpg(victim.pid, signal.SIGKILL)
+        runner.join(timeout=600)
+    assert finished["status"] == "finished:completed", finished
+    run_id = runs[0].info.run_id
+    res = read_results(run_id, uri)
+    assert res.status == "FINISHED" and res.matrix.shape == (2, 2)
+    ok = {m.step: m.value for m in client.get_metric_history(run_id, "round/clients_ok")}
+    table = json.loads(open(client.download_artifacts(run_id, "clients.json", str(tmp_path))).read())
+    assert sorted(ok) == list(range(1, 3)) and all(v >= 2 for v in ok.values()), (killed_after, ok, table)
+    victim_rows = [row for row in table["data"] if row[2] == 2]
+    assert all(row[3] == "ok" for row in victim_rows if row[0] <= killed_after)
+    # The round in flight at the kill may still have had its reply; none after that.
+    assert not [row for row in victim_rows if row[0] > killed_after + 1 and row[3] == "ok"]
+    assert [row for row in victim_rows if row[3] in ("lost", "failed")], "the dead node was never sampled again"
+    assert not flower_processes()
