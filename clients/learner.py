@@ -64,6 +64,26 @@ class _LossMeter(SupervisedPlugin):
         self.count += n
 
 
+class _SilentEvaluator(EvaluationPlugin):
+    """An evaluator that takes no part in training callbacks.
+
+    Avalanche's template needs an ``EvaluationPlugin``, but a client computes no Avalanche metrics
+    (the server evaluates the global model). The stock plugin forwards every ``before_*`` and
+    ``after_*`` callback to its metrics and, even with none, first builds a logging view of the
+    experience: about a tenth of a small client round (measured with cProfile on the bench
+    workload). Here callbacks resolve to a no-op; everything else is the stock plugin.
+    """
+
+    def __getattribute__(self, item: str):
+        if item.startswith(("before_", "after_")):
+            return _no_callback
+        return super().__getattribute__(item)
+
+
+def _no_callback(strategy, **kwargs) -> None:
+    return None
+
+
 @dataclass
 class _Worker:
     """The training machinery (model, Avalanche strategy, plugins) for one config.
@@ -93,7 +113,7 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
         meter = _LossMeter()
         with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
             warnings.simplefilter("ignore", UserWarning)
-            evaluator = EvaluationPlugin(loggers=[])
+            evaluator = _SilentEvaluator(loggers=[])
         memory = st.ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
         strategy = build_learner(spec, model, cfg.training, [meter], evaluator, stream.n_classes, cfg.seed,
                                  consolidate=False, storage_policy=memory)
