@@ -149,10 +149,10 @@ class SampleEpsilonFedAvg(ContinualFedAvg):
         rnd = self.round_offset + server_round
         ok = {o.partition_id for o in self.outcomes if o.round == rnd and o.status == "ok"}
         for msg in replies:
-            if msg.has_error():
-                continue
+            if msg.has_error() or "metrics" not in msg.content:
+                continue  # recorded as failed above
             m = msg.content["metrics"]
-            if int(m["partition-id"]) in ok and SAMPLE_EPSILON in m:
+            if SAMPLE_EPSILON in m and int(m["partition-id"]) in ok:
                 self.sample_epsilons.setdefault(rnd, {})[int(m["partition-id"])] = float(m[SAMPLE_EPSILON])
         return valid
 
