@@ -5,7 +5,9 @@ ended with (``boundary``, when the learner has regularisers to consolidate), and
 experience index, the round and the run's Lifelong config (as JSON: the server is the one source
 of truth, so the same app runs under the in-process backend, Flower's Ray engine and real
 SuperNodes without a config file on the client's machine). The node's ``partition-id`` (from
-its node config) says which share of each experience is its own.
+its node config) says which share of each experience is its own. The reply holds the new weights
+and metrics: share size, training loss, partition id, experience and, under ``[privacy.sample]``,
+the client's sample-level epsilon so far (``clients/learner.py``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,16 @@ round, so it cannot know which round is an experience's last. It consolidates la
 time it trains on a later experience it first consolidates the one it last trained on (Fisher,
 anchors, frozen centers, replay memory), using the global model it has just received — the
 federation's model at the end of that experience.
+
+Sample-level DP (``[privacy.sample]``): the worker's strategy trains with Opacus' DP-SGD
+(``strategies/sample_dp.py``); each client is its own privacy unit, so before every round the
+worker's DP plugin is reset to *this* client's accountant history, read from its
+``Context.state``, and the history with the round's steps is written back with the rest. The
+reply carries the client's epsilon, composed over every round it trained in
+(``sample-epsilon``, for ``privacy.sample.delta``). Its weights are a DP-SGD output (the L2
+penalty's gradient, added after the noise, reads only weights that are themselves DP outputs or
+public); its training loss is not, so the client does not send it (NaN). The share size it sends
+(FedAvg's weight; also implied by the sample rate) is treated as public, as Opacus does.
 """
 
 from __future__ import annotations
@@ -29,9 +39,13 @@ from clients import state as st
 from lifelong.config import Config, ReplaySpec
 from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
 from strategies.plugin import RegularizerPlugin, build_regularizer
+from strategies.sample_dp import SampleDPPlugin, sample_dp_config
 from tasks.models import build_model
 from tasks.partition import experience_labels, experience_seed, partition
 from tasks.streams import Stream, build_stream, experience_share
+
+#: Reply metric: the client's sample-level epsilon so far (under ``[privacy.sample]`` only).
+SAMPLE_EPSILON = "sample-epsilon"
 
 # Read-only data, cached per process: a stream's client split depends only on the config.
 _SHARES: dict[tuple, list[torch.Tensor]] = {}
@@ -51,6 +65,12 @@ def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.T
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Each client's randomness in each round: the same whichever backend runs it."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0] % 2**31)
+
+
+def noise_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of a client's DP-SGD noise in a round: another stream than :func:`round_seed`'s,
+    so the noise is not drawn from the same sequence as the Poisson batches."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id, 1]).generate_state(1)[0] % 2**31)
 
 
 class _LossMeter(SupervisedPlugin):
@@ -99,6 +119,8 @@ class _Worker:
     regularizers: list[RegularizerPlugin]
     replay: ReplayPlugin | None
     meter: _LossMeter
+    #: Opacus DP-SGD under ``[privacy.sample]``; reset to the client's own accountant every round.
+    dp: SampleDPPlugin | None = None
 
 
 _WORKERS: dict[str, _Worker] = {}
@@ -116,10 +138,12 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
             evaluator = _SilentEvaluator(loggers=[])
         memory = st.ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
         strategy = build_learner(spec, model, cfg.training, [meter], evaluator, stream.n_classes, cfg.seed,
-                                 consolidate=False, storage_policy=memory)
+                                 consolidate=False, storage_policy=memory, sample_dp=sample_dp_config(cfg))
         _WORKERS.clear()  # one config at a time per process
-        _WORKERS[key] = _Worker(model, strategy, [p for p in strategy.plugins if isinstance(p, RegularizerPlugin)],
-                                next((p for p in strategy.plugins if isinstance(p, ReplayPlugin)), None), meter)
+        plugins = strategy.plugins
+        _WORKERS[key] = _Worker(model, strategy, [p for p in plugins if isinstance(p, RegularizerPlugin)],
+                                next((p for p in plugins if isinstance(p, ReplayPlugin)), None), meter,
+                                next((p for p in plugins if isinstance(p, SampleDPPlugin)), None))
     return _WORKERS[key]
 
 
@@ -191,8 +215,13 @@ class ClientLearner:
         # A fresh local optimizer every round (momentum and Adam moments do not carry over).
         worker.strategy.optimizer.state.clear()
         worker.meter.total, worker.meter.count = 0.0, 0
+        if worker.dp is not None:  # this client's privacy budget, not the previous client's
+            worker.dp.reset(st.read_accountant(self.state), noise_seed(cfg.seed, server_round, self.pid))
         share = self.share(experience)
         with quiet_avalanche_deprecations():
+            # Opacus' backward hooks on the first layer, whose input needs no gradient: harmless
+            # (per-sample gradients come from the output's), but PyTorch says so every round.
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
             worker.strategy.train(share, eval_streams=[], num_workers=0)
 
         for i, reg in enumerate(regularizers):  # e.g. center loss moves its centers while training
@@ -201,6 +230,10 @@ class ClientLearner:
         metrics = {"num-examples": len(share.dataset),
                    "train-loss": worker.meter.total / max(worker.meter.count, 1),
                    "partition-id": self.pid, "experience": experience}
+        if worker.dp is not None:
+            st.write_accountant(staged, worker.dp.engine.accountant.history)
+            metrics[SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon
+            metrics["train-loss"] = float("nan")  # computed on the data without noise (docstring)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, metrics
 
     def _consolidate(self, experience: int, model, regularizers, memory, staged: RecordDict) -> None:

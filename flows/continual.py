@@ -33,6 +33,7 @@ from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
 from strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
+from strategies.sample_dp import sample_dp_config
 from strategies.baselines import (
     build_learner,
     quiet_avalanche_deprecations,
@@ -120,17 +121,6 @@ class Learner:
         if not self.joint:  # stability-gap metrics describe a learner that sees experiences in turn
             values.update({f"ceval/{k}": v for k, v in continual_summary(self.trace, experience).items()})
         self.logger.log_values(values, iteration)
-
-
-def sample_dp_config(cfg: Config):
-    """The Opacus settings of ``[privacy.sample]``, or None."""
-    s = cfg.privacy.sample
-    if s is None:
-        return None
-    from strategies.sample_dp import SampleDPConfig
-
-    return SampleDPConfig(s.noise_multiplier, s.max_grad_norm, s.clipping, s.allocation, s.grad_sample_mode,
-                          s.accountant, s.delta, seed=cfg.seed)
 
 
 _PRETRAINED: dict[str, dict] = {}

@@ -16,7 +16,10 @@ One loop, :func:`serve`, drives the rounds over whatever ``Grid`` reaches the cl
 MLflow: one run per federated run, with the server's metrics per round (``round/*``, step = the
 global round) and per experience (``matrix/*``, step = the experience), the accuracy matrix,
 continual-evaluation metrics over rounds, a per-client table (``clients.json``: every sampled
-client's outcome in every round), the per-client class histograms and the final model.
+client's outcome in every round), the per-client class histograms and the final model. Under
+sample-level DP (``[privacy.sample]``) every client reports its own epsilon; the server logs
+their maximum and mean over each round's replies (``privacy/sample_epsilon_max``, ``_mean``) and
+each reply's in the table's ``sample_epsilon`` column.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
-from clients.learner import client_indices
+from clients.learner import SAMPLE_EPSILON, client_indices
 from flows.checkpoints import ResumeError
 from flows.federated_checkpoint import (
     checkpoint_file,
@@ -128,6 +131,32 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+class SampleEpsilonFedAvg(ContinualFedAvg):
+    """``ContinualFedAvg`` that also keeps, per global round, the sample-level epsilon each client
+    that replied validly reports (``{round: {partition_id: epsilon}}``).
+
+    Kept on the server for logging only; a resumed run has them from the resumed round on (the
+    round checkpoint stores the outcomes, not these).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sample_epsilons: dict[int, dict[int, float]] = {}
+
+    def record_replies(self, server_round: int, replies):
+        replies = list(replies)
+        valid = super().record_replies(server_round, replies)
+        rnd = self.round_offset + server_round
+        ok = {o.partition_id for o in self.outcomes if o.round == rnd and o.status == "ok"}
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content:
+                continue  # recorded as failed above
+            m = msg.content["metrics"]
+            if SAMPLE_EPSILON in m and int(m["partition-id"]) in ok:
+                self.sample_epsilons.setdefault(rnd, {})[int(m["partition-id"])] = float(m[SAMPLE_EPSILON])
+        return valid
+
+
 def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
           checkpoint: Path | None = None, resume: dict | None = None) -> FederatedResult:
     """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``.
@@ -142,7 +171,9 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     fed, n_exp = cfg.federated, stream.n_experiences
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
-    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed)
+    sample_dp = cfg.privacy.sample is not None
+    strategy = (SampleEpsilonFedAvg if sample_dp else ContinualFedAvg)(fed.fraction, fed.min_results, fed.clients,
+                                                                      cfg.seed)
     privacy = privacy_plan(cfg)
     epsilons: list[float] = []
     if privacy is not None:
@@ -181,12 +212,16 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if server_round:
             values["round/clients_ok"] = sum(o.status == "ok" for o in done)
             values["round/clients_failed"] = sum(o.status != "ok" for o in done)
-            losses = [(o.train_loss, o.num_examples) for o in done if o.status == "ok"]
+            # (clients under sample-level DP send no loss: NaN)
+            losses = [(o.train_loss, o.num_examples) for o in done if o.status == "ok" and np.isfinite(o.train_loss)]
             if losses:
                 values["round/train_loss"] = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
         if privacy is not None and server_round:
             values["privacy/epsilon"] = epsilons[rnd - 1]
             values.update({f"privacy/{k}": v for k, v in strategy.clip_stats.get(rnd, {}).items()})
+        if sample_dp and (eps := strategy.sample_epsilons.get(rnd)):
+            values["privacy/sample_epsilon_max"] = max(eps.values())
+            values["privacy/sample_epsilon_mean"] = float(np.mean(list(eps.values())))
         logger.log_values(values, rnd)
         if progress is not None and server_round:
             progress.epoch(experience, rnd - experience * fed.rounds - 1)
@@ -225,11 +260,14 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     labels = [f"exp{i}" for i in range(n_exp)]
     label = f"federated {strategy_label(cfg.strategies[0])}"
     tracking.log_matrix(client, run_id, matrix, labels)
-    client.log_dict(run_id, {"columns": ["round", "node_id", "partition_id", "status", "num_examples",
-                                         "train_loss", "reason"],
-                             "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
-                                       None if np.isnan(o.train_loss) else o.train_loss, o.reason]
-                                      for o in strategy.outcomes]}, "clients.json")
+    table = {"columns": ["round", "node_id", "partition_id", "status", "num_examples", "train_loss", "reason"],
+             "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
+                       None if np.isnan(o.train_loss) else o.train_loss, o.reason] for o in strategy.outcomes]}
+    if sample_dp:  # each reply's epsilon (None: failed, lost, or before a resume)
+        table["columns"].append("sample_epsilon")
+        for o, row in zip(strategy.outcomes, table["data"]):
+            row.append(strategy.sample_epsilons.get(o.round, {}).get(o.partition_id) if o.status == "ok" else None)
+    client.log_dict(run_id, table, "clients.json")
     client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in trace.points]},
                     tracking.TRACE_FILE)
     if cfg.tracking.log_plots:

@@ -448,7 +448,10 @@ class FederatedConfig(_Section):
 
 
 class SampleDPSection(_Section):
-    """Sample-level DP-SGD for local training with Opacus (strategies/sample_dp.py)."""
+    """Sample-level DP-SGD for local training with Opacus (strategies/sample_dp.py): the
+    continual flow's learner, or every federated client on its own share (each client its own
+    privacy unit, its accountant kept in its ``Context.state`` across rounds; clients/learner.py).
+    Sample rate: Opacus' Poisson rate ``1 / ceil(n / batch_size)`` for a share of ``n`` samples."""
 
     noise_multiplier: float = Field(ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -489,7 +492,9 @@ class PrivacyConfig(_Section):
     cohort: int | None = Field(None, ge=1)
     #: Refuse a run whose epsilon would exceed this, before it starts.
     max_epsilon: float | None = Field(None, gt=0)
-    #: Sample-level DP-SGD for the continual flow's local training (``[privacy.sample]``).
+    #: Sample-level DP-SGD for local training (``[privacy.sample]``): the continual flow's learner
+    #: or each federated client's. Combinable with the user-level DP above: see
+    #: ``Config._check_sample_dp`` for why both guarantees hold.
     sample: SampleDPSection | None = None
 
     @model_validator(mode="after")
@@ -550,9 +555,18 @@ class Config(_Section):
         return self
 
     def _check_sample_dp(self) -> None:
-        if self.flow != "continual":
-            raise ValueError(f"privacy.sample: sample-level DP is wired into the continual flow only "
-                             f"(flow = {self.flow!r}); inside federated clients it is not available yet")
+        """Refuse what sample-level DP cannot protect, in the continual flow and in federated clients.
+
+        With user-level DP (``privacy.clipping != "off"``) both guarantees hold independently.
+        Sample-level: a client's reply is a DP-SGD output on its share, and what it starts each
+        round from (global and boundary models) depends on its own data only through its earlier
+        replies, so adaptive composition over the rounds it trained in gives its epsilon; the
+        server's clipping and noise are post-processing. User-level: the server clips whatever a
+        client sends and noises the sum, which holds for any local training, DP-SGD included.
+        """
+        if self.flow == "multitask":
+            raise ValueError("privacy.sample: sample-level DP is for the continual and federated flows, "
+                             "not flow = 'multitask'")
         why = {"replay": "replayed samples are drawn outside Poisson sampling and reused",
                "oneprompt": "its VOR phase and outlier search read the data outside DP-SGD",
                "ewc": "its Fisher reads the finished experience's data without clipping or noise",

@@ -54,6 +54,10 @@ experience appends ``(z, q = 1 / len(loader), steps)`` to its history. After eac
 a sample can be in several experiences: permuted/rotated digits reuse the same images) and the
 epsilon of that experience alone (enough, by parallel composition, when experiences are
 disjoint, as class-incremental splits are: the stream's epsilon is then their maximum).
+
+Federated clients (``clients/learner.py``) share one strategy per process: :meth:`SampleDPPlugin.reset`
+gives it, each round, a fresh engine holding that client's own accountant history (kept in the
+client's ``Context.state``), so every client composes only its own rounds.
 """
 
 from __future__ import annotations
@@ -230,16 +234,35 @@ class SampleDPPlugin(SupervisedPlugin):
 
     def __init__(self, cfg: SampleDPConfig):
         super().__init__()
-        from opacus import PrivacyEngine
-
         self.cfg = cfg
-        self.engine = PrivacyEngine(accountant=cfg.accountant)
-        self.reports: list[ExperienceReport] = []
         self._saved = None
         self._hooks = None
         self._regs: list[PostNoiseRegularizerPlugin] = []
         self._history_start = 0
         self._ghost_loss = None
+        self.engine = None
+        self.reports: list[ExperienceReport] = []
+        self.noise_seed: int | None = None  # the noise generator's seed base (None: Opacus' default RNG)
+        self.reset(noise_seed=cfg.seed)
+
+    def reset(self, history: Sequence[tuple[float, float, int]] = (), noise_seed: int | None = None) -> None:
+        """Start over for another privacy unit: a fresh ``PrivacyEngine`` whose accountant holds
+        ``history`` (that unit's earlier ``(noise_multiplier, sample_rate, steps)``), no reports.
+
+        For a strategy lent to several federated clients in turn (``clients/learner.py``): each
+        client's accountant composes only its own steps, and nothing of the previous client
+        (accountant, the engine's dataset reference, reports) is left on the plugin.
+        """
+        if self._saved is not None:
+            raise SampleDPError("reset while an experience is being trained under DP")
+        from opacus import PrivacyEngine
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure.*RNG.*")
+            self.engine = PrivacyEngine(accountant=self.cfg.accountant)
+        self.engine.accountant.history = [(float(z), float(q), int(s)) for z, q, s in history]
+        self.reports = []
+        self.noise_seed = noise_seed
 
     # -- Avalanche hooks ---------------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
@@ -256,8 +279,8 @@ class SampleDPPlugin(SupervisedPlugin):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         bound = per_layer_bounds(params, cfg) if cfg.clipping == "per_layer" else cfg.max_grad_norm
         generator = None
-        if cfg.seed is not None:
-            generator = torch.Generator(device=strategy.device).manual_seed(cfg.seed + len(self.reports))
+        if self.noise_seed is not None:
+            generator = torch.Generator(device=strategy.device).manual_seed(self.noise_seed + len(self.reports))
         self._history_start = _history_steps(self.engine.accountant.history)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure.*RNG.*")
@@ -331,7 +354,9 @@ class SampleDPPlugin(SupervisedPlugin):
     # -- accounting ----------------------------------------------------------------------------
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon composed over every DP step so far (Opacus' accountant)."""
-        return float(self.engine.accountant.get_epsilon(delta or self.cfg.delta))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Optimal order.*")
+            return float(self.engine.accountant.get_epsilon(delta or self.cfg.delta))
 
     def _report(self, strategy) -> ExperienceReport:
         history = list(self.engine.accountant.history)
@@ -342,6 +367,16 @@ class SampleDPPlugin(SupervisedPlugin):
         eps = self.epsilon() if history else 0.0
         exp_id = getattr(strategy.experience, "current_experience", len(self.reports))
         return ExperienceReport(int(exp_id), q, steps, eps, eps_exp, self.cfg.delta, history)
+
+
+def sample_dp_config(cfg) -> SampleDPConfig | None:
+    """The Opacus settings of a ``Config``'s ``[privacy.sample]``, or None (continual flow and
+    federated clients alike)."""
+    s = cfg.privacy.sample
+    if s is None:
+        return None
+    return SampleDPConfig(s.noise_multiplier, s.max_grad_norm, s.clipping, s.allocation, s.grad_sample_mode,
+                          s.accountant, s.delta, seed=cfg.seed)
 
 
 def _history_steps(history) -> int:

@@ -120,7 +120,8 @@ def test_validate_config_accepts_a_dict():
 @pytest.mark.parametrize("extra, message", [
     (['strategies=[{name="naive", plugins=[{name="ewc"}]}]'], "ewc cannot be combined with sample-level DP"),
     (['strategies=[{name="replay"}]'], "replay cannot be combined with sample-level DP"),
-    (['flow="federated"', 'strategies=[{name="naive"}]'], "continual flow only"),
+    (['flow="federated"', 'strategies=[{name="replay"}]'], "replay cannot be combined with sample-level DP"),
+    (['flow="multitask"'], "sample-level DP is for the continual and federated flows"),
     (['privacy.sample.grad_sample_mode="ghost"', 'privacy.sample.clipping="per_layer"'], "ghost clipping supports"),
 ])
 def test_sample_dp_refuses_what_would_break_the_guarantee(extra, message):
