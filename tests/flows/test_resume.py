@@ -157,3 +157,29 @@ def test_retries_need_a_checkpointable_learner(tmp_path):
     cfg = load_config(None, overrides(tmp_path, "training.retries=1", 'strategies=[{name="joint"}]'))
     with pytest.raises(ValueError, match="training.retries: joint cannot go back to a checkpoint"):
         fc.run_continual(cfg)
+
+
+# OnePrompt (+VOR) and GCond arbitration keep state of their own across experiences (seen classes;
+# EMA norms, previous gradients, win history): a resumed run must train exactly as an unbroken one.
+SELF_CHECKPOINTING = [
+    ("oneprompt+vor", ['model.name="vit"', "model.vit_dim=16", "model.vit_depth=1", "model.vit_heads=2",
+                       "model.vit_patch=4","training.epochs=1",
+                       'strategies=[{name="oneprompt", vor_epochs=1, outliers_per_class=5}]']),
+    ("replay+ewc+gcond(replay)", ['strategies=[{name="replay", mem_size=40, plugins=[{name="ewc", lam=5.0}], '
+                                  'arbitrate="gcond"}]',]),
+    ("replay+ewc+gcond(penalty)", ['strategies=[{name="replay", mem_size=40, plugins=[{name="ewc", lam=5.0}], '
+                                   'arbitrate="gcond", arbitrate_between="penalty"}]',]),
+]
+
+
+@pytest.mark.parametrize("label, extra", SELF_CHECKPOINTING, ids=[s[0] for s in SELF_CHECKPOINTING])
+def test_self_checkpointing_learners_resume_to_the_unbroken_run(tmp_path, monkeypatch, label, extra):
+    cfg = load_config(None, overrides(tmp_path, *extra))
+    full = fc.run_continual(cfg)
+    assert full.results[0].label == label
+    parent = interrupted_run(cfg, monkeypatch, label=label, at=2)
+    saved = torch.load(fc.checkpoint_path(parent, 0), weights_only=False)
+    assert saved["next_experience"] == 2 and saved["plugins"]  # its own state is in the checkpoint
+    resumed = fc.run_continual(cfg, resume=parent)
+    a, b = full.results[0], resumed.results[0]
+    assert np.array_equal(a.matrix, b.matrix) and a.summary == pytest.approx(b.summary)
