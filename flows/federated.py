@@ -36,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from clients import state_store
 from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from clients.learner import client_indices
 from flows.checkpoints import ResumeError
@@ -132,9 +133,9 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
           checkpoint: Path | None = None, resume: dict | None = None) -> FederatedResult:
     """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``.
 
-    ``checkpoint``: where to save the server's and the clients' state after every round (the
-    in-process backend's clients only: Ray's engine and SuperNodes keep theirs out of reach);
-    ``resume``: such a checkpoint, to go on from the round after it.
+    ``checkpoint``: where to save the server's state after every round; the clients then save
+    theirs, on their side (``clients/state_store.py``); ``resume``: such a checkpoint, to go on
+    from the round after it, with each client's state of that round.
     """
     client = tracking.client_for(uri)
     logger = tracking.MLflowLogger(run_id, client)
@@ -156,7 +157,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     arrays = ArrayRecord(initial_weights(cfg))
     done_rounds = 0
     if resume is not None:
-        arrays, done_rounds = restore_server(resume, strategy, trace, rows, grid, fed.rounds,
+        arrays, done_rounds = restore_server(resume, strategy, trace, rows, fed.rounds,
                                              bool(cfg.strategies[0].plugins))
         for e, row in enumerate(rows):  # (again: a kill may have come between a row and its log)
             logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(row)},
@@ -164,6 +165,12 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             if progress is not None:
                 progress.experience_done(e, float(np.mean(row[: e + 1])))
     last_evaluated = done_rounds if resume is not None else -1
+    # What clients need to save and restore their own state (sent in every train message).
+    client_keys: dict[str, object] = {}
+    if checkpoint is not None:
+        client_keys = {state_store.RUN_KEY: run_id, state_store.SAVED_ROUND_KEY: done_rounds}
+        if resume is not None:
+            client_keys[state_store.RESUME_ROUND_KEY] = done_rounds
 
     def evaluate_round(experience: int, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal last_evaluated
@@ -171,6 +178,10 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if rnd <= last_evaluated:
             return None  # the model the previous round (or experience) ended with: evaluated
         last_evaluated = rnd
+        refused = [o.reason for o in strategy.outcomes if o.round == rnd and state_store.REFUSED in o.reason]
+        if refused:  # a client's saved state is corrupt or foreign: stop, never train on without it
+            reason = refused[0][refused[0].index(state_store.REFUSED):]
+            raise ResumeError(reason.removesuffix("'>"))
         model.load_state_dict(arrays.to_torch_state_dict())
         accs = evaluate(model, stream, range(n_exp), cfg.training.eval_batch_size, device)
         seen = {i: accs[i] for i in range(experience + 1)}
@@ -194,13 +205,17 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             rows.append([accs[i] for i in range(n_exp)])
         if checkpoint is not None and server_round:
             logger.flush()  # the checkpoint never runs ahead of what MLflow has
-            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows, grid)
+            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows)
+            # From the next round on, clients may drop their state of rounds before this one.
+            client_keys[state_store.SAVED_ROUND_KEY] = rnd
+            train_config[state_store.SAVED_ROUND_KEY] = rnd  # the record Flower sends every round
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
 
     for e in range(done_rounds // fed.rounds, n_exp):
         strategy.round_offset = max(e * fed.rounds, done_rounds)
+        # Rebound per experience; evaluate_round (a closure) updates the current one.
         train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
-                                     CONFIG_KEY: config_json})
+                                     CONFIG_KEY: config_json, **client_keys})
         result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
                                 timeout=fed.round_timeout,
                                 train_config=train_config,
@@ -352,17 +367,18 @@ def open_run_step(cfg: Config, uri: str, hists: list[np.ndarray]) -> str:
 
 @task(cache_policy=NO_CACHE)
 def rounds_step(cfg: Config, run_id: str, uri: str, client_app, resume: dict | None = None) -> FederatedResult:
-    """Every experience's rounds on the configured backend (checkpointed after every round when
-    in-process)."""
+    """Every experience's rounds on the configured backend, checkpointed after every round."""
     from clients.launch import inprocess_grid, simulate_with_ray
 
     progress = Progress(f"fed {strategy_label(cfg.strategies[0])}", build_stream(cfg.stream, cfg.seed).n_experiences,
                         cfg.federated.rounds, step_name="round")
     try:
+        def rounds(grid: Grid) -> FederatedResult:
+            return serve(grid, cfg, run_id, uri, progress, checkpoint=checkpoint_file(run_id), resume=resume)
+
         if cfg.federated.backend == "inprocess":
-            return serve(inprocess_grid(cfg, client_app), cfg, run_id, uri, progress,
-                         checkpoint=checkpoint_file(run_id), resume=resume)
-        return simulate_with_ray(cfg, lambda grid: serve(grid, cfg, run_id, uri, progress), client_app)
+            return rounds(inprocess_grid(cfg, client_app))
+        return simulate_with_ray(cfg, rounds, client_app)
     finally:
         progress.close()
 
@@ -370,7 +386,8 @@ def rounds_step(cfg: Config, run_id: str, uri: str, client_app, resume: dict | N
 @flow(name="federated", validate_parameters=False)
 def federated_flow(config: dict, client_app=None, resume: str | None = None) -> FederatedResult:
     """Federated continual learning: Flower rounds over every experience of the stream.
-    ``resume``: an interrupted in-process run's id, continued from its last round's checkpoint."""
+    ``resume``: an interrupted run's id, continued from its last round's checkpoint (on either
+    backend: the clients load the state they saved themselves)."""
     cfg = config if isinstance(config, Config) else validate_config(config)
     t0 = time.perf_counter()
     uri = cfg.tracking.uri or default_tracking_uri()
@@ -381,9 +398,6 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
     if resume is None:
         run_id = open_run_step(cfg, uri, hists)
     else:
-        if cfg.federated.backend != "inprocess":
-            raise ResumeError("federated runs resume on the in-process backend only (Ray's engine "
-                                       "and SuperNodes keep the clients' state out of reach)")
         run_id = resume
         state = load_round(checkpoint_file(run_id), cfg)
         client.update_run(run_id, status="RUNNING")
