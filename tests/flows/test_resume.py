@@ -183,3 +183,54 @@ def test_self_checkpointing_learners_resume_to_the_unbroken_run(tmp_path, monkey
     resumed = fc.run_continual(cfg, resume=parent)
     a, b = full.results[0], resumed.results[0]
     assert np.array_equal(a.matrix, b.matrix) and a.summary == pytest.approx(b.summary)
+
+
+def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
+    """SIGKILL `lifelong clients launch --backend ray` mid-experience 1, then `--resume`: the Ray
+    actors (and the clients' Context.state in them) are gone; the clients load the state they saved.
+
+    The unbroken run is in-process: both backends give the same bits (test_federated_flow's
+    test_inprocess_backend_matches_flowers_ray_engine) when the actors get as many threads as we use.
+    """
+    from clients.state_store import saved_rounds
+    from flows.federated import run_federated
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg_path = tmp_path / "fed.toml"
+    cfg_path.write_text(
+        'seed = 3\nflow = "federated"\n[model]\nname = "mlp"\nhidden = 32\n'
+        '[training]\nepochs = 2\noptimizer = "adam"\nlr = 0.01\n[stream]\nn_experiences = 2\n'
+        f'[federated]\nclients = 2\nrounds = 3\nray_cpus_per_client = {torch.get_num_threads()}\n'
+        '[[strategies]]\nname = "replay"\nmem_size = 30\n'
+        f'[tracking]\nuri = "{uri}"\nexperiment = "fed"\nlog_model = false\nlog_plots = false\n')
+    home = tmp_path / "home"
+    env = {**os.environ, "LIFELONG_HOME": str(home)}
+    lifelong = [sys.executable, "-m", "lifelong.cli", "clients", "launch"]
+    proc = subprocess.Popen([*lifelong, str(cfg_path), "--backend", "ray"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:  # kill it once round 4 (the first of experience 1, where the clients consolidate) is checkpointed
+        while time.monotonic() < deadline:
+            saved = [torch.load(p, weights_only=False)["round"] for p in home.glob("checkpoints/*/federated.pt")]
+            if saved and max(saved) >= 4:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # Prefect's API server and Ray's processes go too
+        proc.wait()
+    client = client_for(uri)
+    run = client.search_runs([client.get_experiment_by_name("fed").experiment_id])[0]
+    assert run.info.status == "RUNNING" and run.data.tags["lifelong.backend"] == "ray"
+    done = torch.load(home / "checkpoints" / run.info.run_id / "federated.pt", weights_only=False)["round"]
+    assert 4 <= done < 6  # killed before the end
+    states = home / "client-state" / run.info.run_id
+    assert all(any(r <= done for r in saved_rounds(states / p)) for p in ("0", "1"))
+    out = subprocess.run([*lifelong, "--resume", run.info.run_id, "--tracking-uri", uri], env=env,
+                         capture_output=True, text=True, timeout=400, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    back = client.get_run(run.info.run_id)
+    assert back.info.status == "FINISHED"
+    unbroken = run_federated(load_config(cfg_path, [f'tracking.uri="sqlite:///{tmp_path / "unbroken.db"}"']))
+    finals = {k: v for k, v in back.data.metrics.items() if k.startswith("final/")}
+    assert finals and finals == pytest.approx({f"final/{k}": v for k, v in unbroken.summary.items()}, abs=1e-12)
