@@ -291,15 +291,24 @@ def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> No
             shown, f"{cfg.federated.partition} split: samples per client and class{more}"), "class_histograms.png")
 
 
-def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None) -> FederatedResult:
-    """Open the MLflow run, log the split, serve every round, close the run (FAILED on error)."""
+def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None,
+               resume: str | None = None) -> FederatedResult:
+    """Open the MLflow run, log the split, serve every round (checkpointed), close the run
+    (FAILED on error). ``resume``: an interrupted run's id, continued from its checkpoint."""
     hists = split_report(cfg)  # an impossible split is refused before a run is opened
     privacy_plan(cfg)  # and so is an impossible privacy budget
-    run_id = open_federated_run(cfg, uri, tags)
     client = tracking.client_for(uri)
+    state = None
+    if resume is None:
+        run_id = open_federated_run(cfg, uri, tags)
+    else:
+        run_id, state = resume, load_round(checkpoint_file(resume), cfg)
+        client.update_run(run_id, status="RUNNING")
+        tracking.set_tags(client, run_id, tags or {})  # the Flower run that goes on with it
     try:
-        log_split(cfg, run_id, uri, hists)
-        result = serve(grid, cfg, run_id, uri)
+        if resume is None:
+            log_split(cfg, run_id, uri, hists)
+        result = serve(grid, cfg, run_id, uri, checkpoint=checkpoint_file(run_id), resume=state)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -310,8 +319,10 @@ def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = 
 # --------------------------------------------------------------------------- Flower ServerApp
 
 #: The ServerApp that ``flwr run .`` starts (``[tool.flwr.app.components]`` in pyproject.toml).
-#: Its run config names the Lifelong config: ``config`` (a TOML path, or TOML text) and optional
-#: ``tracking-uri``; the config's ``[federated]`` section sets clients and rounds.
+#: Its run config names the Lifelong config: ``config`` (a TOML path, TOML text, or a config as
+#: JSON) and optional ``tracking-uri``; the config's ``[federated]`` section sets clients and
+#: rounds. ``resume`` (an MLflow run id) continues that run from its checkpoint, which must be
+#: under the ServerApp's ``LIFELONG_HOME``; the SuperNodes load their own state.
 app = ServerApp()
 #: The MLflow tag that links a run to the Flower run that produced it.
 FLOWER_RUN_TAG = "flwr.run_id"
@@ -321,7 +332,8 @@ FLOWER_RUN_TAG = "flwr.run_id"
 def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
     uri = str(context.run_config.get("tracking-uri") or cfg.tracking.uri or default_tracking_uri())
-    result = run_server(grid, cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"})
+    result = run_server(grid, cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"},
+                        resume=str(context.run_config.get("resume", "") or "") or None)
     logging.getLogger("lifelong.federated").warning(
         "federated run finished: average accuracy %.3f, MLflow run %s (%s)",
         result.summary["avg_accuracy"], result.run_id, uri)
@@ -330,7 +342,9 @@ def server_main(grid: Grid, context: Context) -> None:
 def config_from_run_config(run_config: dict) -> Config:
     source = str(run_config.get("config", "") or "")
     overrides = [s for s in str(run_config.get("set", "") or "").split(";") if s.strip()]
-    if "\n" in source or (not source.endswith(".toml") and "=" in source):  # inline TOML
+    if source.lstrip().startswith("{"):  # a resumed run's own config, as MLflow keeps it
+        cfg = validate_config(json.loads(source))
+    elif "\n" in source or (not source.endswith(".toml") and "=" in source):  # inline TOML
         import tomllib
 
         from lifelong.config import apply_override
