@@ -8,6 +8,10 @@ SuperNodes without a config file on the client's machine). The node's ``partitio
 its node config) says which share of each experience is its own. The reply holds the new weights
 and metrics: share size, training loss, partition id, experience and, under ``[privacy.sample]``,
 the client's sample-level epsilon so far (``clients/learner.py``).
+
+In a checkpointed run the client also saves its state after every successful round, and a
+resumed run's clients load it back (``clients/state_store.py``): Ray actors and SuperNodes keep
+their state where the server cannot reach it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import state_store
 from clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
 
@@ -45,9 +50,17 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"node has num-partitions={context.node_config['num-partitions']} but the run "
                          f"splits the data across federated.clients={cfg.federated.clients}")
     server_round = int(conf[ROUND_OFFSET_KEY]) + int(conf["server-round"])
+    saved = None  # where this client saves its state, in a checkpointed run
+    if state_store.RUN_KEY in conf:
+        saved = state_store.client_dir(state_store.state_root(context.node_config),
+                                       str(conf[state_store.RUN_KEY]), partition_id)
+        if state_store.RESUME_ROUND_KEY in conf and not list(context.state.keys()):
+            state_store.restore(context.state, cfg, saved, int(conf[state_store.RESUME_ROUND_KEY]))
     learner = ClientLearner(cfg, partition_id, context.state)
     boundary = msg.content[BOUNDARY_KEY].to_torch_state_dict() if BOUNDARY_KEY in msg.content else None
     weights, metrics = learner.train_round(msg.content["arrays"].to_torch_state_dict(),
                                            int(conf[EXPERIENCE_KEY]), server_round, boundary)
+    if saved is not None:
+        state_store.save(context.state, cfg, saved, server_round, int(conf[state_store.SAVED_ROUND_KEY]))
     content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

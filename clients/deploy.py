@@ -77,7 +77,12 @@ class LocalDeployment:
         self.num_nodes, self.timeout = num_nodes, timeout
         self.port = port or free_port()
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        from lifelong.env import state_dir
+
+        # LIFELONG_HOME made absolute: the ServerApp's checkpoints and the SuperNodes' client state
+        # (clients/state_store.py) go where this process keeps them, whatever their working directory.
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "LIFELONG_HOME": str(state_dir()),
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
         self.cli_home = self.dir / "cli-home"
 

@@ -15,6 +15,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from clients import state_store
 from clients.inprocess import InProcessGrid
 from lifelong.config import Config
 
@@ -41,7 +42,11 @@ def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: 
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome["result"] = serve(grid)
+        try:
+            outcome["result"] = serve(grid)
+        except BaseException as exc:  # Flower only logs it: kept to raise here (e.g. a refused resume)
+            outcome["error"] = exc
+            raise
 
     quiet_flower()
     cores = os.cpu_count() or 1
@@ -50,10 +55,22 @@ def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: 
         "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": False,
                       "logging_level": logging.ERROR},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server_app, client_app=client_app or default_client_app(),
-                       num_supernodes=cfg.federated.clients, backend_config=backend_config)
+    # Clients save their state where this process would: its state root resolved here, as an
+    # actor's working directory need not be ours (Ray's processes inherit the environment).
+    before = os.environ.get(state_store.ENV_VAR)
+    os.environ[state_store.ENV_VAR] = str(state_store.state_root())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app=server_app, client_app=client_app or default_client_app(),
+                           num_supernodes=cfg.federated.clients, backend_config=backend_config)
+    finally:
+        if before is None:
+            os.environ.pop(state_store.ENV_VAR, None)
+        else:
+            os.environ[state_store.ENV_VAR] = before
+    if "error" in outcome:
+        raise outcome["error"]
     if "result" not in outcome:  # Flower logs the ServerApp's exception and returns
         raise RuntimeError("the Ray simulation ended without a result; see Flower's log above")
     return outcome["result"]

@@ -149,7 +149,7 @@ def pretraining_data(cfg: Config, stream: Stream):
 
 # --------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: plugins that checkpoint themselves (OnePrompt, GCond arbitration)
 
 
 def checkpoint_path(parent_run_id: str, index: int) -> Path:

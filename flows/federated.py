@@ -39,6 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from clients import state_store
 from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from clients.learner import SAMPLE_EPSILON, client_indices
 from flows.checkpoints import ResumeError
@@ -161,9 +162,9 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
           checkpoint: Path | None = None, resume: dict | None = None) -> FederatedResult:
     """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``.
 
-    ``checkpoint``: where to save the server's and the clients' state after every round (the
-    in-process backend's clients only: Ray's engine and SuperNodes keep theirs out of reach);
-    ``resume``: such a checkpoint, to go on from the round after it.
+    ``checkpoint``: where to save the server's state after every round; the clients then save
+    theirs, on their side (``clients/state_store.py``); ``resume``: such a checkpoint, to go on
+    from the round after it, with each client's state of that round.
     """
     client = tracking.client_for(uri)
     logger = tracking.MLflowLogger(run_id, client)
@@ -187,7 +188,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     arrays = ArrayRecord(initial_weights(cfg))
     done_rounds = 0
     if resume is not None:
-        arrays, done_rounds = restore_server(resume, strategy, trace, rows, grid, fed.rounds,
+        arrays, done_rounds = restore_server(resume, strategy, trace, rows, fed.rounds,
                                              bool(cfg.strategies[0].plugins))
         for e, row in enumerate(rows):  # (again: a kill may have come between a row and its log)
             logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(row)},
@@ -195,6 +196,12 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             if progress is not None:
                 progress.experience_done(e, float(np.mean(row[: e + 1])))
     last_evaluated = done_rounds if resume is not None else -1
+    # What clients need to save and restore their own state (sent in every train message).
+    client_keys: dict[str, object] = {}
+    if checkpoint is not None:
+        client_keys = {state_store.RUN_KEY: run_id, state_store.SAVED_ROUND_KEY: done_rounds}
+        if resume is not None:
+            client_keys[state_store.RESUME_ROUND_KEY] = done_rounds
 
     def evaluate_round(experience: int, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal last_evaluated
@@ -202,6 +209,10 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if rnd <= last_evaluated:
             return None  # the model the previous round (or experience) ended with: evaluated
         last_evaluated = rnd
+        refused = [o.reason for o in strategy.outcomes if o.round == rnd and state_store.REFUSED in o.reason]
+        if refused:  # a client's saved state is corrupt or foreign: stop, never train on without it
+            reason = refused[0][refused[0].index(state_store.REFUSED):]
+            raise ResumeError(reason.removesuffix("'>"))
         model.load_state_dict(arrays.to_torch_state_dict())
         accs = evaluate(model, stream, range(n_exp), cfg.training.eval_batch_size, device)
         seen = {i: accs[i] for i in range(experience + 1)}
@@ -229,13 +240,17 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             rows.append([accs[i] for i in range(n_exp)])
         if checkpoint is not None and server_round:
             logger.flush()  # the checkpoint never runs ahead of what MLflow has
-            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows, grid)
+            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows)
+            # From the next round on, clients may drop their state of rounds before this one.
+            client_keys[state_store.SAVED_ROUND_KEY] = rnd
+            train_config[state_store.SAVED_ROUND_KEY] = rnd  # the record Flower sends every round
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
 
     for e in range(done_rounds // fed.rounds, n_exp):
         strategy.round_offset = max(e * fed.rounds, done_rounds)
+        # Rebound per experience; evaluate_round (a closure) updates the current one.
         train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
-                                     CONFIG_KEY: config_json})
+                                     CONFIG_KEY: config_json, **client_keys})
         result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
                                 timeout=fed.round_timeout,
                                 train_config=train_config,
@@ -314,15 +329,24 @@ def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> No
             shown, f"{cfg.federated.partition} split: samples per client and class{more}"), "class_histograms.png")
 
 
-def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None) -> FederatedResult:
-    """Open the MLflow run, log the split, serve every round, close the run (FAILED on error)."""
+def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None,
+               resume: str | None = None) -> FederatedResult:
+    """Open the MLflow run, log the split, serve every round (checkpointed), close the run
+    (FAILED on error). ``resume``: an interrupted run's id, continued from its checkpoint."""
     hists = split_report(cfg)  # an impossible split is refused before a run is opened
     privacy_plan(cfg)  # and so is an impossible privacy budget
-    run_id = open_federated_run(cfg, uri, tags)
     client = tracking.client_for(uri)
+    state = None
+    if resume is None:
+        run_id = open_federated_run(cfg, uri, tags)
+    else:
+        run_id, state = resume, load_round(checkpoint_file(resume), cfg)
+        client.update_run(run_id, status="RUNNING")
+        tracking.set_tags(client, run_id, tags or {})  # the Flower run that goes on with it
     try:
-        log_split(cfg, run_id, uri, hists)
-        result = serve(grid, cfg, run_id, uri)
+        if resume is None:
+            log_split(cfg, run_id, uri, hists)
+        result = serve(grid, cfg, run_id, uri, checkpoint=checkpoint_file(run_id), resume=state)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -333,8 +357,10 @@ def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = 
 # --------------------------------------------------------------------------- Flower ServerApp
 
 #: The ServerApp that ``flwr run .`` starts (``[tool.flwr.app.components]`` in pyproject.toml).
-#: Its run config names the Lifelong config: ``config`` (a TOML path, or TOML text) and optional
-#: ``tracking-uri``; the config's ``[federated]`` section sets clients and rounds.
+#: Its run config names the Lifelong config: ``config`` (a TOML path, TOML text, or a config as
+#: JSON) and optional ``tracking-uri``; the config's ``[federated]`` section sets clients and
+#: rounds. ``resume`` (an MLflow run id) continues that run from its checkpoint, which must be
+#: under the ServerApp's ``LIFELONG_HOME``; the SuperNodes load their own state.
 app = ServerApp()
 #: The MLflow tag that links a run to the Flower run that produced it.
 FLOWER_RUN_TAG = "flwr.run_id"
@@ -344,7 +370,8 @@ FLOWER_RUN_TAG = "flwr.run_id"
 def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
     uri = str(context.run_config.get("tracking-uri") or cfg.tracking.uri or default_tracking_uri())
-    result = run_server(grid, cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"})
+    result = run_server(grid, cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"},
+                        resume=str(context.run_config.get("resume", "") or "") or None)
     logging.getLogger("lifelong.federated").warning(
         "federated run finished: average accuracy %.3f, MLflow run %s (%s)",
         result.summary["avg_accuracy"], result.run_id, uri)
@@ -353,7 +380,9 @@ def server_main(grid: Grid, context: Context) -> None:
 def config_from_run_config(run_config: dict) -> Config:
     source = str(run_config.get("config", "") or "")
     overrides = [s for s in str(run_config.get("set", "") or "").split(";") if s.strip()]
-    if "\n" in source or (not source.endswith(".toml") and "=" in source):  # inline TOML
+    if source.lstrip().startswith("{"):  # a resumed run's own config, as MLflow keeps it
+        cfg = validate_config(json.loads(source))
+    elif "\n" in source or (not source.endswith(".toml") and "=" in source):  # inline TOML
         import tomllib
 
         from lifelong.config import apply_override
@@ -390,17 +419,18 @@ def open_run_step(cfg: Config, uri: str, hists: list[np.ndarray]) -> str:
 
 @task(cache_policy=NO_CACHE)
 def rounds_step(cfg: Config, run_id: str, uri: str, client_app, resume: dict | None = None) -> FederatedResult:
-    """Every experience's rounds on the configured backend (checkpointed after every round when
-    in-process)."""
+    """Every experience's rounds on the configured backend, checkpointed after every round."""
     from clients.launch import inprocess_grid, simulate_with_ray
 
     progress = Progress(f"fed {strategy_label(cfg.strategies[0])}", build_stream(cfg.stream, cfg.seed).n_experiences,
                         cfg.federated.rounds, step_name="round")
     try:
+        def rounds(grid: Grid) -> FederatedResult:
+            return serve(grid, cfg, run_id, uri, progress, checkpoint=checkpoint_file(run_id), resume=resume)
+
         if cfg.federated.backend == "inprocess":
-            return serve(inprocess_grid(cfg, client_app), cfg, run_id, uri, progress,
-                         checkpoint=checkpoint_file(run_id), resume=resume)
-        return simulate_with_ray(cfg, lambda grid: serve(grid, cfg, run_id, uri, progress), client_app)
+            return rounds(inprocess_grid(cfg, client_app))
+        return simulate_with_ray(cfg, rounds, client_app)
     finally:
         progress.close()
 
@@ -408,7 +438,8 @@ def rounds_step(cfg: Config, run_id: str, uri: str, client_app, resume: dict | N
 @flow(name="federated", validate_parameters=False)
 def federated_flow(config: dict, client_app=None, resume: str | None = None) -> FederatedResult:
     """Federated continual learning: Flower rounds over every experience of the stream.
-    ``resume``: an interrupted in-process run's id, continued from its last round's checkpoint."""
+    ``resume``: an interrupted run's id, continued from its last round's checkpoint (on either
+    backend: the clients load the state they saved themselves)."""
     cfg = config if isinstance(config, Config) else validate_config(config)
     t0 = time.perf_counter()
     uri = cfg.tracking.uri or default_tracking_uri()
@@ -419,9 +450,6 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
     if resume is None:
         run_id = open_run_step(cfg, uri, hists)
     else:
-        if cfg.federated.backend != "inprocess":
-            raise ResumeError("federated runs resume on the in-process backend only (Ray's engine "
-                                       "and SuperNodes keep the clients' state out of reach)")
         run_id = resume
         state = load_round(checkpoint_file(run_id), cfg)
         client.update_run(run_id, status="RUNNING")

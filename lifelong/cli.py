@@ -190,7 +190,8 @@ def clients_launch(
     workdir: Annotated[Path, typer.Option(help="--deployment: logs and Flower state go in a new folder here")] = Path(
         ".lifelong/deployment"),
     resume: Annotated[Optional[str], typer.Option(
-        help="Continue an interrupted in-process run (its MLflow run id) from its last round")] = None,
+        help="Continue an interrupted run (its MLflow run id) from its last round; with --deployment "
+        "on a new local deployment")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(help="--resume: the run's MLflow store")] = None,
 ) -> None:
     """Run the federated flow with N simulated clients, each a continual learner on its own data."""
@@ -199,6 +200,9 @@ def clients_launch(
             cfg = resume_config(resume, config, set_, tracking_uri)
         except (ConfigError, ValueError, LookupError) as exc:
             _fail(str(exc))
+        if deployment:
+            deploy_and_run(cfg, None, [], workdir, resume=resume)
+            return
         resume_run(cfg, resume)
         return
     overrides = ["flow=\"federated\"", *set_]
@@ -219,17 +223,30 @@ def clients_launch(
     print_federated(run_federated(cfg))
 
 
-def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path) -> None:
-    """Start a SuperLink and a SuperNode per client, submit the app, print where the results are."""
+def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path,
+                   resume: str | None = None) -> None:
+    """Start a SuperLink and a SuperNode per client, submit the app, print where the results are.
+    ``resume``: an interrupted run's id; its config is ``cfg`` (the run's own), sent as JSON."""
     from clients.deploy import DeploymentError, LocalDeployment, app_dir
     from lifelong.env import default_tracking_uri
 
+    import json
     import time
 
     uri = cfg.tracking.uri or default_tracking_uri()
     workdir = workdir / time.strftime("%Y%m%d-%H%M%S")  # a fresh folder: nothing of the user's is touched
     run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
                   "tracking-uri": uri}
+    if resume is not None:
+        from flows.checkpoints import ResumeError
+        from flows.federated_checkpoint import checkpoint_file, load_round
+
+        try:  # refused here, before any service starts, rather than in the ServerApp's log
+            load_round(checkpoint_file(resume), cfg)
+        except ResumeError as exc:
+            _fail(str(exc))
+        run_config = {"config": json.dumps(cfg.model_dump(mode="json"), separators=(",", ":")),
+                      "resume": resume, "tracking-uri": uri}
     n = cfg.federated.clients
     typer.echo(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {workdir}/)")
     try:

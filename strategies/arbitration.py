@@ -33,6 +33,15 @@ class GCondArbitrationPlugin(SupervisedPlugin):
         self.projections = 0
         self.arbitrated = 0
 
+    # Checkpoints (``strategies/checkpoint.py``): GCond's EMA norms, previous gradients and win
+    # history carry across steps and experiences; a resumed run must arbitrate as the original did.
+    def checkpoint_state(self) -> dict:
+        return {"gcond": self.gcond.state_dict(), "projections": self.projections, "arbitrated": self.arbitrated}
+
+    def load_checkpoint_state(self, state: dict, device) -> None:
+        self.gcond.load_state_dict(state["gcond"], device)
+        self.projections, self.arbitrated = int(state["projections"]), int(state["arbitrated"])
+
     def _losses(self, strategy) -> list[torch.Tensor] | None:
         out, y = strategy.mb_output, strategy.mb_y
         task = torch.nn.functional.cross_entropy(out, y)

@@ -5,13 +5,16 @@ included; ours hold an MLflow client, a Prefect-run progress bar and the stream,
 pickle (dill stops on a typing sentinel inside them). So the state is taken explicitly, piece
 by piece: the model, the optimizer (Avalanche keeps Adam's moments across experiences), the
 training clock, every regulariser's ``state_dict``, the replay memory (samples and Avalanche's
-reservoir weights) and the RNGs (via Avalanche's ``RNGManager``). A plugin whose state is not
-captured here makes :func:`check_checkpointable` refuse, rather than resume it wrongly.
+reservoir weights), the RNGs (via Avalanche's ``RNGManager``) and the state of every plugin that
+says how to take it (``checkpoint_state`` / ``load_checkpoint_state``: OnePrompt's seen classes,
+GCond arbitration's EMA norms, previous gradients and win history). A plugin whose state is not
+captured makes :func:`check_checkpointable` refuse, rather than resume it wrongly.
 """
 
 from __future__ import annotations
 
 import torch
+from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
@@ -28,9 +31,16 @@ class NotCheckpointable(ValueError):
     """A learner with state this module cannot capture; the message names the plugin."""
 
 
+def _stateful(strategy) -> list:
+    """Plugins that checkpoint themselves, in the strategy's order."""
+    return [p for p in strategy.plugins if hasattr(p, "checkpoint_state") and hasattr(p, "load_checkpoint_state")]
+
+
 def check_checkpointable(strategy) -> None:
     for p in strategy.plugins:
         if isinstance(p, (RegularizerPlugin, ReplayPlugin, EvaluationPlugin)) or type(p).__name__ in _STATELESS:
+            continue
+        if p in _stateful(strategy):
             continue
         raise NotCheckpointable(f"{type(p).__name__} keeps state that checkpoints do not capture yet; "
                                 "this strategy cannot be resumed")
@@ -71,6 +81,7 @@ def learner_state(strategy) -> dict:
         "clock": {k: v for k, v in vars(strategy.clock).items() if isinstance(v, int)},
         "rng": RNGManager.__getstate__(),
         "regularizers": [p.regularizer.state_dict() for p in strategy.plugins if isinstance(p, RegularizerPlugin)],
+        "plugins": [(type(p).__name__, p.checkpoint_state()) for p in _stateful(strategy)],
     }
     replay = next((p for p in strategy.plugins if isinstance(p, ReplayPlugin)), None)
     if replay is not None:
@@ -82,8 +93,11 @@ def load_learner_state(strategy, state: dict) -> None:
     check_checkpointable(strategy)
     strategy.model.load_state_dict(state["model"])
     # Avalanche maps optimizer slots to parameters by id(); a strategy that has not trained yet
-    # would otherwise reset the optimizer's state on its first experience.
-    strategy.optimized_param_id = {n: p for n, p in strategy.model.named_parameters()}
+    # would otherwise reset the optimizer's state on its first experience. Its first experience
+    # also appends every model parameter the optimizer lacks (OnePrompt's frozen backbone) to the
+    # optimizer: done here the same way, so the saved slots line up with the same parameters.
+    strategy.optimized_param_id = update_optimizer(strategy.optimizer, dict(strategy.model.named_parameters()),
+                                                   None, reset_state=True)
     strategy.optimizer.load_state_dict(state["optimizer"])
     for k, v in state["clock"].items():
         setattr(strategy.clock, k, v)
@@ -93,4 +107,11 @@ def load_learner_state(strategy, state: dict) -> None:
     replay = next((p for p in strategy.plugins if isinstance(p, ReplayPlugin)), None)
     if replay is not None:
         load_buffer_state(replay.storage_policy, state["replay"])
+    plugins = _stateful(strategy)
+    saved = state["plugins"]
+    if [type(p).__name__ for p in plugins] != [name for name, _ in saved]:
+        raise NotCheckpointable(f"the checkpoint holds the state of plugins {[n for n, _ in saved]}, "
+                                f"the learner has {[type(p).__name__ for p in plugins]}")
+    for p, (_, s) in zip(plugins, saved):
+        p.load_checkpoint_state(s, strategy.device)
     RNGManager.__setstate__(state["rng"])

@@ -239,6 +239,22 @@ class GCond:
         """Arbitration then sum (no momentum): GCond as a plain ``GradientCombiner``."""
         return self.resolve(grads).sum(0)
 
+    # --- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next call depends on (the hyper-parameters come from the config)."""
+        return {"num_tasks": self.num_tasks, "norm_ema": list(self.norm_ema),
+                "prev": None if self.prev is None else self.prev.detach().cpu().clone(),
+                "history": list(self.history), "step_idx": self.step_idx,
+                "momentum": None if self.momentum is None else self.momentum.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | str = "cpu") -> None:
+        self._reset_tasks(int(state["num_tasks"]))
+        self.norm_ema = [float(e) for e in state["norm_ema"]]
+        self.prev = None if state["prev"] is None else state["prev"].to(device)
+        self.history.extend(int(w) for w in state["history"])
+        self.step_idx = int(state["step_idx"])
+        self.momentum = None if state["momentum"] is None else state["momentum"].to(device)
+
     # --- momentum ----------------------------------------------------------------------------------
     def momentum_step(self, g: Tensor) -> Tensor:
         """m <- beta m + (1 - beta) g, returned bias-corrected (so the first step returns g)."""

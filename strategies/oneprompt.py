@@ -32,6 +32,16 @@ class OnePromptPlugin(SupervisedPlugin):
         self.seen: list[int] = []
         self.last_vor: dict = {}
 
+    # Checkpoints (``strategies/checkpoint.py``): the classes seen so far decide which logits are
+    # masked and the VOR generator's seed; the prompt, head and active-class mask are the model's
+    # (``active`` is a buffer), the frozen backbone and prompt switch are set again by ``__init__``.
+    def checkpoint_state(self) -> dict:
+        return {"current": list(self.current), "seen": list(self.seen), "last_vor": dict(self.last_vor)}
+
+    def load_checkpoint_state(self, state: dict, device) -> None:
+        self.current, self.seen = list(state["current"]), list(state["seen"])
+        self.last_vor = dict(state["last_vor"])
+
     def before_training_exp(self, strategy, **kwargs):
         self.current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
         self.seen = sorted(set(self.seen) | set(self.current))

@@ -112,3 +112,46 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     assert not [row for row in victim_rows if row[0] > killed_after + 1 and row[3] == "ok"]
     assert [row for row in victim_rows if row[3] in ("lost", "failed")], "the dead node was never sampled again"
     assert not flower_processes()
+
+
+def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_state(tmp_path):
+    """`lifelong clients launch --deployment --resume RUN_ID`: fresh SuperNode processes go on from
+    the server's checkpoint, each client with the state it saved (here by the in-process clients
+    of the interrupted run, in the same LIFELONG_HOME): its replay memory of experience 0."""
+    import numpy as np
+    from flwr.clientapp import ClientApp
+
+    from clients.app import train as client_train
+    from clients.state_store import saved_rounds, state_root
+    from flows.federated import run_federated
+    from lifelong.config import load_config
+
+    def config(db: str):
+        return load_config(None, ['flow="federated"', "federated.clients=2", "stream.n_experiences=2",
+                                  "federated.rounds=1", 'model.name="mlp"', "model.hidden=32",
+                                  'strategies=[{name="replay", mem_size=30}]', "tracking.log_model=false",
+                                  "tracking.log_plots=false", f'tracking.uri="sqlite:///{tmp_path / db}"'])
+
+    stop = ClientApp()
+
+    @stop.train()
+    def train(msg, context):
+        if int(msg.content["config"]["server-round"]) + int(msg.content["config"]["round-offset"]) == 2:
+            raise KeyboardInterrupt("the machine went down")
+        return client_train(msg, context)
+
+    cfg = config("mlruns.db")
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=stop)
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("lifelong").experiment_id])[0].info.run_id
+    assert all(sorted(saved_rounds(state_root() / run_id / p)) == [1] for p in ("0", "1"))
+    out = CliRunner().invoke(cli, ["clients", "launch", "--deployment", "--resume", run_id, "--tracking-uri",
+                                   cfg.tracking.uri, "--workdir", str(tmp_path / "flower")])
+    assert out.exit_code == 0, out.output
+    assert f"lifelong results {run_id}" in out.output
+    back = read_results(run_id, cfg.tracking.uri)
+    assert back.status == "FINISHED" and client.get_run(run_id).data.tags["lifelong.backend"] == "deployment"
+    unbroken = run_federated(config("unbroken.db"))
+    assert np.allclose(back.matrix, unbroken.matrix, atol=1e-6)
+    assert not flower_processes()

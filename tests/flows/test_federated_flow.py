@@ -187,6 +187,26 @@ def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
     assert finals == pytest.approx({f"final/{k}": v for k, v in full.summary.items()})
 
 
+def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):
+    from clients import state_store
+
+    cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false")
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(5))  # checkpointed after round 4
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    folder = state_store.state_root() / run_id
+    assert {p.name for p in folder.iterdir()} == {"0", "1", "2"}  # every client saved its own state
+    assert all(sorted(state_store.saved_rounds(folder / c)) == [3, 4] for c in "012")
+    bad = folder / "1" / "round-4.pt"
+    bad.write_bytes(b"\0" * 100)
+    out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 2, out.output
+    assert f"refused client state: checkpoint {bad} is unreadable" in out.output
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
 def test_resume_refuses_a_run_without_a_checkpoint(tmp_path):
     cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false")
     with pytest.raises(KeyboardInterrupt):

@@ -157,3 +157,93 @@ def test_retries_need_a_checkpointable_learner(tmp_path):
     cfg = load_config(None, overrides(tmp_path, "training.retries=1", 'strategies=[{name="joint"}]'))
     with pytest.raises(ValueError, match="training.retries: joint cannot go back to a checkpoint"):
         fc.run_continual(cfg)
+
+
+# OnePrompt (+VOR) and GCond arbitration keep state of their own across experiences (seen classes;
+# EMA norms, previous gradients, win history): a resumed run must train exactly as an unbroken one.
+SELF_CHECKPOINTING = [
+    ("oneprompt+vor", ['model.name="vit"', "model.vit_dim=16", "model.vit_depth=1", "model.vit_heads=2",
+                       "model.vit_patch=4","training.epochs=1",
+                       'strategies=[{name="oneprompt", vor_epochs=1, outliers_per_class=5}]']),
+    ("replay+ewc+gcond(replay)", ['strategies=[{name="replay", mem_size=40, plugins=[{name="ewc", lam=5.0}], '
+                                  'arbitrate="gcond"}]',]),
+    ("replay+ewc+gcond(penalty)", ['strategies=[{name="replay", mem_size=40, plugins=[{name="ewc", lam=5.0}], '
+                                   'arbitrate="gcond", arbitrate_between="penalty"}]',]),
+]
+
+
+@pytest.mark.parametrize("label, extra", SELF_CHECKPOINTING, ids=[s[0] for s in SELF_CHECKPOINTING])
+def test_self_checkpointing_learners_resume_to_the_unbroken_run(tmp_path, monkeypatch, label, extra):
+    cfg = load_config(None, overrides(tmp_path, *extra))
+    full = fc.run_continual(cfg)
+    assert full.results[0].label == label
+    parent = interrupted_run(cfg, monkeypatch, label=label, at=2)
+    saved = torch.load(fc.checkpoint_path(parent, 0), weights_only=False)
+    assert saved["next_experience"] == 2 and saved["plugins"]  # its own state is in the checkpoint
+    resumed = fc.run_continual(cfg, resume=parent)
+    a, b = full.results[0], resumed.results[0]
+    assert np.array_equal(a.matrix, b.matrix) and a.summary == pytest.approx(b.summary)
+    # The metrics may not show a lost EMA or win history; the plugins' own state at the end does.
+    ends = [torch.load(fc.checkpoint_path(run, 0), weights_only=False)["plugins"] for run in (full.parent_run_id, parent)]
+    assert same(*ends), ends
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
+    """SIGKILL `lifelong clients launch --backend ray` mid-experience 1, then `--resume`: the Ray
+    actors (and the clients' Context.state in them) are gone; the clients load the state they saved.
+
+    The unbroken run is in-process: both backends give the same bits (test_federated_flow's
+    test_inprocess_backend_matches_flowers_ray_engine) when the actors get as many threads as we use.
+    """
+    from clients.state_store import saved_rounds
+    from flows.federated import run_federated
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg_path = tmp_path / "fed.toml"
+    cfg_path.write_text(
+        'seed = 3\nflow = "federated"\n[model]\nname = "mlp"\nhidden = 32\n'
+        '[training]\nepochs = 2\noptimizer = "adam"\nlr = 0.01\n[stream]\nn_experiences = 2\n'
+        f'[federated]\nclients = 2\nrounds = 3\nray_cpus_per_client = {torch.get_num_threads()}\n'
+        '[[strategies]]\nname = "replay"\nmem_size = 30\n'
+        f'[tracking]\nuri = "{uri}"\nexperiment = "fed"\nlog_model = false\nlog_plots = false\n')
+    home = tmp_path / "home"
+    env = {**os.environ, "LIFELONG_HOME": str(home)}
+    lifelong = [sys.executable, "-m", "lifelong.cli", "clients", "launch"]
+    proc = subprocess.Popen([*lifelong, str(cfg_path), "--backend", "ray"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:  # kill it once round 4 (the first of experience 1, where the clients consolidate) is checkpointed
+        while time.monotonic() < deadline:
+            saved = [torch.load(p, weights_only=False)["round"] for p in home.glob("checkpoints/*/federated.pt")]
+            if saved and max(saved) >= 4:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # Prefect's API server and Ray's processes go too
+        proc.wait()
+    client = client_for(uri)
+    run = client.search_runs([client.get_experiment_by_name("fed").experiment_id])[0]
+    assert run.info.status == "RUNNING" and run.data.tags["lifelong.backend"] == "ray"
+    done = torch.load(home / "checkpoints" / run.info.run_id / "federated.pt", weights_only=False)["round"]
+    assert 4 <= done < 6  # killed before the end
+    states = home / "client-state" / run.info.run_id
+    assert all(any(r <= done for r in saved_rounds(states / p)) for p in ("0", "1"))
+    out = subprocess.run([*lifelong, "--resume", run.info.run_id, "--tracking-uri", uri], env=env,
+                         capture_output=True, text=True, timeout=400, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    back = client.get_run(run.info.run_id)
+    assert back.info.status == "FINISHED"
+    unbroken = run_federated(load_config(cfg_path, [f'tracking.uri="sqlite:///{tmp_path / "unbroken.db"}"']))
+    finals = {k: v for k, v in back.data.metrics.items() if k.startswith("final/")}
+    assert finals and finals == pytest.approx({f"final/{k}": v for k, v in unbroken.summary.items()}, abs=1e-12)

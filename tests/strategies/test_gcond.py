@@ -270,3 +270,22 @@ def test_sequential_forward_per_task_as_the_reference_or_shared_with_the_same_gr
     b = shared.accumulate(model, model.parameters(), fn, xs)
     assert all(torch.allclose(x, y) for x, y in zip(a, b))
     assert per_task.last_stats["forward_passes"] == 4 and shared.last_stats["forward_passes"] == 2  # N×K vs K
+
+
+def test_state_dict_holds_the_hand_computed_state_and_a_copy_arbitrates_alike():
+    g = GCond()
+    out = g.resolve([torch.tensor([3.0, 4.0]), torch.tensor([0.0, -1.0])])  # cos = -0.8: a conflict
+    state = g.state_dict()
+    # EMA from 1.0 with beta 0.95: 0.95 + 0.05 * 5 = 1.2 and 0.95 + 0.05 * 1 = 1.0
+    assert state["norm_ema"] == pytest.approx([1.2, 1.0]) and state["num_tasks"] == 2
+    assert torch.equal(state["prev"], torch.tensor([[3.0, 4.0], [0.0, -1.0]]))  # the raw gradients
+    assert state["history"] == g.last_stats["winners"][-3:] and out.shape == (2, 2)
+    g.momentum_step(out.sum(0))
+    copy = GCond()
+    copy.load_state_dict(g.state_dict())
+    torch.manual_seed(0)
+    for _ in range(5):  # the dominance history, EMA and previous gradients steer later arbitrations
+        grads = [torch.randn(4), torch.randn(4)]
+        assert torch.equal(g.resolve(grads), copy.resolve(grads))
+        assert torch.equal(g.momentum_step(grads[0]), copy.momentum_step(grads[0]))
+    assert list(g.history) == list(copy.history)
