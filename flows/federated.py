@@ -2,7 +2,8 @@
 
 For each experience of the stream the server runs ``federated.rounds`` Flower rounds: it samples
 clients, sends them the global model, aggregates their updates with FedAvg
-(``strategies/fedavg.py``) and evaluates the new global model on every experience after every
+(``strategies/fedavg.py``; optionally user-level DP, ``strategies/dp_fedavg.py``), steps the global
+model with the server optimizer (``strategies/server_optimizer.py``) and evaluates the new global model on every experience after every
 round. Each client trains its own continual learner on its private share of the experience
 (``clients/``).
 
@@ -51,8 +52,9 @@ from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
 from strategies.baselines import resolve_device
 from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
-from strategies.dp_fedavg import UserLevelDP
+from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
 from strategies.fedavg import ContinualFedAvg
+from strategies.server_optimizer import ServerOptimizer
 from tasks.evaluation import evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_model
@@ -106,15 +108,33 @@ def privacy_plan(cfg: Config) -> UserLevelPrivacy | None:
         return None
     rounds = build_stream(cfg.stream, cfg.seed).n_experiences * cfg.federated.rounds
     common = {"cohort_size": cfg.federated.sampled, "population": cfg.federated.clients, "rounds": rounds,
-              "delta": p.delta, "stated_population": p.population, "stated_cohort_size": p.cohort}
-    if p.target_epsilon is not None:
-        plan = UserLevelPrivacy.from_target_epsilon(p.target_epsilon, **common)
-    else:
-        plan = UserLevelPrivacy(p.noise_multiplier, **common)
+              "delta": p.delta, "stated_population": p.population, "stated_cohort_size": p.cohort,
+              "count_noise_std": count_noise_std(cfg)}
+    try:
+        if p.target_epsilon is not None:
+            plan = UserLevelPrivacy.from_target_epsilon(p.target_epsilon, **common)
+        else:
+            plan = UserLevelPrivacy(p.noise_multiplier, **common)
+    except PrivacyBudgetError as exc:
+        if "adaptive clipping" not in str(exc):
+            raise
+        which = ("privacy.clipped_count_stddev" if p.clipped_count_stddev is not None else
+                 f"privacy.clipped_count_stddev (default: {cfg.federated.sampled} sampled clients / 20)")
+        raise PrivacyBudgetError(f"{which}: {exc}; raise it, or use less noise (a smaller "
+                                 "noise_multiplier or a larger target_epsilon)") from None
     if p.max_epsilon is not None and (eps := plan.epsilon()) > p.max_epsilon:
         raise PrivacyBudgetError(f"privacy.max_epsilon: the run would spend epsilon {eps:.3g} > {p.max_epsilon:g} "
                                  f"({plan.describe(eps)})")
     return plan
+
+
+def count_noise_std(cfg: Config) -> float | None:
+    """sigma_b of adaptive clipping (None without it): the configured one, or Andrew et al.'s
+    recommendation, the expected cohort / 20."""
+    p = cfg.privacy
+    if not p.adaptive_clipping:
+        return None
+    return p.clipped_count_stddev if p.clipped_count_stddev is not None else cfg.federated.sampled / 20
 
 
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
@@ -142,13 +162,16 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     fed, n_exp = cfg.federated, stream.n_experiences
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
-    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed)
+    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed,
+                               server_optimizer=ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters))
     privacy = privacy_plan(cfg)
     epsilons: list[float] = []
     if privacy is not None:
         p = cfg.privacy
-        strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.noise_multiplier, fed.sampled,
-                               p.allocation, cfg.seed)
+        adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
+                    if p.adaptive_clipping else None)
+        strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
+                               p.allocation, cfg.seed, adaptive)
         epsilons = list(privacy.epsilon_per_round())
         tracking.set_tags(client, run_id, {"privacy": privacy.describe()})
     trace, rows = ContinualTrace(), []
