@@ -162,8 +162,10 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     fed, n_exp = cfg.federated, stream.n_experiences
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
-    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed,
-                               server_optimizer=ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters))
+    server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
+    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed, server_optimizer=server_optimizer)
+    # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
+    tracking.set_tags(client, run_id, {"server_optimizer": server_optimizer.describe()})
     privacy = privacy_plan(cfg)
     epsilons: list[float] = []
     if privacy is not None:

@@ -92,6 +92,10 @@ class ServerOptimizer:
         self.m: dict[str, Tensor] = {}  # first moment (fedadam, lamb) or LARS' momentum buffer
         self.v: dict[str, Tensor] = {}  # second moment (fedadam, lamb)
 
+    def describe(self) -> str:
+        """E.g. ``lamb lr=0.01 momentum=0.9 beta2=0.999 eps=1e-06 weight_decay=0``."""
+        return " ".join([self.name, *(f"{k}={v:g}" for k, v in self.hp.items())])
+
     @property
     def is_identity(self) -> bool:
         """Plain FedAvg: the new global model is the aggregate."""

@@ -154,3 +154,7 @@ def test_a_short_federated_run_checkpoints_the_optimizer_state(tmp_path, monkeyp
     again = ServerOptimizer(name)
     again.load_state_dict(saved)
     assert all(torch.equal(again.m[k], saved["m"][k]) for k in saved["m"])
+    from lifelong.tracking import client_for
+
+    tag = client_for(cfg.tracking.uri).get_run(result.run_id).data.tags["server_optimizer"]
+    assert tag == again.describe() and tag.startswith(f"{name} lr=")
