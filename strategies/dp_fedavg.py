@@ -39,11 +39,12 @@ from strategies.dp_clipping import clip_update, noisy_unclipped_fraction, privat
 
 @dataclass(frozen=True)
 class AdaptiveClipping:
-    """Andrew et al.'s settings: target quantile gamma, learning rate eta_C, count noise std sigma_b."""
+    """Andrew et al.'s settings: target quantile gamma, learning rate eta_C, count noise std sigma_b
+    (their defaults, 0.5, 0.2 and cohort / 20, are the config's: ``[privacy]``)."""
 
-    target_quantile: float = 0.5
-    learning_rate: float = 0.2
-    count_noise_std: float = 1.0
+    target_quantile: float
+    learning_rate: float
+    count_noise_std: float
 
 
 class UserLevelDP(Strategy):
