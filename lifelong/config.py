@@ -425,7 +425,7 @@ class FederatedConfig(_Section):
     #: (strategies/server_optimizer.py): ``fedavg`` (lr 1: plain FedAvg), ``fedadam`` (Reddi et
     #: al. 2021), ``lamb`` / ``lars`` (a trust ratio per layer: You et al. 2020 / 2017).
     server_optimizer: Literal["fedavg", "fedadam", "lamb", "lars"] = "fedavg"
-    #: Server learning rate; default per optimizer: fedavg 1, fedadam 0.1, lamb 0.01, lars 0.01.
+    #: Server learning rate; default per optimizer: fedavg 1, fedadam 0.01, lamb 0.01, lars 0.01.
     server_lr: float | None = Field(None, gt=0)
     #: beta1 of fedadam / lamb, momentum of lars; default 0.9.
     server_momentum: float | None = Field(None, ge=0, lt=1)
