@@ -131,7 +131,9 @@ def attack_cases(cfg: Config) -> list[tuple[str, str, dict | None]]:
         return cases
     from flows.federated import privacy_plan
 
-    z = privacy_plan(cfg).noise_multiplier
+    # The noise the server adds to the update: z, or z_delta with adaptive clipping (whose first
+    # round clips at the configured starting bound, the one audited here).
+    z = privacy_plan(cfg).update_noise_multiplier
     view = {"mode": p.clipping, "clip": p.clip, "allocation": p.allocation}
     cases.append(("clip_only", f"clipped only ({p.clipping}, C={p.clip:g}, z=0)", {**view, "noise_multiplier": 0.0}))
     cases.append(("dp", f"DP ({p.clipping}, C={p.clip:g}, z={z:.3g})", {**view, "noise_multiplier": z}))

@@ -2,7 +2,8 @@
 
 For each experience of the stream the server runs ``federated.rounds`` Flower rounds: it samples
 clients, sends them the global model, aggregates their updates with FedAvg
-(``strategies/fedavg.py``) and evaluates the new global model on every experience after every
+(``strategies/fedavg.py``; optionally user-level DP, ``strategies/dp_fedavg.py``), steps the global
+model with the server optimizer (``strategies/server_optimizer.py``) and evaluates the new global model on every experience after every
 round. Each client trains its own continual learner on its private share of the experience
 (``clients/``).
 
@@ -41,7 +42,7 @@ from prefect.cache_policies import NO_CACHE
 
 from clients import state_store
 from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
-from clients.learner import SAMPLE_EPSILON, client_indices
+from clients.learner import client_indices
 from flows.checkpoints import ResumeError
 from flows.federated_checkpoint import (
     checkpoint_file,
@@ -55,8 +56,9 @@ from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
 from strategies.baselines import resolve_device
 from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
-from strategies.dp_fedavg import UserLevelDP
+from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
 from strategies.fedavg import ContinualFedAvg
+from strategies.server_optimizer import ServerOptimizer
 from tasks.evaluation import evaluate
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_model
@@ -110,15 +112,33 @@ def privacy_plan(cfg: Config) -> UserLevelPrivacy | None:
         return None
     rounds = build_stream(cfg.stream, cfg.seed).n_experiences * cfg.federated.rounds
     common = {"cohort_size": cfg.federated.sampled, "population": cfg.federated.clients, "rounds": rounds,
-              "delta": p.delta, "stated_population": p.population, "stated_cohort_size": p.cohort}
-    if p.target_epsilon is not None:
-        plan = UserLevelPrivacy.from_target_epsilon(p.target_epsilon, **common)
-    else:
-        plan = UserLevelPrivacy(p.noise_multiplier, **common)
+              "delta": p.delta, "stated_population": p.population, "stated_cohort_size": p.cohort,
+              "count_noise_std": count_noise_std(cfg)}
+    try:
+        if p.target_epsilon is not None:
+            plan = UserLevelPrivacy.from_target_epsilon(p.target_epsilon, **common)
+        else:
+            plan = UserLevelPrivacy(p.noise_multiplier, **common)
+    except PrivacyBudgetError as exc:
+        if "adaptive clipping" not in str(exc):
+            raise
+        which = ("privacy.clipped_count_stddev" if p.clipped_count_stddev is not None else
+                 f"privacy.clipped_count_stddev (default: {cfg.federated.sampled} sampled clients / 20)")
+        raise PrivacyBudgetError(f"{which}: {exc}; raise it, or use less noise (a smaller "
+                                 "noise_multiplier or a larger target_epsilon)") from None
     if p.max_epsilon is not None and (eps := plan.epsilon()) > p.max_epsilon:
         raise PrivacyBudgetError(f"privacy.max_epsilon: the run would spend epsilon {eps:.3g} > {p.max_epsilon:g} "
                                  f"({plan.describe(eps)})")
     return plan
+
+
+def count_noise_std(cfg: Config) -> float | None:
+    """sigma_b of adaptive clipping (None without it): the configured one, or Andrew et al.'s
+    recommendation, the expected cohort / 20."""
+    p = cfg.privacy
+    if not p.adaptive_clipping:
+        return None
+    return p.clipped_count_stddev if p.clipped_count_stddev is not None else cfg.federated.sampled / 20
 
 
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
@@ -130,32 +150,6 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
     if cfg.pretrain.epochs:
         model.load_state_dict(pretrained_state(cfg, stream))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-class SampleEpsilonFedAvg(ContinualFedAvg):
-    """``ContinualFedAvg`` that also keeps, per global round, the sample-level epsilon each client
-    that replied validly reports (``{round: {partition_id: epsilon}}``).
-
-    Kept on the server for logging only; a resumed run has them from the resumed round on (the
-    round checkpoint stores the outcomes, not these).
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.sample_epsilons: dict[int, dict[int, float]] = {}
-
-    def record_replies(self, server_round: int, replies):
-        replies = list(replies)
-        valid = super().record_replies(server_round, replies)
-        rnd = self.round_offset + server_round
-        ok = {o.partition_id for o in self.outcomes if o.round == rnd and o.status == "ok"}
-        for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content:
-                continue  # recorded as failed above
-            m = msg.content["metrics"]
-            if SAMPLE_EPSILON in m and int(m["partition-id"]) in ok:
-                self.sample_epsilons.setdefault(rnd, {})[int(m["partition-id"])] = float(m[SAMPLE_EPSILON])
-        return valid
 
 
 def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
@@ -172,15 +166,18 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     fed, n_exp = cfg.federated, stream.n_experiences
     device = resolve_device(cfg.training.device)
     model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
-    sample_dp = cfg.privacy.sample is not None
-    strategy = (SampleEpsilonFedAvg if sample_dp else ContinualFedAvg)(fed.fraction, fed.min_results, fed.clients,
-                                                                      cfg.seed)
+    server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
+    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed, server_optimizer=server_optimizer)
+    # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
+    tracking.set_tags(client, run_id, {"server_optimizer": server_optimizer.describe()})
     privacy = privacy_plan(cfg)
     epsilons: list[float] = []
     if privacy is not None:
         p = cfg.privacy
-        strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.noise_multiplier, fed.sampled,
-                               p.allocation, cfg.seed)
+        adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
+                    if p.adaptive_clipping else None)
+        strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
+                               p.allocation, cfg.seed, adaptive)
         epsilons = list(privacy.epsilon_per_round())
         tracking.set_tags(client, run_id, {"privacy": privacy.describe()})
     trace, rows = ContinualTrace(), []
@@ -230,9 +227,9 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if privacy is not None and server_round:
             values["privacy/epsilon"] = epsilons[rnd - 1]
             values.update({f"privacy/{k}": v for k, v in strategy.clip_stats.get(rnd, {}).items()})
-        if sample_dp and (eps := strategy.sample_epsilons.get(rnd)):
-            values["privacy/sample_epsilon_max"] = max(eps.values())
-            values["privacy/sample_epsilon_mean"] = float(np.mean(list(eps.values())))
+        if eps := [o.sample_epsilon for o in done if o.status == "ok" and o.sample_epsilon is not None]:
+            values["privacy/sample_epsilon_max"] = max(eps)
+            values["privacy/sample_epsilon_mean"] = float(np.mean(eps))
         logger.log_values(values, rnd)
         if progress is not None and server_round:
             progress.epoch(experience, rnd - experience * fed.rounds - 1)
@@ -278,10 +275,10 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     table = {"columns": ["round", "node_id", "partition_id", "status", "num_examples", "train_loss", "reason"],
              "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
                        None if np.isnan(o.train_loss) else o.train_loss, o.reason] for o in strategy.outcomes]}
-    if sample_dp:  # each reply's epsilon (None: failed, lost, or before a resume)
+    if cfg.privacy.sample is not None:  # each reply's epsilon (None: failed or lost)
         table["columns"].append("sample_epsilon")
         for o, row in zip(strategy.outcomes, table["data"]):
-            row.append(strategy.sample_epsilons.get(o.round, {}).get(o.partition_id) if o.status == "ok" else None)
+            row.append(o.sample_epsilon)
     client.log_dict(run_id, table, "clients.json")
     client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in trace.points]},
                     tracking.TRACE_FILE)

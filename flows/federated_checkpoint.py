@@ -2,11 +2,12 @@
 
 Everything the next round depends on: the global model, the model the previous experience ended
 with (``boundary``), the strategy's records (client outcomes, skipped rounds, which node holds
-which partition), the evaluation trace and the accuracy-matrix rows. Not the clients' state:
-every client saves its own after each round, on its side, on every backend
-(``clients/state_store.py``), and a resumed run's clients load theirs back. No RNG state: client
-sampling and every client's training are seeded per round, so round r+1 after a resume draws
-what it would have drawn.
+which partition), the evaluation trace and the accuracy-matrix rows, and the server's own state
+(``server_state()`` of the strategy): the server optimizer's moments and, with user-level DP, the
+(adaptive) clipping bound and the noise generator. Not the clients' state: every client saves its
+own after each round, on its side, on every backend (``clients/state_store.py``), and a resumed
+run's clients load theirs back. No RNG state: client sampling and every client's training are
+seeded per round, so round r+1 after a resume draws what it would have drawn.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from flows.checkpoints import ResumeError, checkpoint_dir, config_fingerprint, r
 from lifelong.config import Config
 from strategies.fedavg import ClientOutcome
 
-VERSION = 2  # 2: the clients' state is theirs (clients/state_store.py), no longer in here
+VERSION = 3  # 2: the clients' state is theirs (clients/state_store.py); 3: the server's state
 
 
 def checkpoint_file(run_id: str) -> Path:
@@ -34,6 +35,7 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
         "boundary": dict(strategy.boundary.to_torch_state_dict()) if strategy.boundary is not None else None,
         "outcomes": [vars(o) for o in strategy.outcomes], "skipped": list(strategy.skipped_rounds),
         "partition_of": dict(strategy._partition_of),
+        "server": strategy.server_state(),
         "trace": [(p.iteration, p.experience, p.accuracies) for p in trace.points],
         "rows": [list(r) for r in rows],
     }
@@ -52,10 +54,13 @@ def restore_server(state: dict, strategy, trace, rows, rounds_per_experience: in
                    consolidates: bool) -> tuple[ArrayRecord, int]:
     """Load a checkpoint into the strategy, trace and rows; returns the global model and the
     number of rounds done."""
-    strategy.outcomes = [ClientOutcome(**o) for o in state["outcomes"]]
-    strategy.skipped_rounds = list(state["skipped"])
-    strategy._partition_of = dict(state["partition_of"])
-    strategy._all_connected = True
+    # The records live on the FedAvg strategy, also when a DP wrapper reads them through to it.
+    base = getattr(strategy, "inner", strategy)
+    base.outcomes = [ClientOutcome(**o) for o in state["outcomes"]]
+    base.skipped_rounds = list(state["skipped"])
+    base._partition_of = dict(state["partition_of"])
+    base._all_connected = True
+    strategy.load_server_state(state["server"])
     arrays = ArrayRecord(state["arrays"])
     strategy.boundary = ArrayRecord(state["boundary"]) if state["boundary"] is not None else None
     if consolidates and state["round"] % rounds_per_experience == 0:

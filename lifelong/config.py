@@ -421,9 +421,27 @@ class FederatedConfig(_Section):
     backend: Literal["inprocess", "ray"] = "inprocess"
     #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).
     ray_cpus_per_client: float = Field(1.0, gt=0)
+    #: The server's step with the round's averaged update as its (negative) gradient
+    #: (strategies/server_optimizer.py): ``fedavg`` (lr 1: plain FedAvg), ``fedadam`` (Reddi et
+    #: al. 2021), ``lamb`` / ``lars`` (a trust ratio per layer: You et al. 2020 / 2017).
+    server_optimizer: Literal["fedavg", "fedadam", "lamb", "lars"] = "fedavg"
+    #: Server learning rate; default per optimizer: fedavg 1, fedadam 0.01, lamb 0.01, lars 0.01.
+    server_lr: float | None = Field(None, gt=0)
+    #: beta1 of fedadam / lamb, momentum of lars; default 0.9.
+    server_momentum: float | None = Field(None, ge=0, lt=1)
+    #: beta2 of fedadam (default 0.99) / lamb (0.999).
+    server_beta2: float | None = Field(None, ge=0, lt=1)
+    #: fedadam's adaptivity tau (default 1e-3) / lamb's epsilon (1e-6).
+    server_eps: float | None = Field(None, gt=0)
+    #: lamb / lars weight decay on the server's step (default 0).
+    server_weight_decay: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "FederatedConfig":
+        if self.server_optimizer != "fedavg" or any(v is not None for v in self.server_hyperparameters.values()):
+            from strategies.server_optimizer import resolve_hyperparameters  # imports torch: only when needed
+
+            resolve_hyperparameters(self.server_optimizer, **self.server_hyperparameters)
         if not self.alpha > 0:
             raise ValueError(f"federated.alpha: Dirichlet concentration must be > 0, got {self.alpha}")
         if int(self.clients * self.fraction) < 1:
@@ -442,6 +460,12 @@ class FederatedConfig(_Section):
     def sampled(self) -> int:
         """Clients sampled per round (Flower's FedAvg rounds down)."""
         return int(self.clients * self.fraction)
+
+    @property
+    def server_hyperparameters(self) -> dict[str, float | None]:
+        """The ``server_*`` keys as :class:`strategies.server_optimizer.ServerOptimizer` takes them."""
+        return {"lr": self.server_lr, "momentum": self.server_momentum, "beta2": self.server_beta2,
+                "eps": self.server_eps, "weight_decay": self.server_weight_decay}
 
 
 # --------------------------------------------------------------------------- privacy
@@ -496,11 +520,26 @@ class PrivacyConfig(_Section):
     #: or each federated client's. Combinable with the user-level DP above: see
     #: ``Config._check_sample_dp`` for why both guarantees hold.
     sample: SampleDPSection | None = None
+    #: Adaptive clipping (Andrew et al. 2021): ``clip`` is the starting bound; after every round
+    #: it moves geometrically toward the ``target_quantile`` of the clients' update norms, by
+    #: ``C exp(-clip_lr (noised unclipped fraction - target_quantile))``.
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, ge=0, le=1)
+    clip_lr: float = Field(0.2, gt=0)
+    #: sigma_b, std of the noise on the count of unclipped updates; default (sampled clients) / 20
+    #: (Andrew et al.). Must exceed z / 2; the update's noise multiplier then drops to
+    #: (z^-2 - (2 sigma_b)^-2)^-1/2 so the epsilon stays that of z.
+    clipped_count_stddev: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "PrivacyConfig":
         if self.clipping != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
+        if self.adaptive_clipping and self.clipping == "off":
+            raise ValueError("privacy.adaptive_clipping: adapts the clipping bound; set privacy.clipping too")
+        if self.clipped_count_stddev is not None and not self.adaptive_clipping:
+            raise ValueError("privacy.clipped_count_stddev: only adaptive clipping noises a count; "
+                             "set privacy.adaptive_clipping = true or remove it")
         if self.cohort is not None and self.population is None:
             raise ValueError("privacy.cohort: the stated cohort needs privacy.population")
         return self

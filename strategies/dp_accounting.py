@@ -19,6 +19,11 @@ population ``N'`` and noise multiplier ``z'`` adds the same noise to the average
 that way there. :class:`UserLevelPrivacy` keeps both and says in :meth:`UserLevelPrivacy.describe`
 which population an epsilon is for.
 
+Adaptive clipping (Andrew et al. 2021) releases a noised clipped-count each round besides the
+update; by their Theorem 1 the pair costs one Gaussian mechanism with multiplier ``z`` when the
+update gets ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``. So the accountant keeps accounting ``z``
+and the server noises the update with :attr:`UserLevelPrivacy.update_noise_multiplier`.
+
 Plain Python + dp_accounting; no Flower, Prefect or MLflow here.
 """
 
@@ -207,6 +212,10 @@ class UserLevelPrivacy:
     (default: ``cohort_size``) from ``stated_population`` with multiplier
     ``z' = z * stated_cohort_size / cohort_size`` — the same noise on the average. ``delta`` must
     be below 1 / (the population the epsilon is for), or one user could be exposed outright.
+
+    ``count_noise_std`` (sigma_b, on the simulated cohort's count): adaptive clipping's share of
+    the budget; the epsilon stays that of z, and the update is noised with
+    :attr:`update_noise_multiplier` instead (refused unless ``2 sigma_b > z``).
     """
 
     noise_multiplier: float
@@ -217,6 +226,7 @@ class UserLevelPrivacy:
     stated_population: int | None = None
     stated_cohort_size: int | None = None
     value_discretization_interval: float = VALUE_DISCRETIZATION_INTERVAL
+    count_noise_std: float | None = None
 
     def __post_init__(self):
         sample_rate(self.cohort_size, self.population)
@@ -228,6 +238,8 @@ class UserLevelPrivacy:
             raise PrivacyBudgetError(
                 f"delta {self.delta:g} >= 1/population = 1/{self.accounted_population}: a mechanism that "
                 "publishes one random user's data outright would satisfy it; use delta << 1/population")
+        if self.count_noise_std is not None:
+            _ = self.update_noise_multiplier  # refuses a sigma_b too small for z, before the run
 
     @classmethod
     def from_target_epsilon(cls, target_epsilon: float, *, cohort_size: int, population: int, rounds: int,
@@ -235,7 +247,7 @@ class UserLevelPrivacy:
                             stated_cohort_size: int | None = None,
                             max_noise_multiplier: float = MAX_NOISE_MULTIPLIER,
                             value_discretization_interval: float = VALUE_DISCRETIZATION_INTERVAL,
-                            ) -> UserLevelPrivacy:
+                            count_noise_std: float | None = None) -> UserLevelPrivacy:
         """Calibrate z before the run so the accounted epsilon after ``rounds`` is ``<= target``.
 
         The calibration is for the accounted (stated) population; the returned object's
@@ -248,7 +260,7 @@ class UserLevelPrivacy:
                                 value_discretization_interval=value_discretization_interval)
         z_sim = z_acc * cohort_size / probe.accounted_cohort_size
         return cls(z_sim, cohort_size, population, rounds, delta, stated_population, stated_cohort_size,
-                   value_discretization_interval)
+                   value_discretization_interval, count_noise_std)
 
     @property
     def extrapolated(self) -> bool:
@@ -268,6 +280,19 @@ class UserLevelPrivacy:
     def accounted_noise_multiplier(self) -> float:
         """z' of the accounted deployment: same noise on the cohort average as the simulation."""
         return self.noise_multiplier * self.accounted_cohort_size / self.cohort_size
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The multiplier the server noises the update with: z, or Theorem 1's z_delta with adaptive
+        clipping (the count's noise takes the rest of z's budget)."""
+        if self.count_noise_std is None:
+            return self.noise_multiplier
+        from strategies.dp_clipping import adaptive_update_noise_multiplier
+
+        try:
+            return adaptive_update_noise_multiplier(self.noise_multiplier, self.count_noise_std)
+        except ValueError as exc:
+            raise PrivacyBudgetError(f"adaptive clipping: {exc}") from None
 
     @property
     def sample_rate(self) -> float:
@@ -294,6 +319,10 @@ class UserLevelPrivacy:
             text += (f"; EXTRAPOLATED: simulated {self.cohort_size} of {self.population} clients with noise "
                      f"multiplier {self.noise_multiplier:.4g} (same noise on the average); the guarantee "
                      f"holds only for a deployment with the stated population and cohort")
+        if self.count_noise_std is not None:
+            text += (f"; adaptive clipping: update noise multiplier {self.update_noise_multiplier:.4g} and "
+                     f"clipped-count noise std {self.count_noise_std:.4g} (together the cost of "
+                     f"{self.noise_multiplier:.4g}, Andrew et al. Thm 1)")
         return text
 
 

@@ -11,27 +11,49 @@ Two departures from wrapping FedAvg's weighted mean, both required by the DP ana
 weigh equally (a weight by sample count would give a big client more than one clip bound of
 influence), and the sum is divided by the *expected* cohort size, not by the number that replied
 (a data-dependent denominator changes the sensitivity). The wrapped strategy still samples
-clients and records their outcomes (``record_replies`` of :class:`ContinualFedAvg`); any other
-attribute is read from it.
+clients and records their outcomes (``record_replies`` of :class:`ContinualFedAvg`) and makes the
+server optimizer's step from the private mean (its ``server_step``); any other attribute is read
+from it.
+
+Adaptive clipping (Andrew et al., NeurIPS 2021, Algorithm 1; ``strategies/dp_clipping.py``): with
+``adaptive`` set, every round also releases the noised fraction of replies whose update norm was
+within the bound, and the bound moves geometrically toward the target quantile of the norms for
+the next round. The update's noise multiplier must then be Theorem 1's ``z_delta`` (the caller
+passes it: ``UserLevelPrivacy.update_noise_multiplier``), so both releases together cost what
+``z`` alone would. Per-layer modes derive their layer bounds from the current C, so they scale
+with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.dp_clipping import clip_update, private_mean
+from strategies.dp_clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """Andrew et al.'s settings: target quantile gamma, learning rate eta_C, count noise std sigma_b
+    (their defaults, 0.5, 0.2 and cohort / 20, are the config's: ``[privacy]``)."""
+
+    target_quantile: float
+    learning_rate: float
+    count_noise_std: float
 
 
 class UserLevelDP(Strategy):
     def __init__(self, inner, mode: str, clip: float, noise_multiplier: float, expected_cohort: int,
-                 allocation: str = "uniform", seed: int = 0):
+                 allocation: str = "uniform", seed: int = 0, adaptive: AdaptiveClipping | None = None):
+        """``noise_multiplier``: the update's (``z_delta`` when ``adaptive``); ``clip``: the bound, the
+        starting one when ``adaptive``."""
         self.inner, self.mode, self.clip, self.allocation = inner, mode, clip, allocation
-        self.noise_multiplier, self.expected_cohort = noise_multiplier, expected_cohort
+        self.noise_multiplier, self.expected_cohort, self.adaptive = noise_multiplier, expected_cohort, adaptive
         # Seeded: the same config and seed give the same noise (and the same metrics).
         self.generator = torch.Generator().manual_seed(seed)
         self._current: dict[str, torch.Tensor] | None = None
@@ -77,9 +99,25 @@ class UserLevelDP(Strategy):
                             generator=self.generator)
         arrays = {k: (self._current[k].float() + d).to(self._current[k].dtype) for k, d in zip(keys, mean)}
         rnd = self.inner.round_offset + server_round
-        self.clip_stats[rnd] = {"clipped_fraction": hit / len(valid), "mean_update_norm": sum(norms) / len(norms)}
+        self.clip_stats[rnd] = {"clipped_fraction": hit / len(valid), "mean_update_norm": sum(norms) / len(norms),
+                                "clip_bound": self.clip}
+        if self.adaptive is not None:  # the next round's bound, from this round's noised count
+            a = self.adaptive
+            unclipped = noisy_unclipped_fraction([n <= self.clip for n in norms], self.expected_cohort,
+                                                 a.count_noise_std, self.generator)
+            self.clip = update_clip_bound(self.clip, unclipped, a.target_quantile, a.learning_rate)
         metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], self.inner.weighted_by_key)
-        return ArrayRecord(arrays), metrics
+        return self.inner.server_step(ArrayRecord(arrays)), metrics
+
+    def server_state(self) -> dict:
+        """The wrapped strategy's, the (adaptive) bound and the noise generator's state, so a resumed
+        run draws the noise an unbroken one would."""
+        return {**self.inner.server_state(), "clip": self.clip, "generator": self.generator.get_state()}
+
+    def load_server_state(self, state: dict) -> None:
+        self.inner.load_server_state(state)
+        self.clip = float(state["clip"])
+        self.generator.set_state(state["generator"])
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

@@ -9,6 +9,9 @@ only where a reproducible, fault-tolerant continual run needs it.
   with its partition id once the client has reported it, for the per-client table.
 * Replies are aggregated in partition order, whatever order they arrived in.
 * Aggregated metrics average only the training loss (FedAvg would also average ids).
+* The new global model is the server optimizer's step from the aggregate
+  (``strategies/server_optimizer.py``; plain FedAvg by default). :meth:`server_step` is the one
+  place it is applied: here after FedAvg's mean, and by the DP wrapper after its private mean.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.server_optimizer import ServerOptimizer
+
 log = logging.getLogger("lifelong.federated")
 
 
@@ -35,6 +40,8 @@ class ClientOutcome:
     num_examples: int = 0
     train_loss: float = float("nan")
     reason: str = ""
+    #: The client's sample-level epsilon so far (``[privacy.sample]``; reply metric ``sample-epsilon``).
+    sample_epsilon: float | None = None
 
 
 def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -45,7 +52,7 @@ def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
 
 class ContinualFedAvg(FedAvg):
     def __init__(self, fraction: float, min_results: int, num_clients: int, seed: int,
-                 wait_for_nodes_s: float = 300.0):
+                 wait_for_nodes_s: float = 300.0, server_optimizer: ServerOptimizer | None = None):
         super().__init__(fraction_train=fraction, fraction_evaluate=1.0, min_train_nodes=1,
                          min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=_mean_loss)
@@ -58,6 +65,8 @@ class ContinualFedAvg(FedAvg):
         self.skipped_rounds: list[int] = []
         self._sent: list[int] = []
         self._partition_of: dict[int, int] = {}
+        self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
+        self._global: ArrayRecord | None = None  # the model this round was sent with
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -65,6 +74,7 @@ class ContinualFedAvg(FedAvg):
         # (a SuperNode stopped) must not stop the run; the round samples from those online.
         nodes = sorted(grid.get_node_ids() if self._all_connected else self._wait_for_nodes(grid))
         self._all_connected = True
+        self._global = arrays
         size = min(max(int(self.min_available_nodes * self.fraction_train), self.min_train_nodes), len(nodes))
         rng = random.Random(f"{self.seed}/{self.round_offset + server_round}")
         self._sent = rng.sample(nodes, size)
@@ -82,7 +92,23 @@ class ContinualFedAvg(FedAvg):
         valid = self.record_replies(server_round, replies)
         if valid is None:
             return None, None
-        return super().aggregate_train(server_round, valid)
+        aggregated, metrics = super().aggregate_train(server_round, valid)
+        return self.server_step(aggregated), metrics
+
+    def server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
+        """The new global model: the server optimizer's step from the round's model to ``aggregated``."""
+        if self.server_optimizer.is_identity:
+            return aggregated  # plain FedAvg: the mean itself, bit for bit
+        new = self.server_optimizer.step(dict(self._global.to_torch_state_dict()),
+                                         dict(aggregated.to_torch_state_dict()))
+        return ArrayRecord(new)
+
+    def server_state(self) -> dict:
+        """The server's state beyond the records (for checkpoints): the optimizer's moments."""
+        return {"optimizer": self.server_optimizer.state_dict()}
+
+    def load_server_state(self, state: dict) -> None:
+        self.server_optimizer.load_state_dict(state["optimizer"])
 
     def record_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message] | None:
         """Record every sampled client's outcome; the valid replies in partition order, or None
@@ -95,7 +121,9 @@ class ContinualFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             self._partition_of[node] = int(m["partition-id"])
             self.outcomes.append(ClientOutcome(rnd, node, int(m["partition-id"]), "ok",
-                                               int(m[self.weighted_by_key]), float(m["train-loss"])))
+                                               int(m[self.weighted_by_key]), float(m["train-loss"]),
+                                               sample_epsilon=float(m["sample-epsilon"])
+                                               if "sample-epsilon" in m else None))
         for msg in errors:
             node = msg.metadata.src_node_id
             log.warning("round %d: client %d (partition %s) failed: %s", rnd, node,

@@ -207,6 +207,34 @@ def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_p
     assert client.get_run(run_id).info.status == "FAILED"
 
 
+def test_adaptive_clipping_and_fedadam_resume_as_an_unbroken_run(tmp_path):
+    """The clip bound (logged per round), FedAdam's moments and the DP noise generator are all
+    server state: a run resumed mid-experience ends as the unbroken run does."""
+    cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false", "training.epochs=1",
+                     'federated.server_optimizer="fedadam"', 'privacy.clipping="per_layer"', "privacy.clip=0.5",
+                     "privacy.noise_multiplier=0.3", "privacy.delta=1e-3", "privacy.adaptive_clipping=true",
+                     "privacy.clipped_count_stddev=1.0")
+    full = run_federated(cfg)
+    client = client_for(cfg.tracking.uri)
+
+    def bounds(run_id):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "privacy/clip_bound"),
+                                                  key=lambda m: m.step)]
+
+    logged = bounds(full.run_id)
+    assert [s for s, _ in logged] == [1, 2, 3, 4] and logged[0][1] == 0.5
+    assert len({v for _, v in logged}) == 4  # it moves every round
+    assert "adaptive clipping" in client.get_run(full.run_id).data.tags["privacy"]
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(4))  # after round 3, mid-experience 1
+    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 0, out.output
+    assert np.array_equal(read_results(run_id, cfg.tracking.uri).matrix, full.matrix)
+    assert bounds(run_id) == logged
+
+
 def test_resume_refuses_a_run_without_a_checkpoint(tmp_path):
     cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false")
     with pytest.raises(KeyboardInterrupt):
@@ -254,6 +282,8 @@ def test_noise_changes_the_model_and_the_seed_fixes_it(tmp_path):
     (["--set", 'privacy.clipping="flat"'], "give exactly one of noise_multiplier and target_epsilon"),
     (["--set", 'privacy.clipping="flat"', "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.delta=0.2"],
      "delta 0.2 >= 1/population = 1/10"),
+    (["--set", 'privacy.clipping="flat"', "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.delta=1e-3",
+      "--set", "privacy.adaptive_clipping=true"], "privacy.clipped_count_stddev (default: 10 sampled clients / 20)"),
 ])
 def test_impossible_privacy_budgets_are_refused_before_any_round(tmp_path, args, message):
     out = CliRunner().invoke(cli, ["clients", "launch", "configs/federated.toml",
