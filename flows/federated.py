@@ -415,15 +415,21 @@ def open_run_step(cfg: Config, uri: str, hists: list[np.ndarray]) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def rounds_step(cfg: Config, run_id: str, uri: str, client_app, resume: dict | None = None) -> FederatedResult:
-    """Every experience's rounds on the configured backend, checkpointed after every round."""
+def rounds_step(cfg: Config, run_id: str, uri: str, client_app) -> FederatedResult:
+    """Every experience's rounds on the configured backend, checkpointed after every round.
+
+    It always goes on from the run's last checkpoint when there is one: a resumed run's, or the
+    one a failed attempt left, so a Prefect retry (``training.retries``) ends as an unbroken run.
+    """
     from clients.launch import inprocess_grid, simulate_with_ray
 
+    path = checkpoint_file(run_id)
+    resume = load_round(path, cfg) if path.exists() else None
     progress = Progress(f"fed {strategy_label(cfg.strategies[0])}", build_stream(cfg.stream, cfg.seed).n_experiences,
                         cfg.federated.rounds, step_name="round")
     try:
         def rounds(grid: Grid) -> FederatedResult:
-            return serve(grid, cfg, run_id, uri, progress, checkpoint=checkpoint_file(run_id), resume=resume)
+            return serve(grid, cfg, run_id, uri, progress, checkpoint=path, resume=resume)
 
         if cfg.federated.backend == "inprocess":
             return rounds(inprocess_grid(cfg, client_app))
@@ -443,17 +449,16 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
     hists = split_step(cfg)
     privacy_plan(cfg)  # an impossible privacy budget is refused before a run is opened
     client = tracking.client_for(uri)
-    state = None
     if resume is None:
         run_id = open_run_step(cfg, uri, hists)
     else:
         run_id = resume
-        state = load_round(checkpoint_file(run_id), cfg)
+        load_round(checkpoint_file(run_id), cfg)  # a missing, corrupt or foreign one is refused here
         client.update_run(run_id, status="RUNNING")
     print(f"[lifelong] MLflow run {run_id}; if interrupted: lifelong clients launch --resume {run_id}",
           file=sys.stderr, flush=True)
     try:
-        result = rounds_step(cfg, run_id, uri, client_app, state)
+        result = rounds_step.with_options(retries=cfg.training.retries)(cfg, run_id, uri, client_app)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -163,8 +163,9 @@ class TrainingConfig(_Section):
     #: Evaluate on the experiences seen so far every this many iterations (0: only after each experience).
     eval_every: int = Field(10, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    #: Prefect retries of a failed experience step; each retry starts again from the last
-    #: checkpoint (the end of the previous experience), so a retried run ends as an unbroken one.
+    #: Prefect retries of a failed experience step (continual) or of the rounds (federated); each
+    #: retry starts again from the last checkpoint (the end of the previous experience, or of the
+    #: last round), so a retried run ends as an unbroken one.
     retries: int = Field(0, ge=0)
 
 

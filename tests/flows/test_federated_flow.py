@@ -290,3 +290,25 @@ def test_impossible_privacy_budgets_are_refused_before_any_round(tmp_path, args,
                                    "--set", f'tracking.uri="sqlite:///{tmp_path / "m.db"}"', *args])
     assert out.exit_code == 2 and message in out.output, out.output
     assert not (tmp_path / "m.db").exists()
+
+
+def test_prefect_retries_go_back_to_the_last_round_checkpoint(tmp_path, monkeypatch, finished):
+    """A server-side failure mid-experience (here: evaluation after round 3 raises once, as when
+    the tracking server drops) is retried by Prefect from the round-2 checkpoint, with the clients
+    loading the state they saved; the run ends as the unbroken one."""
+    import flows.federated as ff
+
+    _, full = finished
+    calls, real = {"n": 0}, ff.evaluate
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # rounds 0, 1, 2 evaluated; fails on round 3
+            raise ConnectionError("the tracking server went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ff, "evaluate", flaky)
+    retried = run_federated(fed_config(tmp_path, "training.retries=1"))
+    assert calls["n"] == 4 + 2  # the retry evaluated rounds 3 and 4 only: it went on from round 2
+    assert np.array_equal(retried.matrix, full.matrix)
+    assert client_for(retried.tracking_uri).get_run(retried.run_id).info.status == "FINISHED"
