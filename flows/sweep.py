@@ -1,27 +1,58 @@
-"""A grid of configs × seeds through the flows, summarised as mean ± std.
+"""A grid of configs × variants × seeds through the flows, summarised as mean ± std.
 
-``lifelong sweep CONFIG [CONFIG ...] --seeds 3`` runs every strategy (continual configs) or every
-combiner (multi-task configs) of every config with seeds 0..N-1, then writes one table per config
-to a Markdown file and to an MLflow parent run (``sweep_results.md`` and metrics
-``<config>/<strategy>/<metric>_mean``). Continual tables show final average accuracy, average
-forgetting, min-ACC and WC-ACC; multi-task tables every per-task test metric and throughput.
+``lifelong sweep CONFIG [CONFIG ...] --seeds 3`` runs every strategy (continual configs), every
+combiner (multi-task configs) or the one federated learner (federated configs) of every config
+with seeds 0..N-1, then writes one table per config to a Markdown file and to an MLflow parent run
+(``sweep_results.md`` and metrics ``<config>/<row>/<metric>_mean``). Continual tables show final
+average accuracy, average forgetting, min-ACC and WC-ACC; multi-task tables every per-task test
+metric; federated tables accuracy, forgetting, the run's final user-level epsilon and the noise
+multiplier, plus a plot of accuracy against epsilon per clipping mode (``<config>_accuracy_vs_epsilon.png``).
+
+Rows can also come from *variants* of one config — a federated config has a single learner, so
+the comparison "no DP vs flat vs per-layer clipping" is one base config and three overrides::
+
+    [[variants]]
+    label = "flat"
+    set = { "privacy.clipping" = "flat", "privacy.target_epsilon" = 2.0 }
+
+Each ``set`` entry is applied exactly as ``lifelong run --set key=value`` would
+(:func:`lifelong.config.apply_override`), after the sweep's own ``--set`` overrides; every
+variant of every config is validated before the first run starts.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import flow
 
 from flows.continual import continual_flow
+from flows.federated import privacy_plan, run_federated
 from flows.multitask import multitask_flow
 from lifelong import tracking
-from lifelong.config import load_config
+from lifelong.config import Config, ConfigError, apply_override, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 
 METRICS = ("avg_accuracy", "avg_forgetting", "min_acc", "wc_acc")
+#: Federated rows; the last two are the same for every seed and shown without ± (n/a without DP).
+FEDERATED_METRICS = ("avg_accuracy", "avg_forgetting", "epsilon", "noise_multiplier")
+EXACT = ("epsilon", "noise_multiplier")
+VARIANT_KEYS = {"label", "set"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row-maker of a sweep config: a label and ``key=value`` overrides (``lifelong run --set``)."""
+
+    label: str | None
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass
@@ -31,22 +62,33 @@ class SweepTable:
     stream: str
     seeds: list[int]
     metrics: tuple[str, ...] = METRICS
-    #: strategy label -> metric -> values over seeds
+    #: row label -> metric -> values over seeds
     values: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     run_ids: list[str] = field(default_factory=list)
+    #: federated rows: label -> clipping mode ("off" without DP), for the accuracy-vs-epsilon plot
+    clipping: dict[str, str] = field(default_factory=dict)
+    delta: float | None = None
+    wall_s: float = 0.0
 
     def cell(self, label: str, metric: str) -> str:
         vals = self.values[label].get(metric, [])
         if not vals:
             return "n/a"
+        if metric in EXACT:  # determined by the config (calibrated before the run), not by the seed
+            return f"{np.mean(vals):.3g}"
         return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
 
     def markdown(self) -> str:
-        head = "| strategy | " + " | ".join(self.metrics) + " |"
+        head = f"| {'variant' if self.clipping else 'strategy'} | " + " | ".join(self.metrics) + " |"
         rule = "|---|" + "---|" * len(self.metrics)
         rows = [f"| {label} | " + " | ".join(self.cell(label, m) for m in self.metrics) + " |"
                 for label in self.values]
         return "\n".join([head, rule, *rows])
+
+    @property
+    def plot_name(self) -> str | None:
+        """The accuracy-vs-epsilon artifact, for federated tables with at least one DP row."""
+        return f"{self.name}_accuracy_vs_epsilon.png" if any(m != "off" for m in self.clipping.values()) else None
 
 
 def _title(path: Path) -> str:
@@ -57,26 +99,101 @@ def _title(path: Path) -> str:
     return path.stem
 
 
+# --------------------------------------------------------------------------- variants
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal for ``value``, so a variant's ``set`` goes through ``apply_override`` as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # 1e-06, inf and nan are TOML floats too
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's string escapes are TOML basic-string escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot use {value!r} ({type(value).__name__}) as an override value")
+
+
+def read_variants(raw: Any, path: Path) -> list[Variant]:
+    """The ``[[variants]]`` of a sweep config, checked (labels present and distinct, known keys)."""
+    if raw is None:
+        return [Variant(None)]
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, dict) for v in raw):
+        raise ConfigError(f"{path}: variants: expected a non-empty array of tables ([[variants]] with "
+                          "label = ... and set = { \"key\" = value })")
+    variants, seen = [], set()
+    for i, v in enumerate(raw):
+        unknown = sorted(set(v) - VARIANT_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: variants[{i}]: unknown key(s) {', '.join(map(repr, unknown))}; "
+                              "a variant has 'label' and 'set'")
+        label, sets = v.get("label"), v.get("set", {})
+        if not isinstance(label, str) or not label.strip():
+            raise ConfigError(f"{path}: variants[{i}]: 'label' must be a non-empty string (it names the row)")
+        if label in seen:
+            raise ConfigError(f"{path}: variants[{i}]: label {label!r} is used twice")
+        if not isinstance(sets, dict):
+            raise ConfigError(f"{path}: variant {label!r}: 'set' must be a table of \"dotted.key\" = value")
+        seen.add(label)
+        variants.append(Variant(label, tuple(f"{k}={_toml_value(x)}" for k, x in sets.items())))
+    return variants
+
+
+def variant_configs(path: str | Path, overrides: list[str] | None = None,
+                    extra: list[str] | None = None) -> list[tuple[Variant, Config]]:
+    """Every variant of a sweep config as a validated Config: the file, then the sweep's
+    ``overrides``, then the variant's own, then ``extra`` (the seed). A bad key names its variant."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    variants = read_variants(data.pop("variants", None), path)
+    out = []
+    for v in variants:
+        d = copy.deepcopy(data)
+        try:
+            for item in [*(overrides or []), *v.overrides, *(extra or [])]:
+                apply_override(d, item)
+            cfg = validate_config(d)
+        except ConfigError as exc:
+            if v.label is None:
+                raise
+            raise ConfigError(f"{path}: variant {v.label!r}: {exc}") from None
+        out.append((v, cfg))
+    return out
+
+
+# --------------------------------------------------------------------------- the flow
+
+
 @flow(name="sweep", validate_parameters=False)
 def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = None,
                out: str | None = None) -> list[SweepTable]:
+    # Every variant of every config is read (and its privacy budget calibrated) before any run.
+    planned = {path: variant_configs(path, overrides) for path in configs}
+    noise = {(path, v.label): _noise_multiplier(cfg) for path, vcs in planned.items() for v, cfg in vcs
+             if cfg.flow == "federated"}
     tables = []
     for path in map(Path, configs):
-        base = load_config(path, overrides)
-        multitask = base.flow == "multitask"
-        source = base.multitask.problem if multitask else base.stream.name
+        base = planned[str(path)][0][1]
+        source = base.multitask.problem if base.flow == "multitask" else base.stream.name
         table = SweepTable(path.stem, _title(path), source, list(range(seeds)))
+        if base.flow == "federated":
+            table.metrics, table.delta = FEDERATED_METRICS, base.privacy.delta
+        t0 = time.perf_counter()
         for seed in range(seeds):
-            cfg = load_config(path, [*(overrides or []), f"seed={seed}", 'tracking.experiment="sweep"'])
-            result = multitask_flow(cfg) if multitask else continual_flow(cfg)
-            table.run_ids.append(result.parent_run_id)
-            if multitask:  # throughput is measured side by side by `make bench`, not across runs
-                table.metrics = tuple(sorted(k for k in result.results[0].summary if k != "samples_per_s"))
-            for r in result.results:
-                for m in table.metrics:
-                    if m in r.summary:
-                        table.values.setdefault(r.label, {}).setdefault(m, []).append(r.summary[m])
-                table.values.setdefault(r.label, {})
+            for v, cfg in variant_configs(path, overrides, [f"seed={seed}", 'tracking.experiment="sweep"']):
+                if cfg.flow == "federated":
+                    _run_federated(table, v, cfg, noise[(str(path), v.label)])
+                else:
+                    _run_local(table, v, cfg)
+        table.wall_s = time.perf_counter() - t0
         tables.append(table)
     _log_sweep(tables, seeds, overrides)
     if out:
@@ -84,8 +201,77 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
     return tables
 
 
-def _log_sweep(tables: list[SweepTable], seeds: int, overrides: list[str] | None) -> None:
-    uri = load_config(None, overrides).tracking.uri or default_tracking_uri()
+def _run_local(table: SweepTable, v: Variant, cfg: Config) -> None:
+    """Continual or multi-task: one row per strategy (or combiner), prefixed by the variant."""
+    multitask = cfg.flow == "multitask"
+    result = multitask_flow(cfg) if multitask else continual_flow(cfg)
+    table.run_ids.append(result.parent_run_id)
+    if multitask:  # throughput is measured side by side by `make bench`, not across runs
+        table.metrics = tuple(sorted(k for k in result.results[0].summary if k != "samples_per_s"))
+    for r in result.results:
+        label = r.label if v.label is None else f"{v.label}: {r.label}"
+        row = table.values.setdefault(label, {})
+        for m in table.metrics:
+            if m in r.summary:
+                row.setdefault(m, []).append(r.summary[m])
+
+
+def _noise_multiplier(cfg: Config) -> float | None:
+    """The noise multiplier the federated run applies (calibrated to a target epsilon before it
+    starts; an unreachable budget is refused here), or None without DP."""
+    plan = privacy_plan(cfg)
+    return None if plan is None else plan.noise_multiplier
+
+
+def _run_federated(table: SweepTable, v: Variant, cfg: Config, z: float | None) -> None:
+    result = run_federated(cfg)
+    table.run_ids.append(result.run_id)
+    label = v.label or f"federated {strategy_label(cfg.strategies[0])}"
+    row = table.values.setdefault(label, {})
+    table.clipping[label] = cfg.privacy.clipping
+    for m in ("avg_accuracy", "avg_forgetting"):
+        if m in result.summary:
+            row.setdefault(m, []).append(result.summary[m])
+    if z is not None:
+        # The epsilon the run itself logged after its last round (privacy/epsilon), not a recomputation.
+        eps = tracking.client_for(result.tracking_uri).get_run(result.run_id).data.metrics.get("privacy/epsilon")
+        if eps is not None:
+            row.setdefault("epsilon", []).append(eps)
+        row.setdefault("noise_multiplier", []).append(z)
+
+
+# --------------------------------------------------------------------------- MLflow and Markdown
+
+
+def accuracy_vs_epsilon_figure(t: SweepTable):
+    """Final average accuracy against the run's epsilon, one line per clipping mode (log x);
+    runs without DP are a dashed horizontal line (epsilon = infinity)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    modes = sorted({m for m in t.clipping.values() if m != "off"})
+    for mode in modes:
+        pts = sorted((float(np.mean(t.values[lb]["epsilon"])), float(np.mean(t.values[lb]["avg_accuracy"])),
+                      float(np.std(t.values[lb]["avg_accuracy"])))
+                     for lb, m in t.clipping.items() if m == mode and t.values[lb].get("epsilon"))
+        if pts:
+            x, y, err = zip(*pts)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=mode)
+    for lb, m in t.clipping.items():
+        if m == "off":
+            ax.axhline(float(np.mean(t.values[lb]["avg_accuracy"])), ls="--", color="gray", label=f"{lb} (ε = ∞)")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"user-level ε (δ = {t.delta:g})" if t.delta else "user-level ε")
+    ax.set_ylabel("final average accuracy")
+    ax.set_title(t.title if len(t.title) < 70 else t.title[:67] + "...", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _log_sweep(tables: list[SweepTable], seeds: int, overrides: list[str] | None) -> str:
+    uri = load_config(None, [o for o in overrides or [] if o.startswith("tracking.")]).tracking.uri \
+        or default_tracking_uri()
     client = tracking.client_for(uri)
     run_id = tracking.open_run(client, "sweep", {"seeds": seeds, "configs": ",".join(t.name for t in tables)},
                                {"lifelong.flow": "sweep"}, experiment="sweep")
@@ -95,12 +281,17 @@ def _log_sweep(tables: list[SweepTable], seeds: int, overrides: list[str] | None
             for m, v in vals.items():
                 key = tracking.metric_key(f"{t.name}/{label}/{m}")
                 metrics[f"{key}_mean"], metrics[f"{key}_std"] = float(np.mean(v)), float(np.std(v))
+        metrics[tracking.metric_key(f"{t.name}/wall_s")] = t.wall_s
     logger = tracking.MLflowLogger(run_id, client)  # batches of 1,000, as MLflow allows
     logger.log_values(metrics, 0)
     logger.flush()
     client.log_text(run_id, "\n\n".join(f"## {t.title}\n\n{t.markdown()}" for t in tables),
                     "sweep_results.md")
+    for t in tables:
+        if t.plot_name:
+            tracking.log_figure(client, run_id, accuracy_vs_epsilon_figure(t), t.plot_name)
     client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def write_markdown(tables: list[SweepTable], out: Path, seeds: int) -> None:
@@ -113,6 +304,12 @@ def write_markdown(tables: list[SweepTable], out: Path, seeds: int) -> None:
     for t in tables:
         body += [f"### {t.title}", "", f"Config: `configs/sweeps/{t.name}.toml` (`{t.stream}`).", "",
                  t.markdown(), ""]
+        if t.clipping:  # federated: the wall time, and where the plot is
+            note = f"{len(t.run_ids)} runs in {t.wall_s / 60:.1f} min"
+            if t.plot_name:
+                note += (f"; accuracy vs epsilon: `{t.plot_name}` in the sweep's MLflow run "
+                         "(experiment `sweep`)")
+            body += [f"_{note}._", ""]
     body.append(end)
     text = out.read_text() if out.exists() else ""
     if begin in text and end in text:

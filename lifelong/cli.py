@@ -277,13 +277,16 @@ def sweep(
         "docs/results.md"),
     set_: Annotated[list[str], typer.Option("--set", help="Override a key in every config")] = [],
 ) -> None:
-    """Run every config with several seeds; write mean ± std tables to MLflow and a Markdown file."""
+    """Run every config (and each of its [[variants]]) with several seeds; write mean ± std tables
+    to MLflow and a Markdown file."""
+    from flows.sweep import sweep_flow, variant_configs
+
     try:
-        for path in configs:  # every config is checked before the first run starts
-            check_before_work(load_config(path, set_))
+        for path in configs:  # every variant of every config is checked before the first run starts
+            for _, cfg in variant_configs(path, set_):
+                check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
-        _fail(f"{path}: {exc}")
-    from flows.sweep import sweep_flow
+        _fail(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))
 
     tables = sweep_flow([str(p) for p in configs], seeds, set_, str(out) if out else None)
     for t in tables:
