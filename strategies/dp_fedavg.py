@@ -84,11 +84,13 @@ class UserLevelDP(Strategy):
         valid = self.inner.record_replies(server_round, replies)
         if valid is None:
             return None, None
-        keys = list(self._current)
+        # Float tensors only. Non-float buffers (counters, masks such as the ViT's `active`) are
+        # not part of the clipped and noised update, so a client's values would reach the server
+        # unprotected (a batch counter reveals a share's size): the global model's are kept.
+        keys = [k for k, v in self._current.items() if v.is_floating_point()]
         clipped, norms, hit = [], [], 0
         for msg in valid:
             new = msg.content["arrays"].to_torch_state_dict()
-            # Float tensors only: integer buffers (e.g. counters) are not part of the update.
             update = [(new[k] - self._current[k]).float() for k in keys]
             result = clip_update(update, self.clip, self.mode, allocation=self.allocation
                                  if self.mode in ("per_layer", "per_layer_normalize") else None)
@@ -97,7 +99,8 @@ class UserLevelDP(Strategy):
             hit += not result.within_bound
         mean = private_mean(clipped, self.noise_multiplier, self.clip, denominator=self.expected_cohort,
                             generator=self.generator)
-        arrays = {k: (self._current[k].float() + d).to(self._current[k].dtype) for k, d in zip(keys, mean)}
+        arrays = dict(self._current)
+        arrays.update({k: (self._current[k].float() + d).to(self._current[k].dtype) for k, d in zip(keys, mean)})
         rnd = self.inner.round_offset + server_round
         self.clip_stats[rnd] = {"clipped_fraction": hit / len(valid), "mean_update_norm": sum(norms) / len(norms),
                                 "clip_bound": self.clip}

@@ -123,3 +123,29 @@ def test_a_count_noise_too_small_for_z_is_refused_before_the_run():
     plan = privacy_plan(load_config(None, FED + adaptive + ["privacy.noise_multiplier=0.3"]))
     assert plan.count_noise_std == pytest.approx(0.2)
     assert plan.update_noise_multiplier == pytest.approx((0.3**-2 - 0.4**-2) ** -0.5)
+
+
+class BufferApp:
+    """Replies with the float weights plus [1.2, 1.6] and client-made non-float buffers (a batch
+    counter that reveals the share's size, a mask)."""
+
+    def __call__(self, msg, context):
+        got = msg.content["arrays"].to_torch_state_dict()
+        pid = int(context.node_config["partition-id"])
+        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0, "partition-id": pid, "experience": 0})
+        arrays = ArrayRecord({"w": got["w"] + torch.tensor([1.2, 1.6]), "count": got["count"] + 100 * (pid + 1),
+                              "mask": torch.zeros(2, dtype=torch.bool)})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def test_non_float_buffers_keep_the_global_value_and_only_floats_are_clipped():
+    strategy = UserLevelDP(ContinualFedAvg(1.0, 1, 4, seed=0), "flat", 1.0, 0.0, expected_cohort=4)
+    grid = InProcessGrid(BufferApp(), 4)
+    arrays = ArrayRecord({"w": torch.zeros(2), "count": torch.tensor(7), "mask": torch.ones(2, dtype=torch.bool)})
+    new, _ = strategy.aggregate_train(1, list(grid.send_and_receive(
+        list(strategy.configure_train(1, arrays, ConfigRecord(), grid)))))
+    out = new.to_torch_state_dict()
+    # Each update [1.2, 1.6] (norm 2) is clipped to norm 1: [0.6, 0.8]; the mean of four is that.
+    assert torch.allclose(out["w"], torch.tensor([0.6, 0.8]))
+    assert int(out["count"]) == 7 and out["mask"].dtype == torch.bool and bool(out["mask"].all())
+    assert strategy.clip_stats[1]["mean_update_norm"] == pytest.approx(2.0)
