@@ -204,13 +204,15 @@ class ClientLearner:
             worker.replay.storage_policy = memory
 
         progress = st.read_progress(self.state)
-        if progress["consolidated"] < progress["trained"] < experience:
+        consolidating = progress["consolidated"] < progress["trained"] < experience
+        if consolidating:
             if regularizers or memory is not None:
                 self._consolidate(progress["trained"], model, regularizers, memory, staged)
             progress["consolidated"] = progress["trained"]
             if memory is not None:
                 st.write_tensors(staged, st.REPLAY, memory.state_dict())
-        model.load_state_dict(weights)
+        if boundary is not None or consolidating:  # (else it holds the weights, untouched)
+            model.load_state_dict(weights)
 
         # A fresh local optimizer every round (momentum and Adam moments do not carry over).
         worker.strategy.optimizer.state.clear()
