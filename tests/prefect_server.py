@@ -57,8 +57,12 @@ class Background:
         self.args, self.log = args, log
         log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(log, "wb")
+        # SIGINT back to its default: a suite started in the background by a shell without job
+        # control (`make test &`, nohup) has it ignored, and an ignored SIGINT is inherited, so
+        # the "Ctrl-C" these tests send would be lost and the process stopped by SIGTERM instead.
         self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.pgid = self.proc.pid  # a new session's leader: its pid is the group id
 
     def alive(self) -> bool:
