@@ -369,8 +369,17 @@ def test_stopping_the_served_process_pauses_it_and_leaves_no_process(api, served
     with get_client(sync_client=True) as client:
         assert client.read_deployment_by_name(FULL).paused  # Prefect's runner pauses on shutdown
     log = served.process.log_tail(50_000)
-    assert "Traceback" not in log and log.rstrip().endswith(f"stopped serving {FULL} (Prefect paused it; "
-                                                          "serving it again resumes it)")
+    assert not unexpected_tracebacks(log), log
+    assert log.rstrip().endswith(f"stopped serving {FULL} (Prefect paused it; serving it again resumes it)")
+
+
+def unexpected_tracebacks(log: str) -> list[str]:
+    """The log's tracebacks, less Prefect's "Failed to kill process for flow run ... during
+    shutdown": a race in Prefect 3.7's runner (the run's process has exited, the runner has not
+    yet dropped it) that the wait above makes rare but cannot rule out on a loaded machine."""
+    parts = log.split("Traceback (most recent call last):")
+    return [block for before, block in zip(parts, parts[1:])
+            if not ("Failed to kill process for flow run" in before[-300:] and "during shutdown" in before[-300:])]
 
 
 @pytest.mark.integration
