@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from flows.continual import continual_flow
 from flows.federated import privacy_plan, run_federated
 from flows.multitask import multitask_flow
 from lifelong import tracking
-from lifelong.config import Config, ConfigError, apply_override, load_config, strategy_label, validate_config
+from lifelong.config import Config, ConfigError, apply_override, load_config, read_toml, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 
 METRICS = ("avg_accuracy", "avg_forgetting", "min_acc", "wc_acc")
@@ -147,12 +146,7 @@ def variant_configs(path: str | Path, overrides: list[str] | None = None,
     """Every variant of a sweep config as a validated Config: the file, then the sweep's
     ``overrides``, then the variant's own, then ``extra`` (the seed). A bad key names its variant."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path)
     variants = read_variants(data.pop("variants", None), path)
     out = []
     for v in variants:

@@ -652,20 +652,23 @@ class Config(_Section):
 # --------------------------------------------------------------------------- loading
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's TOML as a dict; a missing file or bad TOML is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (or the defaults), apply ``key=value`` overrides, validate.
 
     Raises :class:`ConfigError` with one line per problem, naming each key.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
     for item in overrides or []:
         apply_override(data, item)
     return validate_config(data)
