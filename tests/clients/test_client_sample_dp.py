@@ -11,11 +11,10 @@ import math
 import pytest
 import torch
 from flwr.app import RecordDict
-from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 
 from clients import state as st
-from clients.app import train as client_train
+from client_apps import interrupting_app
 from clients.learner import SAMPLE_EPSILON, ClientLearner, worker_for
 from flows.federated import initial_weights, run_federated
 from lifelong.config import ConfigError, load_config
@@ -154,24 +153,11 @@ def test_a_federated_run_logs_each_rounds_sample_epsilon(finished):
     assert top[1][1] == pytest.approx(max(e for r, e in sum(per_client.values(), []) if r == 2))
 
 
-def interrupted_at(at_round: int) -> ClientApp:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        conf = msg.content["config"]
-        if int(conf["round-offset"]) + int(conf["server-round"]) == at_round:
-            raise KeyboardInterrupt("the machine went down")
-        return client_train(msg, context)
-
-    return app
-
-
 @pytest.mark.integration
 def test_a_resumed_run_keeps_each_clients_accountant(finished):
     cfg, result, _ = finished
     with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, client_app=interrupted_at(2))  # round 1 checkpointed with the clients' state
+        run_federated(cfg, client_app=interrupting_app(2))  # round 1 checkpointed with the clients' state
     client = client_for(cfg.tracking.uri)
     run_id = client.search_runs([client.get_experiment_by_name("sdp").experiment_id],
                                 order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id

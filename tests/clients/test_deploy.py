@@ -119,9 +119,8 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     the server's checkpoint, each client with the state it saved (here by the in-process clients
     of the interrupted run, in the same LIFELONG_HOME): its replay memory of experience 0."""
     import numpy as np
-    from flwr.clientapp import ClientApp
 
-    from clients.app import train as client_train
+    from client_apps import interrupting_app
     from clients.state_store import saved_rounds, state_root
     from flows.federated import run_federated
     from lifelong.config import load_config
@@ -132,17 +131,9 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
                                   'strategies=[{name="replay", mem_size=30}]', "tracking.log_model=false",
                                   "tracking.log_plots=false", f'tracking.uri="sqlite:///{tmp_path / db}"'])
 
-    stop = ClientApp()
-
-    @stop.train()
-    def train(msg, context):
-        if int(msg.content["config"]["server-round"]) + int(msg.content["config"]["round-offset"]) == 2:
-            raise KeyboardInterrupt("the machine went down")
-        return client_train(msg, context)
-
     cfg = config("mlruns.db")
     with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, client_app=stop)
+        run_federated(cfg, client_app=interrupting_app(2))
     client = client_for(cfg.tracking.uri)
     run_id = client.search_runs([client.get_experiment_by_name("lifelong").experiment_id])[0].info.run_id
     assert all(sorted(saved_rounds(state_root() / run_id / p)) == [1] for p in ("0", "1"))

@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.clientapp import ClientApp
 from typer.testing import CliRunner
 
-from clients.app import train as client_train
+from client_apps import failing_client_app, interrupting_app
 from flows.federated import run_federated
 from lifelong.cli import app as cli
 from lifelong.config import load_config
@@ -104,18 +103,6 @@ def test_inprocess_backend_matches_flowers_ray_engine(tmp_path):
     assert all(torch.equal(ours.weights[k], ray.weights[k]) for k in ours.weights)
 
 
-def failing_client_app(bad_partition: int) -> ClientApp:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        if int(context.node_config["partition-id"]) == bad_partition:
-            raise RuntimeError("disk full")
-        return client_train(msg, context)
-
-    return app
-
-
 def test_a_failing_client_does_not_stop_the_run(tmp_path):
     cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false")
     result = run_federated(cfg, client_app=failing_client_app(1))
@@ -150,19 +137,6 @@ def test_bad_federated_input_is_refused_before_any_round(tmp_path, args, message
                                    "--set", f'tracking.uri="sqlite:///{tmp_path / "m.db"}"', *args])
     assert out.exit_code == 2 and message in out.output, out.output
     assert not (tmp_path / "m.db").exists()  # no run was opened
-
-
-def interrupting_app(at_round: int) -> ClientApp:
-    app = ClientApp()
-
-    @app.train()
-    def train(msg, context):
-        conf = msg.content["config"]
-        if int(conf["round-offset"]) + int(conf["server-round"]) == at_round:
-            raise KeyboardInterrupt("the machine went down")  # not a client failure: the run stops
-        return client_train(msg, context)
-
-    return app
 
 
 def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):

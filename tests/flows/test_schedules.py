@@ -3,7 +3,6 @@ server on loopback — a served deployment whose triggered run completes into ML
 paused, resumed, deleted, and stopped without leaving a process behind.
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import prefect_server
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
@@ -24,10 +24,6 @@ from lifelong.tracking import client_for, read_results
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
-# tests/ is not a package (pytest's importlib mode): load the server helper by its path.
-_spec = importlib.util.spec_from_file_location("prefect_server", REPO / "tests" / "prefect_server.py")
-prefect_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prefect_server)
 
 CRON = "0 2 * * *"
 NAME = "nightly"

@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import http.server
 import os
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
+from servers import MlflowServer, group_alive
 from typer.testing import CliRunner
 
 from lifelong import registry, tracking
 from lifelong.cli_registry import registry_app
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/servers.py (importlib mode)
-from servers import MlflowServer, group_alive
 
 runner = CliRunner()
 METRICS = {"a": {"avg_accuracy": 0.5, "avg_forgetting": 0.4, "bwt": -0.4},

@@ -1,0 +1,32 @@
+"""ClientApps for tests: the real one (``clients.app``), made to fail or to stop the run."""
+
+from flwr.clientapp import ClientApp
+
+from clients.app import train as client_train
+
+
+def failing_client_app(bad_partition: int) -> ClientApp:
+    """Client ``bad_partition`` raises (a client failure: the round goes on without it)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) == bad_partition:
+            raise RuntimeError("disk full")
+        return client_train(msg, context)
+
+    return app
+
+
+def interrupting_app(at_round: int) -> ClientApp:
+    """The run stops in global round ``at_round`` (not a client failure: as if the machine died)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        conf = msg.content["config"]
+        if int(conf["round-offset"]) + int(conf["server-round"]) == at_round:
+            raise KeyboardInterrupt("the machine went down")
+        return client_train(msg, context)
+
+    return app
