@@ -25,6 +25,7 @@ each reply's in the table's ``sample_epsilon`` column.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -67,6 +68,9 @@ from tasks.streams import build_stream
 
 #: Per-client histograms are plotted for at most this many clients (all are in the table).
 MAX_PLOTTED_CLIENTS = 100
+#: Round metrics reach MLflow in one batch at most this many seconds after they are computed
+#: (at the end of the run, on failure, at once; what is not yet sent is in the round checkpoint).
+FLUSH_EVERY_S = 5.0
 
 
 @dataclass
@@ -187,10 +191,9 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     if resume is not None:
         arrays, done_rounds = restore_server(resume, strategy, trace, rows, fed.rounds,
                                              bool(cfg.strategies[0].plugins))
-        for e, row in enumerate(rows):  # (again: a kill may have come between a row and its log)
-            logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(row)},
-                               "avg_acc_seen": float(np.mean(row[: e + 1]))}, e)
-            if progress is not None:
+        logger.restore(resume.get("pending", []))  # values not yet in MLflow when it was saved
+        if progress is not None:
+            for e, row in enumerate(rows):
                 progress.experience_done(e, float(np.mean(row[: e + 1])))
     last_evaluated = done_rounds if resume is not None else -1
     # What clients need to save and restore their own state (sent in every train message).
@@ -233,36 +236,39 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         logger.log_values(values, rnd)
         if progress is not None and server_round:
             progress.epoch(experience, rnd - experience * fed.rounds - 1)
-        if rnd == (experience + 1) * fed.rounds:
+        if rnd == (experience + 1) * fed.rounds:  # the experience's last round: a matrix row
             rows.append([accs[i] for i in range(n_exp)])
+            logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(rows[-1])},
+                               "avg_acc_seen": float(np.mean(rows[-1][: experience + 1]))}, experience)
         if checkpoint is not None and server_round:
-            logger.flush()  # the checkpoint never runs ahead of what MLflow has
-            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows)
+            # What MLflow does not have yet goes into the checkpoint: a resumed run logs it then.
+            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows, logger.pending())
             # From the next round on, clients may drop their state of rounds before this one.
             client_keys[state_store.SAVED_ROUND_KEY] = rnd
             train_config[state_store.SAVED_ROUND_KEY] = rnd  # the record Flower sends every round
+        logger.flush_if_older(FLUSH_EVERY_S)
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
 
-    for e in range(done_rounds // fed.rounds, n_exp):
-        strategy.round_offset = max(e * fed.rounds, done_rounds)
-        # Rebound per experience; evaluate_round (a closure) updates the current one.
-        train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
-                                     CONFIG_KEY: config_json, **client_keys})
-        result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
-                                timeout=fed.round_timeout,
-                                train_config=train_config,
-                                evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
-        if len(result.arrays):  # empty when every round of the experience was skipped
-            arrays = result.arrays
-        if cfg.strategies[0].plugins:  # regularisers consolidate with the experience's final model
-            strategy.boundary = arrays
-        row = rows[-1]
-        values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
-        values["avg_acc_seen"] = float(np.mean(row[: e + 1]))
-        logger.log_values(values, e)
-        logger.flush()  # nothing recorded is lost if a later experience fails
-        if progress is not None:
-            progress.experience_done(e, values["avg_acc_seen"])
+    try:
+        for e in range(done_rounds // fed.rounds, n_exp):
+            strategy.round_offset = max(e * fed.rounds, done_rounds)
+            # Rebound per experience; evaluate_round (a closure) updates the current one.
+            train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
+                                         CONFIG_KEY: config_json, **client_keys})
+            result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
+                                    timeout=fed.round_timeout,
+                                    train_config=train_config,
+                                    evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
+            if len(result.arrays):  # empty when every round of the experience was skipped
+                arrays = result.arrays
+            if cfg.strategies[0].plugins:  # regularisers consolidate with the experience's final model
+                strategy.boundary = arrays
+            if progress is not None:
+                progress.experience_done(e, float(np.mean(rows[-1][: e + 1])))
+    except BaseException:
+        with contextlib.suppress(Exception):  # (if MLflow is what failed, the error says so)
+            logger.flush()  # what was recorded before the failure is not lost
+        raise
 
     matrix = np.array(rows)
     summary = matrix_summary(matrix)

@@ -4,7 +4,8 @@ Everything the next round depends on: the global model, the model the previous e
 with (``boundary``), the strategy's records (client outcomes, skipped rounds, which node holds
 which partition), the evaluation trace and the accuracy-matrix rows, and the server's own state
 (``server_state()`` of the strategy): the server optimizer's moments and, with user-level DP, the
-(adaptive) clipping bound and the noise generator. Not the clients' state: every client saves its
+(adaptive) clipping bound and the noise generator; and the metric values the server has not yet
+sent to MLflow (it sends them in batches), which a resumed run sends. Not the clients' state: every client saves its
 own after each round, on its side, on every backend (``clients/state_store.py``), and a resumed
 run's clients load theirs back. No RNG state: client sampling and every client's training are
 seeded per round, so round r+1 after a resume draws what it would have drawn.
@@ -28,7 +29,8 @@ def checkpoint_file(run_id: str) -> Path:
 
 
 def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayRecord, strategy, trace,
-               rows) -> None:
+               rows, pending: list | None = None) -> None:
+    """``pending``: metric values not yet sent to MLflow (``MLflowLogger.pending``)."""
     state = {
         "version": VERSION, "config": config_fingerprint(cfg), "run_id": run_id, "round": rnd,
         "arrays": dict(arrays.to_torch_state_dict()),
@@ -38,6 +40,7 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
         "server": strategy.server_state(),
         "trace": [(p.iteration, p.experience, p.accuracies) for p in trace.points],
         "rows": [list(r) for r in rows],
+        "pending": list(pending or []),
     }
     write_checkpoint(state, path)
 

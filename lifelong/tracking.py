@@ -88,6 +88,23 @@ class MLflowLogger(BaseLogger):
             chunk, self._buffer = self._buffer[:_BATCH_METRICS], self._buffer[_BATCH_METRICS:]
             self.client.log_batch(self.run_id, metrics=chunk)
 
+    def flush_if_older(self, seconds: float) -> None:
+        """Flush when the oldest buffered value is ``seconds`` old: a value reaches MLflow at
+        most that late, in one batch instead of one per step (each ``log_batch`` is a database
+        transaction, about as long as a small federated round's training)."""
+        if self._buffer and time.time() * 1000 - self._buffer[0].timestamp >= seconds * 1000:
+            self.flush()
+
+    def pending(self) -> list[tuple[str, float, int, int]]:
+        """The buffered values as (key, value, timestamp, step), e.g. to keep in a checkpoint."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._buffer]
+
+    def restore(self, pending: list[tuple[str, float, int, int]]) -> None:
+        """Buffer values saved with :meth:`pending`. They keep their timestamps, so values that
+        reached MLflow before all the same are not logged twice: MLflow's stores skip a metric
+        equal to a logged one in key, value, timestamp and step."""
+        self._buffer.extend(Metric(k, v, t, s) for k, v, t, s in pending)
+
     # Avalanche calls these hooks on loggers: flush at natural boundaries.
     def after_training_exp(self, strategy, metric_values=None, **kwargs):
         self.flush()

@@ -159,6 +159,9 @@ def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
     assert back.status == "FINISHED" and np.array_equal(back.matrix, full.matrix)
     finals = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("final/")}
     assert finals == pytest.approx({f"final/{k}": v for k, v in full.summary.items()})
+    history = {k: sorted(m.step for m in client.get_metric_history(run_id, k))
+               for k in ("round/avg_acc_seen", "matrix/acc_exp1")}
+    assert history == {"round/avg_acc_seen": list(range(7)), "matrix/acc_exp1": [0, 1]}  # once each
 
 
 def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):

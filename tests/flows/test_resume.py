@@ -247,3 +247,7 @@ def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
     unbroken = run_federated(load_config(cfg_path, [f'tracking.uri="sqlite:///{tmp_path / "unbroken.db"}"']))
     finals = {k: v for k, v in back.data.metrics.items() if k.startswith("final/")}
     assert finals and finals == pytest.approx({f"final/{k}": v for k, v in unbroken.summary.items()}, abs=1e-12)
+    # Nothing recorded is lost or logged twice: the checkpoint held what MLflow did not have yet.
+    history = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k))
+               for k in ("round/avg_acc_seen", "matrix/acc_exp0")}
+    assert history == {"round/avg_acc_seen": list(range(7)), "matrix/acc_exp0": [0, 1]}

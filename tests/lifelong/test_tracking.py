@@ -51,6 +51,28 @@ def test_logger_batches_and_skips_non_numbers(tmp_path, monkeypatch):
     assert "img" not in client.get_run(run.info.run_id).data.metrics
 
 
+def test_pending_values_restored_after_a_flush_are_not_logged_twice(tmp_path):
+    """What a federated checkpoint keeps (values not yet sent) may have been sent before the
+    process died: sent again with their own timestamps, MLflow keeps each value once."""
+    uri = f"sqlite:///{tmp_path / 'p.db'}"
+    client = tracking.client_for(uri)
+    run_id = client.create_run(tracking.experiment_id(client, "p")).info.run_id
+    logger = tracking.MLflowLogger(run_id, client)
+    logger.log_values({"a": 0.5, "b": 1.0}, 3)
+    saved = logger.pending()
+    logger.flush_if_older(3600)  # not an hour old: stays buffered
+    assert logger.pending() == saved
+    logger.flush()
+    assert logger.pending() == []
+    resumed = tracking.MLflowLogger(run_id, client)
+    resumed.restore(saved)
+    resumed.log_values({"a": 0.7}, 4)
+    resumed.flush_if_older(0)
+    history = client.get_metric_history(run_id, "a")
+    assert sorted((m.step, m.value) for m in history) == [(3, 0.5), (4, 0.7)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "b")] == [(3, 1.0)]
+
+
 def test_figures_render(tmp_path):
     m = np.array([[0.9, 0.1], [0.5, 0.95]])
     fig = tracking.matrix_figure(m, ["exp0", "exp1"], "t")
