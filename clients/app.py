@@ -50,13 +50,13 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"node has num-partitions={context.node_config['num-partitions']} but the run "
                          f"splits the data across federated.clients={cfg.federated.clients}")
     server_round = int(conf[ROUND_OFFSET_KEY]) + int(conf["server-round"])
+    learner = ClientLearner(cfg, partition_id, context.state)
     saved = None  # where this client saves its state, in a checkpointed run
-    if state_store.RUN_KEY in conf:
+    if state_store.RUN_KEY in conf and learner.keeps_state:
         saved = state_store.client_dir(state_store.state_root(context.node_config),
                                        str(conf[state_store.RUN_KEY]), partition_id)
         if state_store.RESUME_ROUND_KEY in conf and not list(context.state.keys()):
             state_store.restore(context.state, cfg, saved, int(conf[state_store.RESUME_ROUND_KEY]))
-    learner = ClientLearner(cfg, partition_id, context.state)
     boundary = msg.content[BOUNDARY_KEY].to_torch_state_dict() if BOUNDARY_KEY in msg.content else None
     weights, metrics = learner.train_round(msg.content["arrays"].to_torch_state_dict(),
                                            int(conf[EXPERIENCE_KEY]), server_round, boundary)

@@ -156,6 +156,14 @@ class ClientLearner:
         self.stream = build_stream(cfg.stream, cfg.seed)
         self.device = resolve_device(cfg.training.device)
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether a later round reads what this learner leaves in ``Context.state``: regulariser
+        state, replay memory, a privacy accountant, and the progress that says when to
+        consolidate them. A plain fine-tuner (naive, no plugins) reads nothing back, so it has
+        nothing to save to disk (``clients/state_store.py``)."""
+        return bool(self.spec.plugins) or isinstance(self.spec, ReplaySpec) or self.cfg.privacy.sample is not None
+
     def share(self, experience: int):
         return experience_share(self.stream, experience,
                                 client_indices(self.cfg, self.stream, experience)[self.pid])

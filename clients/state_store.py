@@ -7,7 +7,8 @@ own records, and the server, which cannot reach them, only says which round they
 
 * every train message of a checkpointed run carries the run key (``RUN_KEY``, the MLflow run id)
   and the last round the server has durably checkpointed (``SAVED_ROUND_KEY``);
-* after a successful round r the client writes its records to
+* after a successful round r the client (one whose learner keeps state: ``ClientLearner.keeps_state``;
+  a plain fine-tuner reads nothing back) writes its records to
   ``<root>/<run>/<partition-id>/round-<r>.pt`` (atomically) and deletes its files older than the
   newest one at or below the server's checkpointed round — at most one file more than needed:
   the server may die after the client's round r and before its own checkpoint of r;

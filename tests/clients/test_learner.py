@@ -122,3 +122,12 @@ def test_gcond_arbitration_is_refused_for_federated_runs():
 
     with pytest.raises(ConfigError, match="arbitrate: GCond arbitration keeps per-learner state"):
         config('strategies=[{name="replay", arbitrate="gcond"}]')
+
+
+@pytest.mark.parametrize("strategy, keeps", [
+    ('{name="naive"}', False),  # reads nothing back: no client-state files
+    ('{name="replay", mem_size=10}', True),
+    ('{name="naive", plugins=[{name="l2", eps=1.0}]}', True),
+])
+def test_only_learners_that_read_their_state_back_keep_it(strategy, keeps):
+    assert ClientLearner(config(f"strategies=[{strategy}]"), 0, RecordDict()).keeps_state is keeps
