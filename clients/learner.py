@@ -104,6 +104,40 @@ def _no_callback(strategy, **kwargs) -> None:
     return None
 
 
+class _ShareBatches(SupervisedPlugin):
+    """Feeds the strategy the client's share as tensor minibatches: a permutation from the
+    round's seeded RNG, sliced into batches, as a bare PyTorch loop does.
+
+    Written here because Avalanche has no batched path for in-memory tensors: its loader fetches
+    and collates sample by sample through the dataset's index chain and builds task-balanced
+    iterators every epoch, which on a client's small share costs a sizeable part of the round's
+    training (``python -m bench federated``). Used only when no plugin brings its own loader
+    (replay's, Opacus' Poisson sampling); it replaces the loader after Avalanche has made it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.tensors: tuple[torch.Tensor, ...] = ()
+
+    def before_training_exp(self, strategy, **kwargs):
+        strategy.dataloader = _TensorBatches(self.tensors, strategy.train_mb_size)
+
+
+@dataclass
+class _TensorBatches:
+    tensors: tuple[torch.Tensor, ...]
+    batch_size: int
+
+    def __len__(self) -> int:
+        return -(-len(self.tensors[0]) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.tensors[0]))
+        for i in range(0, len(order), self.batch_size):
+            sel = order[i:i + self.batch_size]
+            yield [a[sel] for a in self.tensors]
+
+
 @dataclass
 class _Worker:
     """The training machinery (model, Avalanche strategy, plugins) for one config.
@@ -121,6 +155,8 @@ class _Worker:
     meter: _LossMeter
     #: Opacus DP-SGD under ``[privacy.sample]``; reset to the client's own accountant every round.
     dp: SampleDPPlugin | None = None
+    #: The share as tensor batches (None when replay or Opacus bring their own loader).
+    batches: _ShareBatches | None = None
 
 
 _WORKERS: dict[str, _Worker] = {}
@@ -137,13 +173,15 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
             warnings.simplefilter("ignore", UserWarning)
             evaluator = _SilentEvaluator(loggers=[])
         memory = st.ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
-        strategy = build_learner(spec, model, cfg.training, [meter], evaluator, stream.n_classes, cfg.seed,
-                                 consolidate=False, storage_policy=memory, sample_dp=sample_dp_config(cfg))
+        batches = _ShareBatches() if memory is None and sample_dp_config(cfg) is None else None
+        strategy = build_learner(spec, model, cfg.training, [meter, *([batches] if batches else [])], evaluator,
+                                 stream.n_classes, cfg.seed, consolidate=False, storage_policy=memory,
+                                 sample_dp=sample_dp_config(cfg))
         _WORKERS.clear()  # one config at a time per process
         plugins = strategy.plugins
         _WORKERS[key] = _Worker(model, strategy, [p for p in plugins if isinstance(p, RegularizerPlugin)],
                                 next((p for p in plugins if isinstance(p, ReplayPlugin)), None), meter,
-                                next((p for p in plugins if isinstance(p, SampleDPPlugin)), None))
+                                next((p for p in plugins if isinstance(p, SampleDPPlugin)), None), batches)
     return _WORKERS[key]
 
 
@@ -228,6 +266,9 @@ class ClientLearner:
         if worker.dp is not None:  # this client's privacy budget, not the previous client's
             worker.dp.reset(st.read_accountant(self.state), noise_seed(cfg.seed, server_round, self.pid))
         share = self.share(experience)
+        if worker.batches is not None:
+            indices = client_indices(cfg, stream, experience)[self.pid]
+            worker.batches.tensors = tuple(a[indices] for a in stream.train_tensors(experience))
         with quiet_avalanche_deprecations():
             # Opacus' backward hooks on the first layer, whose input needs no gradient: harmless
             # (per-sample gradients come from the output's), but PyTorch says so every round.

@@ -47,6 +47,7 @@ class Stream:
     #: Training data held apart from the stream for pretraining (``stream.holdout_fraction``).
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None
     _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    _train: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def train_stream(self):
@@ -67,7 +68,12 @@ class Stream:
         return self._test[i]
 
     def train_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _materialize(self.train_stream[i].dataset)
+        """Experience ``i``'s training split as (x, y, task) tensors. The last one read is kept
+        (at most one experience's copy): a federated client process slices every sampled
+        client's share of the current experience from it."""
+        if self._train is None or self._train[0] != i:
+            self._train = (i, _materialize(self.train_stream[i].dataset))
+        return self._train[1]
 
 
 def _materialize(dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

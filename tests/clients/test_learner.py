@@ -131,3 +131,35 @@ def test_gcond_arbitration_is_refused_for_federated_runs():
 ])
 def test_only_learners_that_read_their_state_back_keep_it(strategy, keeps):
     assert ClientLearner(config(f"strategies=[{strategy}]"), 0, RecordDict()).keeps_state is keeps
+
+
+def test_share_batches_cover_the_share_once_per_epoch_in_a_seeded_order():
+    from clients.learner import _TensorBatches
+
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    batches = _TensorBatches((x, y, torch.zeros(10, dtype=torch.long)), 4)
+    torch.manual_seed(0)
+    first = list(batches)
+    assert len(batches) == len(first) == 3 and [len(b[0]) for b in first] == [4, 4, 2]
+    assert sorted(torch.cat([b[1] for b in first]).tolist()) == list(range(10))
+    assert all(torch.equal(b[0].squeeze(1).long(), b[1]) for b in first)  # x and y stay paired
+    torch.manual_seed(0)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, batches))
+
+
+def test_a_naive_client_trains_on_its_share_as_tensor_batches():
+    from clients.learner import worker_for
+
+    cfg = config('strategies=[{name="naive"}]', "training.batch_size=8")
+    client = ClientLearner(cfg, 2, RecordDict())
+    seen = []
+    worker = worker_for(cfg, client.stream)
+    hook = worker.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        client.train_round(initial_weights(cfg), 1, 1)
+    finally:
+        hook.remove()
+    share = torch.stack([s[0] for s in client.share(1).dataset.eval()])
+    assert all(len(b) <= 8 for b in seen)
+    assert sorted(map(tuple, torch.cat(seen).flatten(1).tolist())) == sorted(map(tuple, share.flatten(1).tolist()))
+    assert worker_for(config('strategies=[{name="replay", mem_size=10}]'), client.stream).batches is None
