@@ -40,7 +40,7 @@ from lifelong.config import Config, ReplaySpec
 from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
 from strategies.plugin import RegularizerPlugin, build_regularizer
 from strategies.sample_dp import SampleDPPlugin, sample_dp_config
-from tasks.models import build_model
+from tasks.models import build_stream_model
 from tasks.partition import experience_labels, experience_seed, partition
 from tasks.streams import Stream, build_stream, experience_share
 
@@ -166,7 +166,7 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
     key = cfg.model_dump_json()
     if key not in _WORKERS:
         spec = cfg.strategies[0]
-        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+        model = build_stream_model(cfg.model, stream)  # the server's keys: every task's head already
         model.to(resolve_device(cfg.training.device))
         meter = _LossMeter()
         with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client

@@ -22,9 +22,10 @@ Cases attacked (``tasks/audit.py`` says what the attacker knows):
 
 A config with ``privacy.clipping = "off"`` is audited in the ``no_dp`` case only (said in the
 output); a config that is not federated is refused (:class:`AuditError`): there is no client
-update to audit. MLflow: one run in the config's experiment, with the config and audit settings
-as parameters, ``<case>/mse|psnr|label_accuracy|observed_norm``, the gradient distance per
-iteration, ``audit.json`` and the side-by-side image ``audit.png``.
+update to audit; so is a task stream's (the attack does not model a multi-head model). MLflow:
+one run in the config's experiment, with the config and audit settings as parameters,
+``<case>/mse|psnr|label_accuracy|observed_norm``, the gradient distance per iteration,
+``audit.json`` and the side-by-side image ``audit.png``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def check_auditable(cfg: Config) -> list[str]:
     if cfg.flow != "federated":
         raise AuditError(f'audit: the config\'s flow is "{cfg.flow}", not "federated": the audit attacks '
                          'a federated client\'s update; set flow = "federated" and a [privacy] section')
+    if cfg.stream.resolved_scenario == "task":  # the attack's model is single-head (no task labels)
+        raise AuditError("audit: a task stream's clients train a multi-head model, which the attack does "
+                         "not model yet; audit the same config with a class stream "
+                         "(--set 'stream.scenario=\"class\"')")
     notes = []
     if cfg.privacy.clipping == "off":
         notes.append('privacy.clipping is "off": only the no-DP case is audited; set e.g. '

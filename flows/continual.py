@@ -40,7 +40,7 @@ from strategies.baselines import (
     resolve_device,
 )
 from tasks.data import load_npz
-from tasks.evaluation import ContinualEvalPlugin, evaluate
+from tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_model
 from tasks.pretrain import pretrain
@@ -230,8 +230,8 @@ def evaluate_experience(learner: Learner, index: int) -> list[float]:
     A task-incremental (multi-head) model has no head yet for unseen tasks: those cells are NaN.
     """
     stream, cfg = learner.stream, learner.cfg
-    upto = stream.n_experiences if stream.scenario != "task" else index + 1
-    accs = evaluate(learner.model, stream, range(upto), cfg.training.eval_batch_size, learner.device)
+    accs = evaluate(learner.model, stream, evaluated_experiences(stream, index), cfg.training.eval_batch_size,
+                    learner.device)
     row = [accs.get(i, float("nan")) for i in range(stream.n_experiences)]
     learner.rows.append(row)
     step = len(learner.rows) - 1

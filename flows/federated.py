@@ -7,6 +7,13 @@ model with the server optimizer (``strategies/server_optimizer.py``) and evaluat
 round. Each client trains its own continual learner on its private share of the experience
 (``clients/``).
 
+Task-incremental streams (``stream.scenario = "task"``): the model is multi-head and FedAvg
+needs one key set on the server and every client in every round, so the server's and the
+clients' models are built with every task's head from the start
+(``tasks.models.build_stream_model``). Clients train with their share's task labels; the server
+evaluates with the test splits' task labels, on the tasks seen so far only (a later task's head
+is untrained: its accuracy-matrix cells are NaN, as in the continual flow).
+
 One loop, :func:`serve`, drives the rounds over whatever ``Grid`` reaches the clients:
 
 * ``inprocess``: our grid that runs the ClientApp in this process (``clients/inprocess.py``);
@@ -60,9 +67,9 @@ from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
 from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
 from strategies.fedavg import ContinualFedAvg
 from strategies.server_optimizer import ServerOptimizer
-from tasks.evaluation import evaluate
+from tasks.evaluation import evaluate, evaluated_experiences
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
-from tasks.models import build_model
+from tasks.models import build_stream_model
 from tasks.partition import PartitionError, class_histograms, experience_labels
 from tasks.streams import build_stream
 
@@ -150,7 +157,7 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
 
     stream = build_stream(cfg.stream, cfg.seed)
     RNGManager.set_random_seeds(cfg.seed)
-    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+    model = build_stream_model(cfg.model, stream)  # a task stream's: every task's head already
     if cfg.pretrain.epochs:
         model.load_state_dict(pretrained_state(cfg, stream))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -169,7 +176,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     stream = build_stream(cfg.stream, cfg.seed)
     fed, n_exp = cfg.federated, stream.n_experiences
     device = resolve_device(cfg.training.device)
-    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False).to(device)
+    model = build_stream_model(cfg.model, stream).to(device)
     server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
     strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed, server_optimizer=server_optimizer)
     # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
@@ -214,7 +221,8 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             reason = refused[0][refused[0].index(state_store.REFUSED):]
             raise ResumeError(reason.removesuffix("'>"))
         model.load_state_dict(arrays.to_torch_state_dict())
-        accs = evaluate(model, stream, range(n_exp), cfg.training.eval_batch_size, device)
+        accs = evaluate(model, stream, evaluated_experiences(stream, experience),
+                        cfg.training.eval_batch_size, device)
         seen = {i: accs[i] for i in range(experience + 1)}
         trace.add(rnd, experience, seen)
         values = {f"round/acc_exp{i}": a for i, a in accs.items()}
@@ -237,7 +245,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if progress is not None and server_round:
             progress.epoch(experience, rnd - experience * fed.rounds - 1)
         if rnd == (experience + 1) * fed.rounds:  # the experience's last round: a matrix row
-            rows.append([accs[i] for i in range(n_exp)])
+            rows.append([accs.get(i, float("nan")) for i in range(n_exp)])  # (NaN: a task's untrained head)
             logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(rows[-1])},
                                "avg_acc_seen": float(np.mean(rows[-1][: experience + 1]))}, experience)
         if checkpoint is not None and server_round:

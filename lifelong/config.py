@@ -607,6 +607,11 @@ class Config(_Section):
         if self.flow == "multitask":
             raise ValueError("privacy.sample: sample-level DP is for the continual and federated flows, "
                              "not flow = 'multitask'")
+        if self.stream.resolved_scenario == "task":
+            # Opacus' DP optimizer wants a per-sample gradient for every parameter it steps.
+            raise ValueError("privacy.sample: sample-level DP needs a single-head model; on a task stream "
+                             "each experience trains one task's head and the other heads get no per-sample "
+                             "gradient, which Opacus refuses; use a class or domain stream")
         why = {"replay": "replayed samples are drawn outside Poisson sampling and reused",
                "oneprompt": "its VOR phase and outlier search read the data outside DP-SGD",
                "ewc": "its Fisher reads the finished experience's data without clipping or noise",
@@ -630,9 +635,6 @@ class Config(_Section):
         if spec.arbitrate:
             raise ValueError("strategies.0.arbitrate: GCond arbitration keeps per-learner state that "
                              "federated clients do not persist yet; remove it for a federated run")
-        if self.stream.resolved_scenario == "task":
-            raise ValueError("stream.scenario: the federated flow trains one single-head model; "
-                             "use a class or domain stream (multi-head task streams are not federated yet)")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Config":

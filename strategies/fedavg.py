@@ -9,6 +9,8 @@ only where a reproducible, fault-tolerant continual run needs it.
   with its partition id once the client has reported it, for the per-client table.
 * Replies are aggregated in partition order, whatever order they arrived in.
 * Aggregated metrics average only the training loss (FedAvg would also average ids).
+* Integer and boolean entries (a multi-head model's ``active_units_T<t>`` masks, counters) come
+  back in their own dtype, not as Flower's float64 mean (:func:`keep_dtypes`).
 * The new global model is the server optimizer's step from the aggregate
   (``strategies/server_optimizer.py``; plain FedAvg by default). :meth:`server_step` is the one
   place it is applied: here after FedAvg's mean, and by the DP wrapper after its private mean.
@@ -22,7 +24,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -48,6 +51,23 @@ def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     total = sum(float(r["metrics"][weighted_by_key]) for r in records)
     loss = sum(float(r["metrics"]["train-loss"]) * float(r["metrics"][weighted_by_key]) for r in records)
     return MetricRecord({"train-loss": loss / total if total else float("nan")})
+
+
+def keep_dtypes(aggregated: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``aggregated`` (Flower's weighted mean) with every non-float entry back in ``like``'s dtype.
+
+    Flower averages every array in float64, so an int8 mask or a bool would come back as float64
+    and stay so in the global model, its checkpoints and the next round's messages. Such entries
+    are state, not weights: each becomes the weighted mean rounded to the nearest integer in its
+    own dtype — the clients' common value when they agree (a task's class mask is set alike by
+    every client), the weighted majority of a boolean (ties: False). Float entries are untouched.
+    """
+    for key, array in like.items():
+        dtype = np.dtype(array.dtype)
+        if not np.issubdtype(dtype, np.inexact):
+            rounded = np.rint(aggregated[key].numpy()).astype(dtype)
+            aggregated[key] = Array(np.asarray(rounded))  # (asarray: numpy makes a 0-d one a scalar)
+    return aggregated
 
 
 class ContinualFedAvg(FedAvg):
@@ -93,7 +113,7 @@ class ContinualFedAvg(FedAvg):
         if valid is None:
             return None, None
         aggregated, metrics = super().aggregate_train(server_round, valid)
-        return self.server_step(aggregated), metrics
+        return self.server_step(keep_dtypes(aggregated, valid[0].content[self.arrayrecord_key])), metrics
 
     def server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
         """The new global model: the server optimizer's step from the round's model to ``aggregated``."""

@@ -39,6 +39,15 @@ def evaluate(model: torch.nn.Module, stream: Stream, experiences, batch_size: in
             for i in experiences}
 
 
+def evaluated_experiences(stream: Stream, trained: int) -> range:
+    """The experiences a model that has trained on experiences 0..``trained`` is evaluated on.
+
+    Every one, except on a task stream: a multi-head model's heads of later tasks are untrained
+    (in the continual flow they do not exist yet), so those accuracy-matrix cells are NaN.
+    """
+    return range(trained + 1 if stream.scenario == "task" else stream.n_experiences)
+
+
 class ContinualEvalPlugin(SupervisedPlugin):
     """Every ``every`` training iterations, evaluate on the experiences seen so far.
 

@@ -8,12 +8,17 @@ families (a small ViT for prompting) plug in behind the same two names.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from avalanche.models import MultiHeadClassifier, MultiTaskModule
+from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from torch import nn
 
 from lifelong.config import ModelConfig
+
+if TYPE_CHECKING:
+    from tasks.streams import Stream
 
 
 def mlp_backbone(input_shape: tuple[int, ...], hidden: int, dropout: float) -> nn.Sequential:
@@ -54,13 +59,36 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class MaskedMultiHeadClassifier(MultiHeadClassifier):
+    """Avalanche's multi-head classifier, with each task's output masked over every class column.
+
+    A batch's output spans every class seen (``max_class_label``). Avalanche masks the other
+    tasks' classes inside a head (``mask_value``) but pads a narrower head's output with zeros,
+    unmasked, so that task competes with zero logits in the loss and the argmax: a model with
+    every head from the start, as a federated run's (``build_stream_model``), stayed at chance
+    on 2-class Split-Digits tasks after a round (measured). Here the padding is masked too:
+    only the task's own classes count, as task-incremental prediction means. Same parameters and
+    buffers as Avalanche's; the mask is applied out of place (Avalanche writes it into the
+    layer's output in place, which autograd refuses when hooks wrap that output, as Opacus' do).
+    """
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        logits = self.classifiers[str(task_label)](x)
+        width = max(self.max_class_label, logits.shape[-1])
+        mask = getattr(self, f"active_units_T{task_label}")  # the task's classes (set by adaptation)
+        active = torch.zeros(width, dtype=torch.bool, device=logits.device)
+        active[: len(mask)] = mask.bool()
+        return nn.functional.pad(logits, (0, width - logits.shape[-1])).masked_fill(~active, self.mask_value)
+
+
 class MultiHeadNet(MultiTaskModule):
-    """backbone → features → one head per task (Avalanche's MultiHeadClassifier): task-incremental."""
+    """backbone → features → one head per task (Avalanche's MultiHeadClassifier, its padding
+    masked: :class:`MaskedMultiHeadClassifier`): task-incremental."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int):
         super().__init__()
         self.backbone = backbone
-        self.head = MultiHeadClassifier(feature_dim)
+        self.head = MaskedMultiHeadClassifier(feature_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -90,3 +118,23 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, 
     if multi_head:
         return MultiHeadNet(backbone, cfg.hidden)
     return Classifier(backbone, cfg.hidden, n_classes)
+
+
+def build_stream_model(cfg: ModelConfig, stream: Stream) -> nn.Module:
+    """The model for ``stream`` with every head it will ever have, built up front.
+
+    The continual flow lets Avalanche add a task's head when the task arrives. A federated run
+    cannot: FedAvg averages the clients' state dicts key by key, and the server and every client
+    must hold the same keys in every round, whichever experiences they have seen. The server knows
+    the whole stream, so a task stream's multi-head model is adapted here, once, to every training
+    experience, in order — one head per task label, sized and masked (``active_units_T<t>``, the
+    task's classes) exactly as Avalanche would when that task starts — and Avalanche's own
+    adaptation in a client's later rounds then finds nothing to add. Class and domain streams get
+    the single-head model unchanged. Draws the new heads' weights from torch's global RNG.
+    """
+    model = build_model(cfg, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+    if isinstance(model, MultiTaskModule):
+        model.train()  # Avalanche records a task's classes in its mask only in training mode
+        for experience in stream.train_stream:
+            avalanche_model_adaptation(model, experience)
+    return model

@@ -163,3 +163,54 @@ def test_a_naive_client_trains_on_its_share_as_tensor_batches():
     assert all(len(b) <= 8 for b in seen)
     assert sorted(map(tuple, torch.cat(seen).flatten(1).tolist())) == sorted(map(tuple, share.flatten(1).tolist()))
     assert worker_for(config('strategies=[{name="replay", mem_size=10}]'), client.stream).batches is None
+
+
+def test_a_task_stream_model_has_every_head_from_the_start_and_keeps_its_keys():
+    """FedAvg needs one key set: the server's model and every client's, before and after training
+    on each experience, hold the same tensors (one head and class mask per task); a client's round
+    trains its experience's head with the share's task labels and leaves the other heads alone."""
+    from clients.learner import worker_for
+    from tasks.models import build_stream_model
+
+    cfg = config('stream.scenario="task"')
+    stream = build_stream(cfg.stream, cfg.seed)
+
+    def layout(weights):
+        return {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
+
+    w = initial_weights(cfg)
+    server = build_stream_model(cfg.model, stream).state_dict()
+    assert layout(w) == layout(server) == layout(worker_for(cfg, stream).model.state_dict())
+    heads = {k.split(".")[2] for k in w if k.startswith("head.classifiers.")}
+    assert heads == {"0", "1", "2", "3", "4"}
+    for e, classes in enumerate(stream.classes_per_experience):  # each task's mask: its own classes
+        assert torch.nonzero(w[f"head.active_units_T{e}"]).flatten().tolist() == classes
+    client = ClientLearner(cfg, 0, RecordDict())
+    for e in range(stream.n_experiences):
+        new, _ = client.train_round(w, e, e + 1)
+        assert layout(new) == layout(w)
+        changed = [k for k in new if not torch.equal(new[k], w[k])]
+        trained = {k.split(".")[2] for k in changed if k.startswith("head.classifiers.")}
+        assert trained == {str(e)}
+        assert all(torch.equal(new[k], w[k]) for k in new if "active_units" in k)
+        w = new
+
+
+def test_a_client_on_a_task_stream_consolidates_with_the_finished_tasks_labels():
+    """EWC's Fisher of a finished experience is computed through that task's head (the share's
+    task labels): the other heads get none; the replay memory keeps each sample's task label."""
+    cfg = config('stream.scenario="task"',
+                 'strategies=[{name="replay", mem_size=20, plugins=[{name="ewc", lam=1.0}]}]')
+    state = RecordDict()
+    w = initial_weights(cfg)
+    client = ClientLearner(cfg, 0, state)
+    for exp, rnd in [(0, 1), (1, 2), (2, 3)]:  # experience 2's first round consolidates experience 1
+        w, _ = client.train_round(w, exp, rnd)
+    ewc = EWC(1.0)
+    ewc.load_state_dict(st.read_tensors(state, st.reg_key(0)))
+    fisher = ewc.fishers[-1]
+    on_head = {k.split(".")[2] for k, f in fisher.items() if k.startswith("head.") and f.abs().sum() > 0}
+    assert on_head == {"1"}
+    assert fisher["backbone.1.weight"].abs().sum() > 0
+    memory = st.read_tensors(state, st.REPLAY)
+    assert memory["0/t"].unique().tolist() == [0] and memory["1/t"].unique().tolist() == [1]

@@ -55,6 +55,12 @@ def test_a_non_federated_config_is_refused_clearly(tmp_path):
     assert "Traceback" not in out.output
 
 
+def test_a_task_stream_is_refused_clearly(tmp_path):
+    cfg = load_config(_config(tmp_path), ['stream.scenario="task"'])
+    with pytest.raises(AuditError, match="multi-head model"):
+        check_auditable(cfg)
+
+
 def test_without_privacy_only_the_no_dp_case_is_audited(tmp_path):
     cfg = load_config(_config(tmp_path), ['privacy.clipping="off"'])
     assert "only the no-DP case" in " ".join(check_auditable(cfg))

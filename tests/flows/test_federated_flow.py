@@ -103,6 +103,44 @@ def test_inprocess_backend_matches_flowers_ray_engine(tmp_path):
     assert all(torch.equal(ours.weights[k], ray.weights[k]) for k in ours.weights)
 
 
+def task_config(tmp_path, *extra):
+    """Task-incremental Split-Digits (2 tasks of 5 classes, a head each), 2 clients, 1 round, 1 epoch."""
+    return fed_config(tmp_path, 'stream.scenario="task"', "federated.clients=2", "federated.rounds=1",
+                      "training.epochs=1", "tracking.log_plots=false",
+                      f"federated.ray_cpus_per_client={torch.get_num_threads()}", *extra)
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory):
+    cfg = task_config(tmp_path_factory.mktemp("fed-task"))
+    return cfg, run_federated(cfg)
+
+
+def test_a_task_stream_is_learned_with_a_head_per_task(task_run):
+    import mlflow
+
+    cfg, result = task_run
+    m = result.matrix
+    assert np.isnan(m[0, 1])  # task 1's head is untrained after experience 0: not evaluated
+    assert min(m[0, 0], m[1, 0], m[1, 1]) > 0.6  # 5 classes per task: chance is 0.2
+    # one head and one class mask per task; the masks stay int8 through FedAvg
+    assert {k for k in result.weights if k.startswith("head.classifiers.") and k.endswith("weight")} == {
+        "head.classifiers.0.classifier.weight", "head.classifiers.1.classifier.weight"}
+    assert result.weights["head.active_units_T1"].tolist() == [0] * 5 + [1] * 5
+    assert result.weights["head.active_units_T1"].dtype == torch.int8
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in result.weights.items())
+
+
+def test_a_task_stream_gives_the_same_run_on_flowers_ray_engine(task_run, tmp_path):
+    _, ours = task_run
+    ray = run_federated(task_config(tmp_path, 'federated.backend="ray"', "tracking.log_model=false"))
+    assert np.array_equal(ours.matrix, ray.matrix, equal_nan=True)
+    assert ours.weights.keys() == ray.weights.keys()
+    assert all(torch.equal(ours.weights[k], ray.weights[k]) for k in ours.weights)
+
+
 def test_a_failing_client_does_not_stop_the_run(tmp_path):
     cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false")
     result = run_federated(cfg, client_app=failing_client_app(1))

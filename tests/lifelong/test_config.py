@@ -132,3 +132,19 @@ def test_sample_dp_refuses_what_would_break_the_guarantee(extra, message):
 def test_user_level_dp_is_for_federated_runs():
     with pytest.raises(ConfigError, match="user-level DP is for federated runs"):
         load_config(None, ['privacy.clipping="flat"', "privacy.noise_multiplier=1.0"])
+
+
+def test_a_federated_run_takes_a_task_stream():
+    cfg = load_config(None, ['flow="federated"', 'stream.scenario="task"'])
+    assert cfg.stream.resolved_scenario == "task"
+
+
+@pytest.mark.parametrize("flow", ["continual", "federated"])
+@pytest.mark.parametrize("extra, message", [
+    (['strategies=[{name="naive", plugins=[{name="center_loss"}]}]'], "center_loss needs a single-head classifier"),
+    (["pretrain.epochs=1", "stream.holdout_fraction=0.2"], "pretraining is for single-head models"),
+    (["privacy.sample={noise_multiplier=1.0}"], "sample-level DP needs a single-head model"),
+])
+def test_a_task_stream_refuses_what_needs_a_single_head(flow, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f'flow="{flow}"', 'stream.scenario="task"', *extra])

@@ -22,8 +22,8 @@ class EchoApp:
             raise RuntimeError(f"partition {pid} is down")
         metrics = MetricRecord({"num-examples": self.sizes[pid], "train-loss": float(pid), "partition-id": pid,
                                 "experience": 0})
-        return Message(RecordDict({"arrays": ArrayRecord({"w": self.weights[pid]}), "metrics": metrics}),
-                       reply_to=msg)
+        arrays = self.weights[pid] if isinstance(self.weights[pid], dict) else {"w": self.weights[pid]}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), reply_to=msg)
 
 
 def run_round(strategy, grid, server_round=1):
@@ -43,6 +43,25 @@ def test_fedavg_is_the_sample_weighted_mean():
     assert torch.allclose(arrays.to_torch_state_dict()["w"], expected)
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.tensor([0.4, 2.0]))
     assert metrics["train-loss"] == pytest.approx((0 * 10 + 1 * 30 + 2 * 60) / 100)
+
+
+def test_integer_and_boolean_entries_keep_their_dtype():
+    """Flower averages in float64; a mask the clients agree on (a multi-head model's int8
+    ``active_units_T<t>``) comes back as it was, a bool as the weighted majority, a counter as the
+    rounded weighted mean — each in its own dtype; floats are Flower's mean, untouched."""
+    mask = torch.tensor([0, 0, 1, 1], dtype=torch.int8)
+    clients = [([True, False], 3), ([True, True], 5), ([False, True], 8)]  # (flag, counter) per client
+    replies = [{"w": torch.tensor([1.0, 2.0]), "head.active_units_T1": mask, "flag": torch.tensor(flag),
+                "n": torch.tensor(n)} for flag, n in clients]
+    grid = InProcessGrid(EchoApp(replies, [10, 30, 60]), 3)
+    strategy = ContinualFedAvg(1.0, 1, 3, seed=0)
+    _, sent = run_round(strategy, grid)
+    out = strategy.aggregate_train(1, sent)[0].to_torch_state_dict()
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], torch.tensor([1.0, 2.0]))
+    assert out["head.active_units_T1"].dtype == torch.int8
+    assert out["head.active_units_T1"].tolist() == [0, 0, 1, 1]
+    assert out["flag"].dtype == torch.bool and out["flag"].tolist() == [False, True]  # weights 0.4 and 0.9
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 7  # 0.1 * 3 + 0.3 * 5 + 0.6 * 8 = 6.6
 
 
 def test_aggregation_does_not_depend_on_reply_order():

@@ -108,3 +108,19 @@ def test_multi_head_needs_task_labels(name):
     assert (out1[:, 2:] != model.head.mask_value).all()
     with pytest.raises(TypeError):
         model(x)  # no task labels: refused
+
+
+def test_multi_head_output_masks_everything_but_the_tasks_own_classes():
+    """Avalanche pads a narrower head's output with zeros; they are masked here, so a task's
+    loss and argmax see only its own classes (whatever heads the model already has)."""
+    model = build_model(small("mlp"), (1, 8, 8), 10, multi_head=True)
+    for task, classes in [(0, [0, 1]), (1, [4, 5])]:
+        avalanche_model_adaptation(model, _task_experience(task, classes))
+    model.eval()  # (no dropout: the last line compares two forward passes)
+    x, t = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    out = avalanche_forward(model, x, t)
+    assert out.shape == (4, 6)
+    masked = out == model.head.mask_value
+    assert masked[t == 0].tolist() == [[False, False, True, True, True, True]] * 2  # head 0: 2 columns
+    assert masked[t == 1].tolist() == [[True, True, True, True, False, False]] * 2
+    assert torch.allclose(model(x[:1], 0), out[:1])  # a single task label: the same columns
