@@ -9,6 +9,8 @@ only where a reproducible, fault-tolerant continual run needs it.
   with its partition id once the client has reported it, for the per-client table.
 * Replies are aggregated in partition order, whatever order they arrived in.
 * Aggregated metrics average only the training loss (FedAvg would also average ids).
+* A tensor every client returned exactly as it was sent (a frozen backbone) stays bit for bit,
+  and a non-float one (the ViT's bool class mask, a counter) keeps its dtype (:meth:`mend_mean`).
 * The new global model is the server optimizer's step from the aggregate
   (``strategies/server_optimizer.py``; plain FedAvg by default). :meth:`server_step` is the one
   place it is applied: here after FedAvg's mean, and by the DP wrapper after its private mean.
@@ -22,7 +24,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -93,7 +96,27 @@ class ContinualFedAvg(FedAvg):
         if valid is None:
             return None, None
         aggregated, metrics = super().aggregate_train(server_round, valid)
-        return self.server_step(aggregated), metrics
+        return self.server_step(self.mend_mean(aggregated, valid)), metrics
+
+    def mend_mean(self, aggregated: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        """Flower's weighted mean, mended for two kinds of tensors.
+
+        A tensor no client changed is the one sent, bit for bit: the float sum of ``w_i * x`` is
+        ``x`` only up to rounding, and LAMB or LARS (``strategies/server_optimizer.py``) would turn
+        that last-bit difference into a step of a full trust ratio on a frozen backbone. A
+        non-float tensor, which Flower averages into float64, gets its dtype back as the rounded
+        weighted mean (for a bool mask: the weighted majority).
+        """
+        out = {}
+        for key, sent in self._global.items():
+            returned = [msg.content[self.arrayrecord_key][key] for msg in replies]
+            if all(a.dtype == sent.dtype and a.shape == sent.shape and a.data == sent.data for a in returned):
+                out[key] = sent
+            elif not np.issubdtype(np.dtype(sent.dtype), np.floating):
+                out[key] = Array(np.asarray(np.round(aggregated[key].numpy()), dtype=sent.dtype))
+            else:
+                out[key] = aggregated[key]
+        return ArrayRecord(out)
 
     def server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
         """The new global model: the server optimizer's step from the round's model to ``aggregated``."""
