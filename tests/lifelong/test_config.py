@@ -132,3 +132,12 @@ def test_sample_dp_refuses_what_would_break_the_guarantee(extra, message):
 def test_user_level_dp_is_for_federated_runs():
     with pytest.raises(ConfigError, match="user-level DP is for federated runs"):
         load_config(None, ['privacy.clipping="flat"', "privacy.noise_multiplier=1.0"])
+
+
+def test_federated_oneprompt_is_accepted_but_not_with_user_level_dp():
+    base = ['flow="federated"', 'model.name="vit"', 'strategies=[{name="oneprompt"}]']
+    assert load_config(None, base).strategies[0].name == "oneprompt"
+    with pytest.raises(ConfigError, match="oneprompt cannot be combined with user-level DP.*frozen"):
+        load_config(None, [*base, 'privacy.clipping="flat"', "privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="oneprompt cannot be combined with sample-level DP"):
+        load_config(None, [*base, "privacy.sample={noise_multiplier=1.0}"])
