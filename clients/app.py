@@ -2,12 +2,14 @@
 
 Each train message carries the global model (``arrays``), the model the previous experience
 ended with (``boundary``, when the learner has regularisers to consolidate), and a ``config`` record with the
-experience index, the round and the run's Lifelong config (as JSON: the server is the one source
-of truth, so the same app runs under the in-process backend, Flower's Ray engine and real
-SuperNodes without a config file on the client's machine). The node's ``partition-id`` (from
-its node config) says which share of each experience is its own. The reply holds the new weights
-and metrics: share size, training loss, partition id, experience and, under ``[privacy.sample]``,
-the client's sample-level epsilon so far (``clients/learner.py``).
+experience index, the round, the global round that ends the experience (OnePrompt's VOR phase
+runs in it: a client cannot know otherwise, ``clients/learner.py``) and the run's Lifelong config
+(as JSON: the server is the one source of truth, so the same app runs under the in-process
+backend, Flower's Ray engine and real SuperNodes without a config file on the client's machine).
+The node's ``partition-id`` (from its node config) says which share of each experience is its
+own. The reply holds the new weights and metrics: share size, training loss, partition id,
+experience, under ``[privacy.sample]`` the client's sample-level epsilon so far, and with
+``oneprompt`` whether its VOR phase ran (``clients/learner.py``).
 
 In a checkpointed run the client also saves its state after every successful round, and a
 resumed run's clients load it back (``clients/state_store.py``): Ray actors and SuperNodes keep
@@ -29,6 +31,8 @@ from lifelong.config import Config, validate_config
 #: Keys of the train message's config record (set by the server, ``flows/federated.py``).
 CONFIG_KEY = "lifelong-config"
 EXPERIENCE_KEY = "experience"
+#: The global round that ends the message's experience (its last round).
+EXPERIENCE_END_KEY = "experience-end-round"
 ROUND_OFFSET_KEY = "round-offset"
 #: The global model at the end of the previous experience (sent when clients consolidate with it).
 BOUNDARY_KEY = "boundary"
@@ -58,8 +62,9 @@ def train(msg: Message, context: Context) -> Message:
         if state_store.RESUME_ROUND_KEY in conf and not list(context.state.keys()):
             state_store.restore(context.state, cfg, saved, int(conf[state_store.RESUME_ROUND_KEY]))
     boundary = msg.content[BOUNDARY_KEY].to_torch_state_dict() if BOUNDARY_KEY in msg.content else None
+    ends_experience = EXPERIENCE_END_KEY in conf and server_round == int(conf[EXPERIENCE_END_KEY])
     weights, metrics = learner.train_round(msg.content["arrays"].to_torch_state_dict(),
-                                           int(conf[EXPERIENCE_KEY]), server_round, boundary)
+                                           int(conf[EXPERIENCE_KEY]), server_round, boundary, ends_experience)
     if saved is not None:
         state_store.save(context.state, cfg, saved, server_round, int(conf[state_store.SAVED_ROUND_KEY]))
     content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})

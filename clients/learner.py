@@ -12,6 +12,20 @@ time it trains on a later experience it first consolidates the one it last train
 anchors, frozen centers, replay memory), using the global model it has just received — the
 federation's model at the end of that experience.
 
+OnePrompt / OVOR (``strategies/oneprompt.py``): in every round a sampled client runs OnePrompt's
+training (phase A: prompt and head, cross-entropy with earlier tasks' classes masked) on its
+share, from the global model; the backbone is frozen, so it returns the global backbone as it
+received it. Phase B (VOR: the head alone, on its share's features and virtual outliers around
+them) runs in the experience's last round only, after phase A, by the clients sampled in it;
+FedAvg then averages their heads. The server says which round that is (``experience-end-round``
+in the train message, ``clients/app.py``): lazy consolidation cannot serve here, since phase B
+must shape the head before the experience's model is final and evaluated, and asking the server
+keeps the round count — privacy accounting, checkpoints, progress — as for any other learner.
+Which classes are current and which earlier comes from the stream's class order (public, the
+same for every client), so OnePrompt keeps nothing of its own between rounds: a client whose
+share lacks a class, or that was not sampled in an earlier experience, masks as every other does.
+The reply says whether phase B ran (``vor-ran``, 1 or 0).
+
 Sample-level DP (``[privacy.sample]``): the worker's strategy trains with Opacus' DP-SGD
 (``strategies/sample_dp.py``); each client is its own privacy unit, so before every round the
 worker's DP plugin is reset to *this* client's accountant history, read from its
@@ -38,6 +52,7 @@ from flwr.app import RecordDict
 from clients import state as st
 from lifelong.config import Config, ReplaySpec
 from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
+from strategies.oneprompt import OnePromptPlugin, seen_classes
 from strategies.plugin import RegularizerPlugin, build_regularizer
 from strategies.sample_dp import SampleDPPlugin, sample_dp_config
 from tasks.models import build_stream_model
@@ -46,6 +61,8 @@ from tasks.streams import Stream, build_stream, experience_share
 
 #: Reply metric: the client's sample-level epsilon so far (under ``[privacy.sample]`` only).
 SAMPLE_EPSILON = "sample-epsilon"
+#: Reply metric: 1 when OnePrompt's VOR phase ran in the round, else 0 (``oneprompt`` only).
+VOR_RAN = "vor-ran"
 
 # Read-only data, cached per process: a stream's client split depends only on the config.
 _SHARES: dict[tuple, list[torch.Tensor]] = {}
@@ -155,6 +172,8 @@ class _Worker:
     meter: _LossMeter
     #: Opacus DP-SGD under ``[privacy.sample]``; reset to the client's own accountant every round.
     dp: SampleDPPlugin | None = None
+    #: OnePrompt (``oneprompt``); readied for each client's round from the round itself.
+    oneprompt: OnePromptPlugin | None = None
     #: The share as tensor batches (None when replay or Opacus bring their own loader).
     batches: _ShareBatches | None = None
 
@@ -181,7 +200,8 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
         plugins = strategy.plugins
         _WORKERS[key] = _Worker(model, strategy, [p for p in plugins if isinstance(p, RegularizerPlugin)],
                                 next((p for p in plugins if isinstance(p, ReplayPlugin)), None), meter,
-                                next((p for p in plugins if isinstance(p, SampleDPPlugin)), None), batches)
+                                next((p for p in plugins if isinstance(p, SampleDPPlugin)), None),
+                                next((p for p in plugins if isinstance(p, OnePromptPlugin)), None), batches)
     return _WORKERS[key]
 
 
@@ -207,19 +227,22 @@ class ClientLearner:
                                 client_indices(self.cfg, self.stream, experience)[self.pid])
 
     def train_round(self, weights: dict[str, torch.Tensor], experience: int, server_round: int,
-                    boundary: dict[str, torch.Tensor] | None = None
+                    boundary: dict[str, torch.Tensor] | None = None, ends_experience: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train on this client's share of ``experience``; returns the new weights and metrics.
 
         ``boundary``: the global model at the end of the previous experience, which the client
         consolidates with (else with ``weights``: a client sampled late in an experience would
-        anchor its Fisher and L2 anchors to a model already trained on the next one). The
-        client's state changes only if the round succeeds: a failed round leaves it as it was.
+        anchor its Fisher and L2 anchors to a model already trained on the next one).
+        ``ends_experience``: the server's word that this is the experience's last round (OnePrompt
+        runs its VOR phase then). The client's state changes only if the round succeeds: a failed
+        round leaves it as it was.
         """
         worker = worker_for(self.cfg, self.stream)
         staged = RecordDict()
         try:
-            result = self._train_round(worker, weights, experience, server_round, boundary, staged)
+            result = self._train_round(worker, weights, experience, server_round, boundary, staged,
+                                       ends_experience)
         except BaseException:
             _WORKERS.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
             raise
@@ -228,7 +251,7 @@ class ClientLearner:
         return result
 
     def _train_round(self, worker: _Worker, weights, experience: int, server_round: int, boundary,
-                     staged: RecordDict):
+                     staged: RecordDict, ends_experience: bool):
         cfg, stream, model = self.cfg, self.stream, worker.model
         model.load_state_dict(boundary if boundary is not None else weights)
         # Seeded after the worker exists (building one draws from the RNG): a client's round
@@ -265,6 +288,9 @@ class ClientLearner:
         worker.meter.total, worker.meter.count = 0.0, 0
         if worker.dp is not None:  # this client's privacy budget, not the previous client's
             worker.dp.reset(st.read_accountant(self.state), noise_seed(cfg.seed, server_round, self.pid))
+        if worker.oneprompt is not None:
+            worker.oneprompt.start_round(seen_classes(stream.classes_per_experience, experience),
+                                         ends_experience, round_seed(cfg.seed, server_round, self.pid))
         share = self.share(experience)
         if worker.batches is not None:
             indices = client_indices(cfg, stream, experience)[self.pid]
@@ -281,6 +307,8 @@ class ClientLearner:
         metrics = {"num-examples": len(share.dataset),
                    "train-loss": worker.meter.total / max(worker.meter.count, 1),
                    "partition-id": self.pid, "experience": experience}
+        if worker.oneprompt is not None:
+            metrics[VOR_RAN] = int(bool(worker.oneprompt.last_vor))
         if worker.dp is not None:
             st.write_accountant(staged, worker.dp.engine.accountant.history)
             metrics[SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon

@@ -49,7 +49,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from clients import state_store
-from clients.app import CONFIG_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
+from clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from clients.learner import client_indices
 from flows.checkpoints import ResumeError
 from flows.federated_checkpoint import (
@@ -59,7 +59,7 @@ from flows.federated_checkpoint import (
     save_round,
 )
 from lifelong import registry, tracking
-from lifelong.config import Config, load_config, strategy_label, validate_config
+from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
 from strategies.baselines import resolve_device
@@ -177,6 +177,8 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     fed, n_exp = cfg.federated, stream.n_experiences
     device = resolve_device(cfg.training.device)
     model = build_stream_model(cfg.model, stream).to(device)
+    if isinstance(cfg.strategies[0], OnePromptSpec):
+        model.use_prompt = True  # a switch, not a weight: the clients' plugin sets it on theirs
     server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
     strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed, server_optimizer=server_optimizer)
     # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
@@ -262,7 +264,8 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             strategy.round_offset = max(e * fed.rounds, done_rounds)
             # Rebound per experience; evaluate_round (a closure) updates the current one.
             train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
-                                         CONFIG_KEY: config_json, **client_keys})
+                                         CONFIG_KEY: config_json, **client_keys,
+                                         EXPERIENCE_END_KEY: (e + 1) * fed.rounds})
             result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
                                     timeout=fed.round_timeout,
                                     train_config=train_config,

@@ -9,8 +9,8 @@ only where a reproducible, fault-tolerant continual run needs it.
   with its partition id once the client has reported it, for the per-client table.
 * Replies are aggregated in partition order, whatever order they arrived in.
 * Aggregated metrics average only the training loss (FedAvg would also average ids).
-* Integer and boolean entries (a multi-head model's ``active_units_T<t>`` masks, counters) come
-  back in their own dtype, not as Flower's float64 mean (:func:`keep_dtypes`).
+* A tensor every client returned exactly as it was sent (a frozen backbone) stays bit for bit,
+  and a non-float one (the ViT's bool class mask, a counter) keeps its dtype (:meth:`mend_mean`).
 * The new global model is the server optimizer's step from the aggregate
   (``strategies/server_optimizer.py``; plain FedAvg by default). :meth:`server_step` is the one
   place it is applied: here after FedAvg's mean, and by the DP wrapper after its private mean.
@@ -51,23 +51,6 @@ def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     total = sum(float(r["metrics"][weighted_by_key]) for r in records)
     loss = sum(float(r["metrics"]["train-loss"]) * float(r["metrics"][weighted_by_key]) for r in records)
     return MetricRecord({"train-loss": loss / total if total else float("nan")})
-
-
-def keep_dtypes(aggregated: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
-    """``aggregated`` (Flower's weighted mean) with every non-float entry back in ``like``'s dtype.
-
-    Flower averages every array in float64, so an int8 mask or a bool would come back as float64
-    and stay so in the global model, its checkpoints and the next round's messages. Such entries
-    are state, not weights: each becomes the weighted mean rounded to the nearest integer in its
-    own dtype — the clients' common value when they agree (a task's class mask is set alike by
-    every client), the weighted majority of a boolean (ties: False). Float entries are untouched.
-    """
-    for key, array in like.items():
-        dtype = np.dtype(array.dtype)
-        if not np.issubdtype(dtype, np.inexact):
-            rounded = np.rint(aggregated[key].numpy()).astype(dtype)
-            aggregated[key] = Array(np.asarray(rounded))  # (asarray: numpy makes a 0-d one a scalar)
-    return aggregated
 
 
 class ContinualFedAvg(FedAvg):
@@ -113,7 +96,27 @@ class ContinualFedAvg(FedAvg):
         if valid is None:
             return None, None
         aggregated, metrics = super().aggregate_train(server_round, valid)
-        return self.server_step(keep_dtypes(aggregated, valid[0].content[self.arrayrecord_key])), metrics
+        return self.server_step(self.mend_mean(aggregated, valid)), metrics
+
+    def mend_mean(self, aggregated: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        """Flower's weighted mean, mended for two kinds of tensors.
+
+        A tensor no client changed is the one sent, bit for bit: the float sum of ``w_i * x`` is
+        ``x`` only up to rounding, and LAMB or LARS (``strategies/server_optimizer.py``) would turn
+        that last-bit difference into a step of a full trust ratio on a frozen backbone. A
+        non-float tensor, which Flower averages into float64, gets its dtype back as the rounded
+        weighted mean (for a bool mask: the weighted majority).
+        """
+        out = {}
+        for key, sent in self._global.items():
+            returned = [msg.content[self.arrayrecord_key][key] for msg in replies]
+            if all(a.dtype == sent.dtype and a.shape == sent.shape and a.data == sent.data for a in returned):
+                out[key] = sent
+            elif not np.issubdtype(np.dtype(sent.dtype), np.floating):
+                out[key] = Array(np.asarray(np.round(aggregated[key].numpy()), dtype=sent.dtype))
+            else:
+                out[key] = aggregated[key]
+        return ArrayRecord(out)
 
     def server_step(self, aggregated: ArrayRecord) -> ArrayRecord:
         """The new global model: the server optimizer's step from the round's model to ``aggregated``."""

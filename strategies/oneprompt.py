@@ -10,6 +10,13 @@ prompted ViT in ``tasks/vit.py``. This adapter does what the reference's learner
 * phase A: cross-entropy with the logits of earlier tasks' classes masked out (-inf);
 * phase B (``vor``): after each experience, train only the head on the current task's features
   plus virtual outliers.
+
+In a federated client (``clients/learner.py``) one plugin serves every client of a process, one
+round at a time, and an experience spans several rounds; :meth:`OnePromptPlugin.start_round`
+sets what the plugin would otherwise carry between experiences from the round itself: the
+classes seen so far come from the stream's class order (public, the same for every client, so a
+client not sampled in some experience, or one whose share lacks a class, masks exactly as the
+others do), and phase B runs only when the server says the round ends the experience.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ class OnePromptPlugin(SupervisedPlugin):
         self.current: list[int] = []
         self.seen: list[int] = []
         self.last_vor: dict = {}
+        #: Whether phase B follows this experience's training: always in the continual flow; a
+        #: federated client's round says (:meth:`start_round`).
+        self.vor_due = True
 
     # Checkpoints (``strategies/checkpoint.py``): the classes seen so far decide which logits are
     # masked and the VOR generator's seed; the prompt, head and active-class mask are the model's
@@ -42,9 +52,22 @@ class OnePromptPlugin(SupervisedPlugin):
         self.current, self.seen = list(state["current"]), list(state["seen"])
         self.last_vor = dict(state["last_vor"])
 
+    def start_round(self, seen: list[int], ends_experience: bool, seed: int) -> None:
+        """Ready the plugin for one federated client's round (nothing of the previous client stays).
+
+        ``seen``: the classes of the stream's experiences up to the round's (:func:`seen_classes`);
+        ``ends_experience``: the server's word that the round is the experience's last, the one
+        round in which phase B runs (a client cannot tell otherwise); ``seed``: the client's round
+        seed, for the outliers.
+        """
+        self.seen, self.vor_due, self.seed, self.last_vor = sorted(seen), ends_experience, seed, {}
+
     def before_training_exp(self, strategy, **kwargs):
         self.current = sorted(int(c) for c in strategy.experience.classes_in_this_experience)
         self.seen = sorted(set(self.seen) | set(self.current))
+        # Exactly the seen classes (not "also these"): a federated client loads a global model whose
+        # mask it must not inherit (the initial model's is all classes).
+        strategy.model.active.zero_()
         strategy.model.active[self.seen] = True
 
     def after_forward(self, strategy, **kwargs):
@@ -65,9 +88,14 @@ class OnePromptPlugin(SupervisedPlugin):
         return feats, y.to(strategy.device)
 
     def after_training_exp(self, strategy, **kwargs):
-        if self.vor is None:
+        if self.vor is None or not self.vor_due:
             return
         feats, labels = self._features(strategy)
         gen = torch.Generator(device=feats.device).manual_seed(self.seed + len(self.seen))
         self.last_vor = train_head_with_vor(strategy.model.head, feats, labels, self.current, self.seen,
                                             self.vor, generator=gen)
+
+
+def seen_classes(classes_per_experience: list[list[int]], experience: int) -> list[int]:
+    """The classes of experiences 0..``experience``: those the head may predict after it."""
+    return sorted({int(c) for classes in classes_per_experience[: experience + 1] for c in classes})

@@ -30,3 +30,18 @@ def interrupting_app(at_round: int) -> ClientApp:
         return client_train(msg, context)
 
     return app
+
+
+def recording_app(replies: list) -> ClientApp:
+    """The real app; appends every reply's (global round, metrics) to ``replies`` (in-process backend)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        conf = msg.content["config"]
+        reply = client_train(msg, context)
+        rnd = int(conf["round-offset"]) + int(conf["server-round"])
+        replies.append((rnd, dict(reply.content["metrics"])))
+        return reply
+
+    return app

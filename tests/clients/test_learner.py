@@ -9,6 +9,7 @@ from clients.learner import ClientLearner, client_indices
 from flows.federated import initial_weights
 from lifelong.config import load_config
 from strategies.ewc import EWC
+from tasks.partition import experience_labels
 from tasks.streams import build_stream
 
 
@@ -214,3 +215,55 @@ def test_a_client_on_a_task_stream_consolidates_with_the_finished_tasks_labels()
     assert fisher["backbone.1.weight"].abs().sum() > 0
     memory = st.read_tensors(state, st.REPLAY)
     assert memory["0/t"].unique().tolist() == [0] and memory["1/t"].unique().tolist() == [1]
+
+
+# --------------------------------------------------------------------------- OnePrompt / OVOR
+
+VIT = ['model.name="vit"', "model.vit_dim=16", "model.vit_depth=1", "model.vit_heads=2", "model.vit_patch=4",
+       "stream.n_experiences=2", "federated.clients=2"]
+
+
+def oneprompt_config(*extra):
+    return config(*VIT, 'strategies=[{name="oneprompt", vor_epochs=1, outliers_per_class=5}]', *extra)
+
+
+def part(weights, prefix):
+    return {k: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_oneprompt_runs_vor_only_in_the_round_that_ends_the_experience():
+    cfg = oneprompt_config()
+    w = initial_weights(cfg)
+    mid, m_mid = ClientLearner(cfg, 0, RecordDict()).train_round(w, 0, 2)
+    end, m_end = ClientLearner(cfg, 0, RecordDict()).train_round(w, 0, 2, ends_experience=True)
+    assert (m_mid["vor-ran"], m_end["vor-ran"]) == (0, 1)
+    # The same round's phase A, then phase B on the head alone: prompts alike, heads not.
+    assert same(part(mid, "prompt."), part(end, "prompt."))
+    assert not same(part(w, "prompt."), part(mid, "prompt."))
+    assert not same(part(mid, "head."), part(end, "head."))
+    # The frozen backbone comes back as it was sent, bit for bit.
+    assert same(part(end, "backbone."), part(w, "backbone."))
+    assert same(part(mid, "backbone."), part(w, "backbone."))
+
+
+def test_oneprompt_masks_classes_by_the_stream_not_by_the_clients_share():
+    """A client whose share lacks one of the experience's classes, training experience 1 without
+    having trained experience 0, masks experience 0's classes and predicts exactly 0-9."""
+    cfg = oneprompt_config('federated.partition="shards"', "federated.shards_per_client=1")
+    stream = build_stream(cfg.stream, cfg.seed)
+    held = set(experience_labels(stream.train_stream[1])[client_indices(cfg, stream, 1)[0]].tolist())
+    assert held < set(stream.classes_per_experience[1])  # the share lacks a current class
+    w = initial_weights(cfg)
+    new, _ = ClientLearner(cfg, 0, RecordDict()).train_round(w, 1, 3)
+    earlier = stream.classes_per_experience[0]
+    # Earlier classes' logits are masked: their head rows get no gradient (Adam leaves them as they were).
+    assert torch.equal(new["head.weight"][earlier], w["head.weight"][earlier])
+    missing = sorted(set(stream.classes_per_experience[1]) - held)
+    assert not torch.equal(new["head.weight"][missing], w["head.weight"][missing])  # current, though absent
+    assert new["active"].dtype == torch.bool and new["active"].all()  # experiences 0 and 1: all 10 classes
+    first, _ = ClientLearner(cfg, 1, RecordDict()).train_round(w, 0, 1)
+    assert first["active"].tolist() == [c in earlier for c in range(10)]  # not the global model's all-True

@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client_apps import failing_client_app, interrupting_app
-from flows.federated import run_federated
+from client_apps import failing_client_app, interrupting_app, recording_app
+from flows.federated import initial_weights, run_federated
 from lifelong.cli import app as cli
 from lifelong.config import load_config
 from lifelong.tracking import client_for, read_results
@@ -327,3 +327,58 @@ def test_prefect_retries_go_back_to_the_last_round_checkpoint(tmp_path, monkeypa
     assert calls["n"] == 4 + 2  # the retry evaluated rounds 3 and 4 only: it went on from round 2
     assert np.array_equal(retried.matrix, full.matrix)
     assert client_for(retried.tracking_uri).get_run(retried.run_id).info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------- OnePrompt / OVOR
+
+
+def oneprompt_config(tmp_path, *extra):
+    """A tiny ViT pretrained on held-apart digits (a random frozen backbone learns nothing of
+    experience 1 in one epoch), 2 clients, 2 rounds per experience."""
+    return fed_config(tmp_path, 'model.name="vit"', "model.vit_dim=16", "model.vit_depth=1",
+                      "model.vit_heads=2", "model.vit_patch=4", "stream.holdout_fraction=0.3",
+                      "pretrain.epochs=5", "pretrain.lr=0.01", "training.epochs=1", "federated.clients=2",
+                      'strategies=[{name="oneprompt", vor_epochs=1, outliers_per_class=5}]',
+                      "tracking.log_model=false", "tracking.log_plots=false", *extra)
+
+
+@pytest.fixture(scope="module")
+def oneprompt_run(tmp_path_factory):
+    cfg = oneprompt_config(tmp_path_factory.mktemp("oneprompt"))
+    replies: list = []
+    return cfg, run_federated(cfg, client_app=recording_app(replies)), replies
+
+
+def test_federated_oneprompt_learns_every_experience_on_the_frozen_backbone(oneprompt_run):
+    cfg, result, _ = oneprompt_run
+    m = result.matrix
+    assert m.shape == (2, 2) and result.failures == 0
+    assert m[0, 0] > 0.5 and m[0, 1] == 0.0  # experience 1's classes are not predicted before it
+    assert m[1, 1] > 0.3 and m[1, 0] > 0.2  # learned, and experience 0 not wholly forgotten
+    start = initial_weights(cfg)
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(result.weights[k], start[k]) for k in backbone)  # bit for bit
+    assert not torch.equal(result.weights["prompt.params.g0"], start["prompt.params.g0"])
+    assert result.weights["active"].dtype == torch.bool and bool(result.weights["active"].all())
+
+
+def test_federated_oneprompt_runs_vor_in_each_experiences_last_round_only(oneprompt_run):
+    _, _, replies = oneprompt_run
+    ran = sorted((rnd, m["partition-id"], m["vor-ran"]) for rnd, m in replies)
+    assert ran == [(r, p, int(r in (2, 4))) for r in (1, 2, 3, 4) for p in (0, 1)]
+
+
+def test_federated_oneprompt_resumes_as_an_unbroken_run(oneprompt_run):
+    """Stopped in round 4 (the last of experience 1, after the checkpoint of round 3): the resumed
+    clients run VOR in it and the run ends with the unbroken run's weights."""
+    cfg, full, _ = oneprompt_run  # (a second run in the same MLflow database)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(4))
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    replies: list = []
+    resumed = run_federated(cfg, client_app=recording_app(replies), resume=run_id)
+    assert sorted((rnd, m["vor-ran"]) for rnd, m in replies) == [(4, 1), (4, 1)]
+    assert np.array_equal(resumed.matrix, full.matrix)
+    assert all(torch.equal(resumed.weights[k], v) for k, v in full.weights.items())

@@ -148,3 +148,12 @@ def test_a_federated_run_takes_a_task_stream():
 def test_a_task_stream_refuses_what_needs_a_single_head(flow, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f'flow="{flow}"', 'stream.scenario="task"', *extra])
+
+
+def test_federated_oneprompt_is_accepted_but_not_with_user_level_dp():
+    base = ['flow="federated"', 'model.name="vit"', 'strategies=[{name="oneprompt"}]']
+    assert load_config(None, base).strategies[0].name == "oneprompt"
+    with pytest.raises(ConfigError, match="oneprompt cannot be combined with user-level DP.*frozen"):
+        load_config(None, [*base, 'privacy.clipping="flat"', "privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="oneprompt cannot be combined with sample-level DP"):
+        load_config(None, [*base, "privacy.sample={noise_multiplier=1.0}"])

@@ -8,6 +8,7 @@ from flwr.app.error import Error
 
 from clients.inprocess import InProcessGrid  # sets the task identity Messages are built with
 from strategies.fedavg import ContinualFedAvg
+from strategies.server_optimizer import ServerOptimizer
 
 
 class EchoApp:
@@ -55,8 +56,10 @@ def test_integer_and_boolean_entries_keep_their_dtype():
                 "n": torch.tensor(n)} for flag, n in clients]
     grid = InProcessGrid(EchoApp(replies, [10, 30, 60]), 3)
     strategy = ContinualFedAvg(1.0, 1, 3, seed=0)
-    _, sent = run_round(strategy, grid)
-    out = strategy.aggregate_train(1, sent)[0].to_torch_state_dict()
+    global_model = ArrayRecord({"w": torch.zeros(2), "head.active_units_T1": mask,
+                                "flag": torch.tensor([False, False]), "n": torch.tensor(0)})
+    msgs = list(strategy.configure_train(1, global_model, ConfigRecord(), grid))
+    out = strategy.aggregate_train(1, list(grid.send_and_receive(msgs)))[0].to_torch_state_dict()
     assert out["w"].dtype == torch.float32 and torch.equal(out["w"], torch.tensor([1.0, 2.0]))
     assert out["head.active_units_T1"].dtype == torch.int8
     assert out["head.active_units_T1"].tolist() == [0, 0, 1, 1]
@@ -154,3 +157,38 @@ def test_a_failed_client_keeps_its_previous_context_state():
     strategy = ContinualFedAvg(1.0, 1, 1, seed=0)
     run_round(strategy, grid)
     assert "progress" not in grid.context(1).state
+
+
+class FrozenAndMaskApp:
+    """Replies with ``w`` moved, ``frozen`` exactly as sent, and its own class mask and counter."""
+
+    MASKS = [[True, True, False], [True, False, False], [True, False, True]]
+
+    def __call__(self, msg, context):
+        got = msg.content["arrays"].to_torch_state_dict()
+        pid = int(context.node_config["partition-id"])
+        metrics = MetricRecord({"num-examples": 2 ** pid, "train-loss": 0.0, "partition-id": pid,
+                                "experience": 0})
+        arrays = ArrayRecord({"w": got["w"] + pid + 1, "frozen": got["frozen"],
+                              "mask": torch.tensor(self.MASKS[pid]), "count": got["count"] + 10 * (pid + 1)})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@pytest.mark.parametrize("optimizer", ["fedavg", "lamb"])
+def test_untouched_tensors_stay_bit_for_bit_and_non_float_ones_keep_their_dtype(optimizer):
+    """A frozen backbone comes back as sent (the float mean of equal values is not always the
+    value: LAMB would blow that last bit up into a trust-ratio step); a bool mask stays a bool
+    mask, the weighted majority; a counter an integer, the rounded weighted mean."""
+    frozen = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    weights = [1 / 7, 2 / 7, 4 / 7]  # the sizes 1, 2, 4
+    assert not np.array_equal(sum(frozen.numpy() * w for w in weights), frozen.numpy())  # Flower's mean
+    sent = ArrayRecord({"w": torch.zeros(3), "frozen": frozen, "mask": torch.ones(3, dtype=torch.bool),
+                        "count": torch.tensor(5)})
+    strategy = ContinualFedAvg(1.0, 1, 3, seed=0, server_optimizer=ServerOptimizer(optimizer))
+    grid = InProcessGrid(FrozenAndMaskApp(), 3)
+    msgs = list(strategy.configure_train(1, sent, ConfigRecord(), grid))
+    out = strategy.aggregate_train(1, list(grid.send_and_receive(msgs)))[0].to_torch_state_dict()
+    assert torch.equal(out["frozen"], frozen)
+    assert out["mask"].dtype == torch.bool and out["mask"].tolist() == [True, False, True]
+    assert out["count"].dtype == torch.int64 and int(out["count"]) == round(5 + 10 * (1 + 2 * 2 + 4 * 3) / 7)
+    assert not torch.equal(out["w"], torch.zeros(3))
