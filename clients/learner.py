@@ -205,6 +205,20 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
     return _WORKERS[key]
 
 
+def frozen_keys(cfg: Config, stream: Stream) -> frozenset[str]:
+    """The state-dict keys of the parameters a config's learner never trains (``freeze_backbone``,
+    OnePrompt's backbone): every client returns them exactly as it received them.
+
+    Read from the ``requires_grad`` of the very model the clients train (``worker_for``), so it
+    cannot disagree with them; it depends on the config alone, never on data, so the server may
+    use it freely (user-level DP leaves these keys out of the private update). Buffers are never
+    listed: BatchNorm's running statistics move with the data even under a frozen backbone.
+    """
+    model = worker_for(cfg, stream).model
+    # (remove_duplicate=False: a tied parameter is frozen under each of its state-dict names)
+    return frozenset(k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+
+
 class ClientLearner:
     """Client ``partition_id``'s learner for a round: a worker loaded with the client's state."""
 

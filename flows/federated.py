@@ -50,7 +50,7 @@ from prefect.cache_policies import NO_CACHE
 
 from clients import state_store
 from clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
-from clients.learner import client_indices
+from clients.learner import client_indices, frozen_keys
 from flows.checkpoints import ResumeError
 from flows.federated_checkpoint import (
     checkpoint_file,
@@ -66,12 +66,13 @@ from strategies.baselines import resolve_device
 from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
 from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
 from strategies.fedavg import ContinualFedAvg
+from strategies.oneprompt import seen_classes
 from strategies.server_optimizer import ServerOptimizer
 from tasks.evaluation import evaluate, evaluated_experiences
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from tasks.models import build_stream_model
 from tasks.partition import PartitionError, class_histograms, experience_labels
-from tasks.streams import build_stream
+from tasks.streams import Stream, build_stream
 
 #: Per-client histograms are plotted for at most this many clients (all are in the table).
 MAX_PLOTTED_CLIENTS = 100
@@ -163,6 +164,23 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def public_state(cfg: Config, stream: Stream, state: dict[str, torch.Tensor],
+                 experience: int) -> dict[str, torch.Tensor]:
+    """The global model as the server evaluates and logs it while on ``experience``.
+
+    OnePrompt's class mask ``active`` is not learned: it is the classes seen so far, from the
+    stream's public class order, which every client sets on its own model for its round. FedAvg's
+    majority of the clients' masks is that mask, but user-level DP keeps every non-float entry at
+    the global model's value — the initial all-classes mask, under which the head would predict
+    classes it has never seen — so the server sets it here, from the stream, in either case.
+    """
+    if isinstance(cfg.strategies[0], OnePromptSpec):
+        active = torch.zeros_like(state["active"])
+        active[seen_classes(stream.classes_per_experience, experience)] = True
+        state = {**state, "active": active}
+    return state
+
+
 def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
           checkpoint: Path | None = None, resume: dict | None = None) -> FederatedResult:
     """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``.
@@ -190,7 +208,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
                     if p.adaptive_clipping else None)
         strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
-                               p.allocation, cfg.seed, adaptive)
+                               p.allocation, cfg.seed, adaptive, frozen=frozen_keys(cfg, stream))
         epsilons = list(privacy.epsilon_per_round())
         tracking.set_tags(client, run_id, {"privacy": privacy.describe()})
     trace, rows = ContinualTrace(), []
@@ -222,7 +240,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if refused:  # a client's saved state is corrupt or foreign: stop, never train on without it
             reason = refused[0][refused[0].index(state_store.REFUSED):]
             raise ResumeError(reason.removesuffix("'>"))
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model.load_state_dict(public_state(cfg, stream, arrays.to_torch_state_dict(), experience))
         accs = evaluate(model, stream, evaluated_experiences(stream, experience),
                         cfg.training.eval_batch_size, device)
         seen = {i: accs[i] for i in range(experience + 1)}
@@ -304,7 +322,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         points = [(p.iteration, p.experience, p.accuracies) for p in trace.points]
         tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, label, xlabel="round"),
                             "continual_eval.png")
-    weights = arrays.to_torch_state_dict()
+    weights = public_state(cfg, stream, arrays.to_torch_state_dict(), n_exp - 1)
     model_uri = None
     if cfg.tracking.log_model:
         model.load_state_dict(weights)

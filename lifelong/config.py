@@ -632,12 +632,6 @@ class Config(_Section):
         if isinstance(spec, JointSpec):
             raise ValueError(f"strategies.0: {spec.name!r} is not available in the federated flow; "
                              "use 'naive', 'replay' (with any plugins) or 'oneprompt'")
-        if isinstance(spec, OnePromptSpec) and self.privacy.clipping != "off":
-            # Not yet: the private mean would need the (public) set of frozen tensors to leave out.
-            raise ValueError("strategies.0: oneprompt cannot be combined with user-level DP "
-                             "(privacy.clipping) yet: the server's noise goes on every float tensor, so "
-                             "it would move the frozen pretrained backbone, and the private mean keeps "
-                             "the class mask (`active`) at the initial model's")
         if spec.arbitrate:
             raise ValueError("strategies.0.arbitrate: GCond arbitration keeps per-learner state that "
                              "federated clients do not persist yet; remove it for a federated run")

@@ -15,6 +15,15 @@ clients and records their outcomes (``record_replies`` of :class:`ContinualFedAv
 server optimizer's step from the private mean (its ``server_step``); any other attribute is read
 from it.
 
+What is private: the float tensors a client's training can move — the parameters its learner
+trains and the float buffers (BatchNorm's running statistics follow the data). Parameters the
+learner never trains (``frozen``: a linear probe's backbone, OnePrompt's pretrained ViT) are left
+out, and so are non-float entries (counters, masks), which cannot be clipped and noised: both keep
+the global model's value, bit for bit, whatever a client sends. Which parameters are frozen follows
+from the config alone (``clients.learner.frozen_keys``), never from data, so leaving them out costs
+no privacy; their update is identically zero anyway, and noising them would move a backbone meant
+to stay fixed, while per-layer clipping would spend part of the bound on layers that never move.
+
 Adaptive clipping (Andrew et al., NeurIPS 2021, Algorithm 1; ``strategies/dp_clipping.py``): with
 ``adaptive`` set, every round also releases the noised fraction of replies whose update norm was
 within the bound, and the bound moves geometrically toward the target quantile of the norms for
@@ -26,7 +35,7 @@ with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,16 +56,29 @@ class AdaptiveClipping:
     count_noise_std: float
 
 
+def private_keys(state: Mapping[str, torch.Tensor], frozen: Collection[str] = ()) -> list[str]:
+    """The keys of ``state`` in the private (clipped, noised) update: float tensors that are not
+    ``frozen`` parameters. The rest keeps the global model's value (module docstring)."""
+    unknown = sorted(set(frozen) - set(state))
+    if unknown:
+        raise ValueError(f"frozen keys {unknown} are not in the global model's state dict")
+    return [k for k, v in state.items() if v.is_floating_point() and k not in frozen]
+
+
 class UserLevelDP(Strategy):
     def __init__(self, inner, mode: str, clip: float, noise_multiplier: float, expected_cohort: int,
-                 allocation: str = "uniform", seed: int = 0, adaptive: AdaptiveClipping | None = None):
+                 allocation: str = "uniform", seed: int = 0, adaptive: AdaptiveClipping | None = None,
+                 frozen: Collection[str] = ()):
         """``noise_multiplier``: the update's (``z_delta`` when ``adaptive``); ``clip``: the bound, the
-        starting one when ``adaptive``."""
+        starting one when ``adaptive``; ``frozen``: the state-dict keys of the parameters the
+        clients' learner never trains (left out of the private update)."""
         self.inner, self.mode, self.clip, self.allocation = inner, mode, clip, allocation
+        self.frozen = frozenset(frozen)
         self.noise_multiplier, self.expected_cohort, self.adaptive = noise_multiplier, expected_cohort, adaptive
         # Seeded: the same config and seed give the same noise (and the same metrics).
         self.generator = torch.Generator().manual_seed(seed)
         self._current: dict[str, torch.Tensor] | None = None
+        self._private: list[str] = []  # the keys of this round's private update
         #: Per round: the fraction of replies whose update was clipped and their mean pre-clip norm.
         self.clip_stats: dict[int, dict[str, float]] = {}
 
@@ -77,6 +99,8 @@ class UserLevelDP(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._current = dict(arrays.to_torch_state_dict())
+        # Here, not after the round: a frozen key the model lacks is refused before clients train.
+        self._private = private_keys(self._current, self.frozen)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -84,10 +108,11 @@ class UserLevelDP(Strategy):
         valid = self.inner.record_replies(server_round, replies)
         if valid is None:
             return None, None
-        # Float tensors only. Non-float buffers (counters, masks such as the ViT's `active`) are
-        # not part of the clipped and noised update, so a client's values would reach the server
-        # unprotected (a batch counter reveals a share's size): the global model's are kept.
-        keys = [k for k, v in self._current.items() if v.is_floating_point()]
+        # Non-float buffers (counters, masks such as the ViT's `active`) cannot be clipped and
+        # noised, so a client's values would reach the server unprotected (a batch counter reveals
+        # a share's size); frozen parameters are not trained (an honest client sends them back as
+        # it got them). Both keep the global model's value, whatever a client sends.
+        keys = self._private
         clipped, norms, hit = [], [], 0
         for msg in valid:
             new = msg.content["arrays"].to_torch_state_dict()

@@ -5,7 +5,7 @@ import torch
 from flwr.app import RecordDict
 
 from clients import state as st
-from clients.learner import ClientLearner, client_indices
+from clients.learner import ClientLearner, client_indices, frozen_keys
 from flows.federated import initial_weights
 from lifelong.config import load_config
 from strategies.ewc import EWC
@@ -116,6 +116,17 @@ def test_a_failed_round_leaves_the_client_state_as_it_was(monkeypatch):
     ewc.load_state_dict(st.read_tensors(state, st.reg_key(0)))
     assert len(ewc.fishers) == 1
     assert {k.split("/")[0] for k in st.read_tensors(state, st.REPLAY)} == {"0"}
+
+
+def test_frozen_keys_are_the_parameters_a_clients_round_never_changes():
+    probe = config('strategies=[{name="naive", freeze_backbone=true}]')
+    stream = build_stream(probe.stream, probe.seed)
+    w = initial_weights(probe)
+    frozen = frozen_keys(probe, stream)
+    assert frozen and frozen == {k for k in w if k.startswith("backbone.")}
+    new, _ = ClientLearner(probe, 0, RecordDict()).train_round(w, 0, 1)
+    assert all(torch.equal(new[k], w[k]) == (k in frozen) for k in w)  # the rest (the head) trained
+    assert frozen_keys(config(), stream) == frozenset()  # fine-tuning trains every parameter
 
 
 def test_gcond_arbitration_is_refused_for_federated_runs():

@@ -289,6 +289,20 @@ def test_noise_changes_the_model_and_the_seed_fixes_it(tmp_path):
     assert not all(torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
 
 
+def test_a_linear_probe_under_dp_keeps_its_frozen_backbone_bit_for_bit(tmp_path):
+    """The server noises only what the clients train: the backbone of a `freeze_backbone` learner
+    stays the initial model's exactly, while the noised head moves."""
+    cfg = fed_config(tmp_path, "tracking.log_model=false", "tracking.log_plots=false", "federated.rounds=1",
+                     "training.epochs=1", 'strategies=[{name="naive", freeze_backbone=true}]',
+                     'privacy.clipping="per_layer"', "privacy.clip=0.5", "privacy.noise_multiplier=1.0",
+                     "privacy.delta=1e-3")
+    result = run_federated(cfg)
+    start = initial_weights(cfg)
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(result.weights[k], start[k]) for k in backbone)
+    assert all(not torch.equal(result.weights[k], start[k]) for k in start if k.startswith("head."))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", 'privacy.clipping="flat"', "--set", "privacy.target_epsilon=0.001", "--set", "privacy.delta=1e-3"],
      "target epsilon"),
@@ -360,6 +374,25 @@ def test_federated_oneprompt_learns_every_experience_on_the_frozen_backbone(onep
     assert backbone and all(torch.equal(result.weights[k], start[k]) for k in backbone)  # bit for bit
     assert not torch.equal(result.weights["prompt.params.g0"], start["prompt.params.g0"])
     assert result.weights["active"].dtype == torch.bool and bool(result.weights["active"].all())
+
+
+def test_federated_oneprompt_under_user_level_dp_keeps_the_backbone_and_masks_unseen_classes(tmp_path):
+    """User-level DP noises the prompt and head only; the server evaluates with the classes seen
+    so far (the private mean keeps the initial all-classes mask, which would let the head predict
+    experience 1's untrained classes after experience 0)."""
+    # Noise std 0.01 on the average (z 0.02, C 1, 2 clients), accounted as z = 1 for 100 of 1,000
+    # users: the dp-accounting PLD of a tiny z on the simulated 2 users alone takes a minute.
+    cfg = oneprompt_config(tmp_path, "federated.rounds=1", 'privacy.clipping="flat"', "privacy.clip=1.0",
+                           "privacy.noise_multiplier=0.02", "privacy.population=1000", "privacy.cohort=100",
+                           "privacy.delta=1e-4")
+    result = run_federated(cfg)
+    start = initial_weights(cfg)
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(result.weights[k], start[k]) for k in backbone)  # bit for bit
+    assert not torch.equal(result.weights["prompt.params.g0"], start["prompt.params.g0"])
+    m = result.matrix
+    assert m.shape == (2, 2) and result.failures == 0
+    assert m[0, 0] > 0.5 and m[0, 1] == 0.0 and m[1, 1] > 0.3
 
 
 def test_federated_oneprompt_runs_vor_in_each_experiences_last_round_only(oneprompt_run):

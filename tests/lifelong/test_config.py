@@ -150,10 +150,10 @@ def test_a_task_stream_refuses_what_needs_a_single_head(flow, extra, message):
         load_config(None, [f'flow="{flow}"', 'stream.scenario="task"', *extra])
 
 
-def test_federated_oneprompt_is_accepted_but_not_with_user_level_dp():
+def test_federated_oneprompt_is_accepted_with_user_level_dp_but_not_sample_level():
     base = ['flow="federated"', 'model.name="vit"', 'strategies=[{name="oneprompt"}]']
     assert load_config(None, base).strategies[0].name == "oneprompt"
-    with pytest.raises(ConfigError, match="oneprompt cannot be combined with user-level DP.*frozen"):
-        load_config(None, [*base, 'privacy.clipping="flat"', "privacy.noise_multiplier=1.0"])
+    private = load_config(None, [*base, 'privacy.clipping="per_layer"', "privacy.noise_multiplier=1.0"])
+    assert private.strategies[0].name == "oneprompt" and private.privacy.clipping == "per_layer"
     with pytest.raises(ConfigError, match="oneprompt cannot be combined with sample-level DP"):
         load_config(None, [*base, "privacy.sample={noise_multiplier=1.0}"])
