@@ -15,7 +15,8 @@ from strategies.server_optimizer import ServerOptimizer
 
 
 class FixedUpdateApp:
-    """Every client replies with the model it got plus [1.2, 1.6] (norm 2) on every layer."""
+    """Every client replies with the model it got plus [1.2, 1.6] (norm 2) on every tensor, frozen
+    ones too: the server must not take a frozen parameter from a client whatever it sends."""
 
     def __call__(self, msg, context):
         got = msg.content["arrays"].to_torch_state_dict()
@@ -151,22 +152,10 @@ def test_non_float_buffers_keep_the_global_value_and_only_floats_are_clipped():
     assert strategy.clip_stats[1]["mean_update_norm"] == pytest.approx(2.0)
 
 
-class EveryKeyApp:
-    """Replies with every tensor of the global model plus [1.2, 1.6] (norm 2), frozen ones too: the
-    server must not take a frozen parameter from a client whatever it sends."""
-
-    def __call__(self, msg, context):
-        got = msg.content["arrays"].to_torch_state_dict()
-        pid = int(context.node_config["partition-id"])
-        metrics = MetricRecord({"num-examples": 1, "train-loss": 0.0, "partition-id": pid, "experience": 0})
-        arrays = ArrayRecord({k: v + torch.tensor([1.2, 1.6]) for k, v in got.items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-
-
 def private_round(noise_multiplier, frozen=("backbone.w", "backbone.b")):
     strategy = UserLevelDP(ContinualFedAvg(1.0, 1, 4, seed=0), "per_layer", 1.0, noise_multiplier,
                            expected_cohort=4, seed=0, frozen=frozen)
-    grid = InProcessGrid(EveryKeyApp(), 4)
+    grid = InProcessGrid(FixedUpdateApp(), 4)
     start = {"backbone.w": torch.tensor([0.1, 0.3]), "backbone.b": torch.tensor([-0.7, 1 / 3]),
              "head.w": torch.zeros(2), "head.b": torch.zeros(2), "bn.running_mean": torch.zeros(2)}
     new, _ = strategy.aggregate_train(1, list(grid.send_and_receive(
@@ -188,6 +177,6 @@ def test_frozen_parameters_keep_the_global_value_and_the_rest_is_clipped_and_noi
 
 def test_frozen_keys_the_model_lacks_are_refused_before_clients_train():
     strategy = UserLevelDP(ContinualFedAvg(1.0, 1, 4, seed=0), "flat", 1.0, 0.0, 4, frozen=("backbone.x",))
-    grid = InProcessGrid(EveryKeyApp(), 4)
+    grid = InProcessGrid(FixedUpdateApp(), 4)
     with pytest.raises(ValueError, match=r"frozen keys \['backbone.x'\] are not in the global model"):
         strategy.configure_train(1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), grid)
