@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import state_store
 from clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
+from strategies.records import from_state_dict, to_state_dict
 
 #: Keys of the train message's config record (set by the server, ``flows/federated.py``).
 CONFIG_KEY = "lifelong-config"
@@ -61,11 +62,11 @@ def train(msg: Message, context: Context) -> Message:
                                        str(conf[state_store.RUN_KEY]), partition_id)
         if state_store.RESUME_ROUND_KEY in conf and not list(context.state.keys()):
             state_store.restore(context.state, cfg, saved, int(conf[state_store.RESUME_ROUND_KEY]))
-    boundary = msg.content[BOUNDARY_KEY].to_torch_state_dict() if BOUNDARY_KEY in msg.content else None
+    boundary = to_state_dict(msg.content[BOUNDARY_KEY]) if BOUNDARY_KEY in msg.content else None
     ends_experience = EXPERIENCE_END_KEY in conf and server_round == int(conf[EXPERIENCE_END_KEY])
-    weights, metrics = learner.train_round(msg.content["arrays"].to_torch_state_dict(),
+    weights, metrics = learner.train_round(to_state_dict(msg.content["arrays"]),
                                            int(conf[EXPERIENCE_KEY]), server_round, boundary, ends_experience)
     if saved is not None:
         state_store.save(context.state, cfg, saved, server_round, int(conf[state_store.SAVED_ROUND_KEY]))
-    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": from_state_dict(weights), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from strategies.checkpoint import buffer_state, load_buffer_state
+from strategies.records import from_state_dict, to_state_dict
 
 PROGRESS = "progress"
 REPLAY = "replay"
@@ -40,13 +41,13 @@ def write_progress(state: RecordDict, trained: int, consolidated: int) -> None:
 
 
 def write_tensors(state: RecordDict, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    state[key] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+    state[key] = from_state_dict(tensors)
 
 
 def read_tensors(state: RecordDict, key: str) -> dict[str, torch.Tensor] | None:
     if key not in state:
         return None
-    return dict(state[key].to_torch_state_dict())
+    return dict(to_state_dict(state[key]))
 
 
 def read_accountant(state: RecordDict) -> list[tuple[float, float, int]]:

@@ -36,6 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flows.checkpoints import ResumeError, config_fingerprint, read_checkpoint, write_checkpoint
 from lifelong.config import Config
 from lifelong.env import state_dir
+from strategies.records import from_state_dict, to_state_dict
 
 #: Keys of the train message's config record (set by the server, ``flows/federated.py``).
 RUN_KEY = "state-run"
@@ -73,7 +74,7 @@ def records(state: RecordDict) -> dict:
     for key in state.keys():
         rec = state[key]
         if isinstance(rec, ArrayRecord):
-            out[key] = ("arrays", dict(rec.to_torch_state_dict()))
+            out[key] = ("arrays", dict(to_state_dict(rec)))
         elif isinstance(rec, ConfigRecord):
             out[key] = ("config", dict(rec))
         else:
@@ -82,7 +83,7 @@ def records(state: RecordDict) -> dict:
 
 
 def record_dict(saved: dict) -> RecordDict:
-    return RecordDict({k: ArrayRecord(v) if kind == "arrays" else ConfigRecord(v) for k, (kind, v) in saved.items()})
+    return RecordDict({k: from_state_dict(v) if kind == "arrays" else ConfigRecord(v) for k, (kind, v) in saved.items()})
 
 
 def save(state: RecordDict, cfg: Config, directory: Path, rnd: int, checkpointed: int) -> Path:

@@ -67,6 +67,7 @@ from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
 from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
 from strategies.fedavg import ContinualFedAvg
 from strategies.oneprompt import seen_classes
+from strategies.records import from_state_dict, to_state_dict
 from strategies.server_optimizer import ServerOptimizer
 from tasks.evaluation import evaluate, evaluated_experiences
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
@@ -213,7 +214,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         tracking.set_tags(client, run_id, {"privacy": privacy.describe()})
     trace, rows = ContinualTrace(), []
     config_json = json.dumps(cfg.model_dump(mode="json"))
-    arrays = ArrayRecord(initial_weights(cfg))
+    arrays = from_state_dict(initial_weights(cfg))
     done_rounds = 0
     if resume is not None:
         arrays, done_rounds = restore_server(resume, strategy, trace, rows, fed.rounds,
@@ -240,7 +241,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         if refused:  # a client's saved state is corrupt or foreign: stop, never train on without it
             reason = refused[0][refused[0].index(state_store.REFUSED):]
             raise ResumeError(reason.removesuffix("'>"))
-        model.load_state_dict(public_state(cfg, stream, arrays.to_torch_state_dict(), experience))
+        model.load_state_dict(public_state(cfg, stream, to_state_dict(arrays), experience))
         accs = evaluate(model, stream, evaluated_experiences(stream, experience),
                         cfg.training.eval_batch_size, device)
         seen = {i: accs[i] for i in range(experience + 1)}
@@ -322,7 +323,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         points = [(p.iteration, p.experience, p.accuracies) for p in trace.points]
         tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, label, xlabel="round"),
                             "continual_eval.png")
-    weights = public_state(cfg, stream, arrays.to_torch_state_dict(), n_exp - 1)
+    weights = public_state(cfg, stream, to_state_dict(arrays), n_exp - 1)
     model_uri = None
     if cfg.tracking.log_model:
         model.load_state_dict(weights)

@@ -17,9 +17,16 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from flows.checkpoints import ResumeError, checkpoint_dir, config_fingerprint, read_checkpoint, write_checkpoint
+from flows.checkpoints import (
+    ResumeError,
+    checkpoint_dir,
+    config_fingerprint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from lifelong.config import Config
 from strategies.fedavg import ClientOutcome
+from strategies.records import from_state_dict, to_state_dict
 
 VERSION = 3  # 2: the clients' state is theirs (clients/state_store.py); 3: the server's state
 
@@ -33,8 +40,8 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
     """``pending``: metric values not yet sent to MLflow (``MLflowLogger.pending``)."""
     state = {
         "version": VERSION, "config": config_fingerprint(cfg), "run_id": run_id, "round": rnd,
-        "arrays": dict(arrays.to_torch_state_dict()),
-        "boundary": dict(strategy.boundary.to_torch_state_dict()) if strategy.boundary is not None else None,
+        "arrays": dict(to_state_dict(arrays)),
+        "boundary": dict(to_state_dict(strategy.boundary)) if strategy.boundary is not None else None,
         "outcomes": [vars(o) for o in strategy.outcomes], "skipped": list(strategy.skipped_rounds),
         "partition_of": dict(strategy._partition_of),
         "server": strategy.server_state(),
@@ -64,8 +71,8 @@ def restore_server(state: dict, strategy, trace, rows, rounds_per_experience: in
     base._partition_of = dict(state["partition_of"])
     base._all_connected = True
     strategy.load_server_state(state["server"])
-    arrays = ArrayRecord(state["arrays"])
-    strategy.boundary = ArrayRecord(state["boundary"]) if state["boundary"] is not None else None
+    arrays = from_state_dict(state["arrays"])
+    strategy.boundary = from_state_dict(state["boundary"]) if state["boundary"] is not None else None
     if consolidates and state["round"] % rounds_per_experience == 0:
         # Saved at an experience's last round, before the server set it as the boundary.
         strategy.boundary = arrays

@@ -44,6 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from strategies.dp_clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
+from strategies.records import from_state_dict, to_state_dict
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class UserLevelDP(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._current = dict(arrays.to_torch_state_dict())
+        self._current = dict(to_state_dict(arrays))
         # Here, not after the round: a frozen key the model lacks is refused before clients train.
         self._private = private_keys(self._current, self.frozen)
         return self.inner.configure_train(server_round, arrays, config, grid)
@@ -115,7 +116,7 @@ class UserLevelDP(Strategy):
         keys = self._private
         clipped, norms, hit = [], [], 0
         for msg in valid:
-            new = msg.content["arrays"].to_torch_state_dict()
+            new = to_state_dict(msg.content["arrays"])
             update = [(new[k] - self._current[k]).float() for k in keys]
             result = clip_update(update, self.clip, self.mode, allocation=self.allocation
                                  if self.mode in ("per_layer", "per_layer_normalize") else None)
@@ -135,7 +136,7 @@ class UserLevelDP(Strategy):
                                                  a.count_noise_std, self.generator)
             self.clip = update_clip_bound(self.clip, unclipped, a.target_quantile, a.learning_rate)
         metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], self.inner.weighted_by_key)
-        return self.inner.server_step(ArrayRecord(arrays)), metrics
+        return self.inner.server_step(from_state_dict(arrays)), metrics
 
     def server_state(self) -> dict:
         """The wrapped strategy's, the (adaptive) bound and the noise generator's state, so a resumed
