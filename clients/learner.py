@@ -294,7 +294,9 @@ class ClientLearner:
             progress["consolidated"] = progress["trained"]
             if memory is not None:
                 st.write_tensors(staged, st.REPLAY, memory.state_dict())
-        if boundary is not None or consolidating:  # (else it holds the weights, untouched)
+        # Back to the round's weights if the model held the boundary or ran to consolidate a
+        # regulariser (else it holds them already: filling a replay memory reads no model).
+        if boundary is not None or (consolidating and regularizers):
             model.load_state_dict(weights)
 
         # A fresh local optimizer every round (momentum and Adam moments do not carry over).

@@ -46,7 +46,8 @@ def from_numpy(x: np.ndarray) -> Array:
         np.save(buffer, x, allow_pickle=False)
         saved = buffer.getvalue()
         header = _HEADERS[key] = saved[: len(saved) - x.nbytes]
-    return Array(dtype=str(x.dtype), shape=tuple(x.shape), stype=SType.NUMPY, data=header + x.tobytes())
+    # (header + the array's own buffer: one copy, where x.tobytes() would make a second)
+    return Array(dtype=str(x.dtype), shape=tuple(x.shape), stype=SType.NUMPY, data=header + memoryview(x))
 
 
 def to_numpy(array: Array) -> np.ndarray:
