@@ -84,6 +84,16 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0] % 2**31)
 
 
+def seed_round(seed: int) -> None:
+    """Avalanche's ``RNGManager.set_random_seeds``, without its CUDA generators where CUDA is not
+    available: there, torch defers each CUDA seed to an initialisation that never comes and
+    formats a stack trace for it, a sizeable part of a small client round's fixed cost
+    (``python -m bench federated``). Where CUDA is available, every generator is seeded."""
+    for name, generator in RNGManager.random_generators.items():
+        if name != "torch.cuda" or torch.cuda.is_available():
+            generator["seed"](seed)
+
+
 def noise_seed(seed: int, server_round: int, partition_id: int) -> int:
     """The seed of a client's DP-SGD noise in a round: another stream than :func:`round_seed`'s,
     so the noise is not drawn from the same sequence as the Poisson batches."""
@@ -270,7 +280,7 @@ class ClientLearner:
         model.load_state_dict(boundary if boundary is not None else weights)
         # Seeded after the worker exists (building one draws from the RNG): a client's round
         # draws the same batches whichever process runs it, first or hundredth.
-        RNGManager.set_random_seeds(round_seed(cfg.seed, server_round, self.pid))
+        seed_round(round_seed(cfg.seed, server_round, self.pid))
 
         regularizers = [build_regularizer(p, stream.n_classes) for p in self.spec.plugins]
         for i, reg in enumerate(regularizers):

@@ -278,3 +278,23 @@ def test_oneprompt_masks_classes_by_the_stream_not_by_the_clients_share():
     assert new["active"].dtype == torch.bool and new["active"].all()  # experiences 0 and 1: all 10 classes
     first, _ = ClientLearner(cfg, 1, RecordDict()).train_round(w, 0, 1)
     assert first["active"].tolist() == [c in earlier for c in range(10)]  # not the global model's all-True
+
+
+def test_seed_round_draws_what_avalanches_rng_manager_draws():
+    import random
+
+    import numpy as np
+    import torch
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    from clients.learner import seed_round
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    RNGManager.set_random_seeds(1234)
+    expected = draws()
+    seed_round(1234)
+    assert draws() == expected
+    seed_round(1235)
+    assert draws() != expected
