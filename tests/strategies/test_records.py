@@ -72,8 +72,8 @@ def test_state_dict_round_trip_gives_writable_tensors_of_their_own():
     assert all(record[k].data == ArrayRecord(state)[k].data for k in state)
     back = to_state_dict(record)
     assert list(back) == list(state)
-    for k in state:
-        assert torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype
+    for k, tensor in state.items():
+        assert torch.equal(back[k], tensor) and back[k].dtype == tensor.dtype
     back["w"] += 1  # writable, and the record keeps its bytes
     assert torch.equal(to_state_dict(record)["w"], state["w"])
 
