@@ -32,7 +32,9 @@ from flwr.common.constant import SType
 
 _MAGIC = b"\x93NUMPY"
 #: ``.npy`` headers that ``np.save`` writes, per (dtype, shape): they depend on nothing else.
+#: A model has a few dozen; a replay memory's arrays pass through many sizes, hence the bound.
 _HEADERS: dict[tuple[np.dtype, tuple[int, ...]], bytes] = {}
+_MAX_HEADERS = 1024
 
 
 def from_numpy(x: np.ndarray) -> Array:
@@ -42,6 +44,8 @@ def from_numpy(x: np.ndarray) -> Array:
     key = (x.dtype, x.shape)
     header = _HEADERS.get(key)
     if header is None:
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.clear()
         buffer = io.BytesIO()
         np.save(buffer, x, allow_pickle=False)
         saved = buffer.getvalue()
