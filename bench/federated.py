@@ -13,7 +13,8 @@ includes starting Ray and its actors, which a user of that backend pays on every
 
 The target ratio is the in-process rounds (the backend alone, with the flow's per-round MLflow
 metrics and checkpoints) over the bare loop: the two alternate ``PAIRS`` times and each side's
-fastest run counts, since on a shared 2-core machine the same run varies by ±20%.
+fastest run counts, since on a shared 2-core machine the same run varies widely (the same
+bare loop took 0.80–1.70 s within one benchmark on 2026-12-04).
 """
 
 from __future__ import annotations
