@@ -10,8 +10,15 @@ CONFIG ?= configs/default.toml
 run: $(STAMP)  ## set up, then run the default pipeline (naive vs replay vs joint on Split-Digits)
 	$(BIN)/lifelong run $(CONFIG)
 
+# Two workers (pytest-xdist): the integration tests spend much of their time waiting on servers
+# and subprocesses, so two of them share 2 cores well. Each test file runs whole on one worker
+# (--dist loadfile): its module fixtures are built once and its tests keep their order. Tests in
+# different files may run at the same time, so none may assume the machine to itself (a test's
+# process checks look at its own processes only; each Ray simulation starts its own Ray).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)  ## set up, then run the whole test suite
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks: ratios measured side by side in one run
 	$(BIN)/python -m bench

@@ -52,7 +52,9 @@ def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: 
     cores = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": cfg.federated.ray_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": False,
+        # address="local": a Ray instance of its own, never one that another process on this
+        # machine started (ray.init looks for the latest one; it would then refuse num_cpus).
+        "init_args": {"address": "local", "num_cpus": cores, "include_dashboard": False, "log_to_driver": False,
                       "logging_level": logging.ERROR},
     }
     # Clients save their state where this process would: its state root resolved here, as an

@@ -201,7 +201,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
     strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed, server_optimizer=server_optimizer)
     # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
-    tracking.set_tags(client, run_id, {"server_optimizer": server_optimizer.describe()})
+    logger.set_tags({"server_optimizer": server_optimizer.describe()})
     privacy = privacy_plan(cfg)
     epsilons: list[float] = []
     if privacy is not None:
@@ -211,7 +211,7 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
         strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
                                p.allocation, cfg.seed, adaptive, frozen=frozen_keys(cfg, stream))
         epsilons = list(privacy.epsilon_per_round())
-        tracking.set_tags(client, run_id, {"privacy": privacy.describe()})
+        logger.set_tags({"privacy": privacy.describe()})
     trace, rows = ContinualTrace(), []
     config_json = json.dumps(cfg.model_dump(mode="json"))
     arrays = from_state_dict(initial_weights(cfg))

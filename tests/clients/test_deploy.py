@@ -13,10 +13,20 @@ from lifelong.tracking import client_for, read_results
 pytestmark = pytest.mark.integration
 
 
-def flower_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "flower-super|flwr-serverapp|flwr-clientapp"], capture_output=True,
+def flower_processes(workdir) -> list[str]:
+    """Flower processes of the deployment in ``workdir``: each has its Flower home there, in its
+    environment (tests in other files may run deployments of their own meanwhile)."""
+    out = subprocess.run(["pgrep", "-f", "flower-super|flwr-serverapp|flwr-clientapp"], capture_output=True,
                          text=True, check=False)
-    return [line for line in out.stdout.splitlines() if "<defunct>" not in line and "pgrep" not in line]
+    found = []
+    for pid in out.stdout.split():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as env, open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                if str(workdir).encode() in env.read():
+                    found.append(pid + " " + cmd.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue  # gone meanwhile, or a zombie
+    return found
 
 
 def test_two_supernodes_run_two_rounds_and_metrics_arrive_in_mlflow(tmp_path):
@@ -37,7 +47,7 @@ def test_two_supernodes_run_two_rounds_and_metrics_arrive_in_mlflow(tmp_path):
     steps = [m.step for m in client.get_metric_history(run_id, "round/avg_acc_seen")]
     assert steps == [0, 1, 2]  # initial model, then one round per experience
     assert [m.value for m in client.get_metric_history(run_id, "round/clients_ok")] == [2, 2]
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
 
 
 def test_a_port_in_use_is_refused_with_the_service_named(tmp_path):
@@ -47,7 +57,7 @@ def test_a_port_in_use_is_refused_with_the_service_named(tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(DeploymentError, match=f"superlink: port {port} on 127.0.0.1 is already in use"):
             LocalDeployment(tmp_path, num_nodes=1, port=port).start()
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
 
 
 def test_a_service_that_dies_at_start_names_its_log(tmp_path, monkeypatch):
@@ -61,7 +71,7 @@ def test_a_service_that_dies_at_start_names_its_log(tmp_path, monkeypatch):
     monkeypatch.setattr(dep, "_spawn", spawn)
     with pytest.raises(DeploymentError, match=r"supernode0: exited with code \d+ while starting; see .*supernode0.log"):
         dep.start()
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
 
 
 def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
@@ -97,6 +107,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
                 break
             time.sleep(0.2)
         killed_after = max(m.step for m in done)
+        assert len(flower_processes(tmp_path)) >= 4  # the check below sees this deployment's processes
         os.killpg(victim.pid, signal.SIGKILL)
         runner.join(timeout=600)
     assert finished["status"] == "finished:completed", finished
@@ -111,7 +122,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     # The round in flight at the kill may still have had its reply; none after that.
     assert not [row for row in victim_rows if row[0] > killed_after + 1 and row[3] == "ok"]
     assert [row for row in victim_rows if row[3] in ("lost", "failed")], "the dead node was never sampled again"
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)
 
 
 def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_state(tmp_path):
@@ -145,4 +156,4 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     assert back.status == "FINISHED" and client.get_run(run_id).data.tags["lifelong.backend"] == "deployment"
     unbroken = run_federated(config("unbroken.db"))
     assert np.allclose(back.matrix, unbroken.matrix, atol=1e-6)
-    assert not flower_processes()
+    assert not flower_processes(tmp_path)

@@ -51,6 +51,26 @@ def test_logger_batches_and_skips_non_numbers(tmp_path, monkeypatch):
     assert "img" not in client.get_run(run.info.run_id).data.metrics
 
 
+def test_tags_go_with_the_next_batch_of_metrics_within_mlflows_limit(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 't.db'}"
+    client = tracking.client_for(uri)
+    run_id = client.create_run(tracking.experiment_id(client, "t")).info.run_id
+    calls = []
+    real = client.log_batch
+    monkeypatch.setattr(client, "log_batch",
+                        lambda *a, **k: calls.append((len(k["metrics"]), len(k["tags"]))) or real(*a, **k))
+    logger = tracking.MLflowLogger(run_id, client)
+    logger.set_tags({"server_optimizer": "fedavg", "privacy": "none"})
+    assert calls == []  # nothing sent yet
+    logger.log_values({f"m{i}": float(i) for i in range(1500)}, 0)  # a full batch: sent with the tags
+    logger.flush()
+    assert calls[0] == (998, 2)  # the tags with the first batch, 1,000 entities at most in all
+    assert all(m + t <= 1000 for m, t in calls) and sum(m for m, _ in calls) == 1500
+    data = client.get_run(run_id).data
+    assert data.tags["server_optimizer"] == "fedavg" and data.tags["privacy"] == "none"
+    assert len(data.metrics) == 1500
+
+
 def test_pending_values_restored_after_a_flush_are_not_logged_twice(tmp_path):
     """What a federated checkpoint keeps (values not yet sent) may have been sent before the
     process died: sent again with their own timestamps, MLflow keeps each value once."""
