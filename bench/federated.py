@@ -35,7 +35,7 @@ import torch
 from bench.overhead import COUNT, count_step, start_prefect_api
 
 #: Bare and in-process runs, alternating; each side's fastest is its time.
-PAIRS = 7
+PAIRS = 11
 
 OVERRIDES = ['flow="federated"', "stream.n_experiences=5", "federated.clients=10", "federated.rounds=1",
              "training.epochs=2", 'strategies=[{name="naive"}]', "tracking.log_model=false"]
