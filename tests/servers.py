@@ -1,4 +1,5 @@
-"""Real servers on loopback for integration tests: an MLflow tracking server.
+"""Real servers on loopback for integration tests: an MLflow tracking server; and a check that
+the processes a test started are gone (``processes_mentioning``).
 
 ``MlflowServer(workdir)`` runs ``mlflow server`` (SQLite backend, artifacts proxied into
 ``workdir``) on 127.0.0.1 and a free port, waits for its ``/health``, and stops it — the CLI and
@@ -125,3 +126,23 @@ def _create_schema(uri: str) -> None:
     # Runs MLflow's migrations; the Default experiment gets the root the server would give it.
     store = SqlAlchemyStore(uri, default_artifact_root="mlflow-artifacts:/")
     store.engine.dispose()
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment mentions ``text`` (a test's temp folder:
+    what it started has it in an argument or inherits it in a variable, and tests running
+    meanwhile in other files have temp folders of their own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (entry / "environ").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if text in cmd or text in env:
+            found.append(f"{entry.name} {cmd[:120]}")
+    return found

@@ -4,7 +4,6 @@ worker, a Flower SuperLink and SuperNodes on loopback; a federated pipeline run 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import processes_mentioning
 
 from clients.deploy import LocalDeployment, app_dir
 from lifelong.stack import Stack, StackError, read_state, stack_processes
@@ -21,24 +21,6 @@ from lifelong.tracking import client_for, read_results
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Live processes whose command line or environment mentions ``text`` (our temp folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (entry / "environ").read_bytes().decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        if text in cmd or text in env:
-            found.append(f"{entry.name} {cmd[:120]}")
-    return found
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """A real Flower deployment on loopback: a SuperLink and 2 SuperNodes as separate processes."""
 
+import re
 import socket
-import subprocess
 
 import pytest
 from typer.testing import CliRunner
@@ -9,24 +9,16 @@ from typer.testing import CliRunner
 from clients.deploy import DeploymentError, LocalDeployment
 from lifelong.cli import app as cli
 from lifelong.tracking import client_for, read_results
+from servers import processes_mentioning
 
 pytestmark = pytest.mark.integration
 
+FLOWER = re.compile("flower-super|flwr-serverapp|flwr-clientapp")
+
 
 def flower_processes(workdir) -> list[str]:
-    """Flower processes of the deployment in ``workdir``: each has its Flower home there, in its
-    environment (tests in other files may run deployments of their own meanwhile)."""
-    out = subprocess.run(["pgrep", "-f", "flower-super|flwr-serverapp|flwr-clientapp"], capture_output=True,
-                         text=True, check=False)
-    found = []
-    for pid in out.stdout.split():
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as env, open(f"/proc/{pid}/cmdline", "rb") as cmd:
-                if str(workdir).encode() in env.read():
-                    found.append(pid + " " + cmd.read().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
-            continue  # gone meanwhile, or a zombie
-    return found
+    """Flower processes of the deployment in ``workdir`` (their Flower home is there)."""
+    return [p for p in processes_mentioning(str(workdir)) if FLOWER.search(p)]
 
 
 def test_two_supernodes_run_two_rounds_and_metrics_arrive_in_mlflow(tmp_path):
