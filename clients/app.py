@@ -64,9 +64,10 @@ def train(msg: Message, context: Context) -> Message:
             state_store.restore(context.state, cfg, saved, int(conf[state_store.RESUME_ROUND_KEY]))
     boundary = to_state_dict(msg.content[BOUNDARY_KEY]) if BOUNDARY_KEY in msg.content else None
     ends_experience = EXPERIENCE_END_KEY in conf and server_round == int(conf[EXPERIENCE_END_KEY])
-    weights, metrics = learner.train_round(to_state_dict(msg.content["arrays"]),
-                                           int(conf[EXPERIENCE_KEY]), server_round, boundary, ends_experience)
+    weights, metrics = learner.train_round(to_state_dict(msg.content["arrays"]), int(conf[EXPERIENCE_KEY]),
+                                           server_round, boundary, ends_experience, copy=False)
+    arrays = from_state_dict(weights)  # at once: the weights are the worker model's own (copy=False)
     if saved is not None:
         state_store.save(context.state, cfg, saved, server_round, int(conf[state_store.SAVED_ROUND_KEY]))
-    content = RecordDict({"arrays": from_state_dict(weights), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)

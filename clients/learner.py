@@ -66,17 +66,38 @@ VOR_RAN = "vor-ran"
 
 # Read-only data, cached per process: a stream's client split depends only on the config.
 _SHARES: dict[tuple, list[torch.Tensor]] = {}
+# Clients' shares of one experience as Avalanche experiences (read-only too: a training round
+# reads its share, never changes it), built once per process and experience, not every round.
+_SHARE_EXPERIENCES: dict[tuple, tuple[Stream, dict[int, object]]] = {}
 
 
 def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
     """Every client's sample indices in ``experience`` (the same in every process)."""
-    fed = cfg.federated
-    key = (cfg.stream, cfg.seed, fed.clients, fed.partition, fed.alpha, fed.shards_per_client, experience)
+    key = _split_key(cfg, experience)
     if key not in _SHARES:
+        fed = cfg.federated
         labels = experience_labels(stream.train_stream[experience])
         _SHARES[key] = partition(labels, fed.clients, fed.partition, fed.alpha, fed.shards_per_client,
                                  seed=experience_seed(cfg.seed, experience))
     return _SHARES[key]
+
+
+def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
+    """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
+    split = (_split_key(cfg, experience), id(stream))
+    if split not in _SHARE_EXPERIENCES:
+        _SHARE_EXPERIENCES.clear()  # one experience's shares at a time
+        _SHARE_EXPERIENCES[split] = (stream, {})  # (the stream kept: its id is not reused meanwhile)
+    shares = _SHARE_EXPERIENCES[split][1]
+    if partition_id not in shares:
+        indices = client_indices(cfg, stream, experience)[partition_id]
+        shares[partition_id] = experience_share(stream, experience, indices)
+    return shares[partition_id]
+
+
+def _split_key(cfg: Config, experience: int) -> tuple:
+    fed = cfg.federated
+    return (cfg.stream, cfg.seed, fed.clients, fed.partition, fed.alpha, fed.shards_per_client, experience)
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -247,12 +268,11 @@ class ClientLearner:
         return bool(self.spec.plugins) or isinstance(self.spec, ReplaySpec) or self.cfg.privacy.sample is not None
 
     def share(self, experience: int):
-        return experience_share(self.stream, experience,
-                                client_indices(self.cfg, self.stream, experience)[self.pid])
+        return client_share(self.cfg, self.stream, experience, self.pid)
 
     def train_round(self, weights: dict[str, torch.Tensor], experience: int, server_round: int,
-                    boundary: dict[str, torch.Tensor] | None = None, ends_experience: bool = False
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                    boundary: dict[str, torch.Tensor] | None = None, ends_experience: bool = False,
+                    copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train on this client's share of ``experience``; returns the new weights and metrics.
 
         ``boundary``: the global model at the end of the previous experience, which the client
@@ -260,19 +280,20 @@ class ClientLearner:
         anchor its Fisher and L2 anchors to a model already trained on the next one).
         ``ends_experience``: the server's word that this is the experience's last round (OnePrompt
         runs its VOR phase then). The client's state changes only if the round succeeds: a failed
-        round leaves it as it was.
+        round leaves it as it was. ``copy=False`` returns the worker model's own tensors, which the
+        worker's next round overwrites: for a caller that encodes them at once (the ClientApp).
         """
         worker = worker_for(self.cfg, self.stream)
         staged = RecordDict()
         try:
-            result = self._train_round(worker, weights, experience, server_round, boundary, staged,
-                                       ends_experience)
+            new, metrics = self._train_round(worker, weights, experience, server_round, boundary, staged,
+                                             ends_experience)
         except BaseException:
             _WORKERS.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
             raise
         for key in list(staged.keys()):
             self.state[key] = staged[key]
-        return result
+        return {k: v.clone() if copy else v for k, v in new.items()}, metrics
 
     def _train_round(self, worker: _Worker, weights, experience: int, server_round: int, boundary,
                      staged: RecordDict, ends_experience: bool):
@@ -339,7 +360,7 @@ class ClientLearner:
             st.write_accountant(staged, worker.dp.engine.accountant.history)
             metrics[SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon
             metrics["train-loss"] = float("nan")  # computed on the data without noise (docstring)
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, metrics
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
     def _consolidate(self, experience: int, model, regularizers, memory, staged: RecordDict) -> None:
         share = self.share(experience)

@@ -298,3 +298,33 @@ def test_seed_round_draws_what_avalanches_rng_manager_draws():
     assert draws() == expected
     seed_round(1235)
     assert draws() != expected
+
+
+def test_weights_returned_are_the_callers_own_unless_copy_is_false():
+    from clients.learner import worker_for
+
+    cfg = config()
+    w = initial_weights(cfg)
+    own, _ = ClientLearner(cfg, 0, RecordDict()).train_round(w, 0, 1)
+    kept = {k: v.clone() for k, v in own.items()}
+    live, _ = ClientLearner(cfg, 1, RecordDict()).train_round(w, 0, 1, copy=False)
+    model = worker_for(cfg, build_stream(cfg.stream, cfg.seed)).model
+    # copy=False: the worker model's own tensors (what the ClientApp encodes at once) ...
+    assert all(live[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())
+    ClientLearner(cfg, 2, RecordDict()).train_round(w, 0, 1)
+    assert not all(torch.equal(live[k], kept[k]) for k in kept)  # ... overwritten by the next round
+    assert all(torch.equal(own[k], kept[k]) for k in kept)  # a copy is not
+
+
+def test_a_clients_share_is_built_once_per_experience():
+    from clients.learner import client_share
+
+    cfg = config()
+    s = build_stream(cfg.stream, cfg.seed)
+    first = client_share(cfg, s, 1, 2)
+    assert client_share(cfg, s, 1, 2) is first
+    assert sorted(first.dataset.targets) == sorted(s.train_stream[1].dataset.targets[i]
+                                                   for i in client_indices(cfg, s, 1)[2].tolist())
+    other = client_share(cfg, s, 2, 2)
+    assert other is not first and other.current_experience == 2
+    assert client_share(cfg, s, 1, 2) is not first  # one experience's shares are kept at a time
