@@ -33,7 +33,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from flows.checkpoints import ResumeError, config_fingerprint, read_checkpoint, write_checkpoint
+from lifelong.checkpoints import ResumeError, config_fingerprint, read_checkpoint, write_checkpoint
 from lifelong.config import Config
 from lifelong.env import state_dir
 from strategies.records import from_state_dict, to_state_dict

@@ -21,24 +21,24 @@ from avalanche.training.plugins import EvaluationPlugin
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.checkpoints import (  # noqa: F401  (ResumeError, config_fingerprint: the CLI's too)
+from lifelong import registry, tracking
+from lifelong.checkpoints import (  # noqa: F401  (ResumeError, config_fingerprint: the CLI's too)
     ResumeError,
     checkpoint_dir,
     config_fingerprint,
     read_checkpoint,
     write_checkpoint,
 )
-from lifelong import registry, tracking
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
-from strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
-from strategies.sample_dp import sample_dp_config
 from strategies.baselines import (
     build_learner,
     quiet_avalanche_deprecations,
     resolve_device,
 )
+from strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
+from strategies.sample_dp import sample_dp_config
 from tasks.data import load_npz
 from tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
 from tasks.metrics import ContinualTrace, continual_summary, matrix_summary

@@ -51,7 +51,6 @@ from prefect.cache_policies import NO_CACHE
 from clients import state_store
 from clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from clients.learner import client_indices, frozen_keys
-from flows.checkpoints import ResumeError
 from flows.federated_checkpoint import (
     checkpoint_file,
     load_round,
@@ -59,6 +58,7 @@ from flows.federated_checkpoint import (
     save_round,
 )
 from lifelong import registry, tracking
+from lifelong.checkpoints import ResumeError
 from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress

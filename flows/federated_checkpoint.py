@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from flows.checkpoints import (
+from lifelong.checkpoints import (
     ResumeError,
     checkpoint_dir,
     config_fingerprint,

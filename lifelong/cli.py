@@ -107,8 +107,8 @@ def _run_exists(client, run_id: str) -> bool:
 
 
 def resume_run(cfg, run_id: str) -> None:
-    from flows.checkpoints import ResumeError
     from flows.continual import run_continual
+    from lifelong.checkpoints import ResumeError
 
     try:
         if cfg.flow == "federated":
@@ -227,19 +227,19 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
                    resume: str | None = None) -> None:
     """Start a SuperLink and a SuperNode per client, submit the app, print where the results are.
     ``resume``: an interrupted run's id; its config is ``cfg`` (the run's own), sent as JSON."""
-    from clients.deploy import DeploymentError, LocalDeployment, app_dir
-    from lifelong.env import default_tracking_uri
-
     import json
     import time
+
+    from clients.deploy import DeploymentError, LocalDeployment, app_dir
+    from lifelong.env import default_tracking_uri
 
     uri = cfg.tracking.uri or default_tracking_uri()
     workdir = workdir / time.strftime("%Y%m%d-%H%M%S")  # a fresh folder: nothing of the user's is touched
     run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
                   "tracking-uri": uri}
     if resume is not None:
-        from flows.checkpoints import ResumeError
         from flows.federated_checkpoint import checkpoint_file, load_round
+        from lifelong.checkpoints import ResumeError
 
         try:  # refused here, before any service starts, rather than in the ServerApp's log
             load_round(checkpoint_file(resume), cfg)

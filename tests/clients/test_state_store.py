@@ -6,7 +6,7 @@ from flwr.app import RecordDict
 
 from clients import state as st
 from clients import state_store as ss
-from flows.checkpoints import ResumeError
+from lifelong.checkpoints import ResumeError
 from lifelong.config import load_config
 
 
