@@ -14,6 +14,7 @@ before it starts uvicorn, which took ~10 s of a ~16 s start on 2 busy cores (~5 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,10 +129,11 @@ def _create_schema(uri: str) -> None:
     store.engine.dispose()
 
 
-def processes_mentioning(text: str) -> list[str]:
+def processes_mentioning(text: str, command: str | None = None) -> list[str]:
     """Live processes whose command line or environment mentions ``text`` (a test's temp folder:
     what it started has it in an argument or inherits it in a variable, and tests running
-    meanwhile in other files have temp folders of their own)."""
+    meanwhile in other files have temp folders of their own); with ``command``, only those whose
+    whole command line matches that regular expression."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -143,6 +145,6 @@ def processes_mentioning(text: str) -> list[str]:
             env = (entry / "environ").read_bytes().decode(errors="replace")
         except (OSError, IndexError):
             continue
-        if text in cmd or text in env:
+        if (text in cmd or text in env) and (command is None or re.search(command, cmd)):
             found.append(f"{entry.name} {cmd[:120]}")
     return found

@@ -1,24 +1,21 @@
 """A real Flower deployment on loopback: a SuperLink and 2 SuperNodes as separate processes."""
 
-import re
 import socket
 
 import pytest
+from servers import processes_mentioning
 from typer.testing import CliRunner
 
 from clients.deploy import DeploymentError, LocalDeployment
 from lifelong.cli import app as cli
 from lifelong.tracking import client_for, read_results
-from servers import processes_mentioning
 
 pytestmark = pytest.mark.integration
-
-FLOWER = re.compile("flower-super|flwr-serverapp|flwr-clientapp")
 
 
 def flower_processes(workdir) -> list[str]:
     """Flower processes of the deployment in ``workdir`` (their Flower home is there)."""
-    return [p for p in processes_mentioning(str(workdir)) if FLOWER.search(p)]
+    return processes_mentioning(str(workdir), command="flower-super|flwr-serverapp|flwr-clientapp")
 
 
 def test_two_supernodes_run_two_rounds_and_metrics_arrive_in_mlflow(tmp_path):
@@ -122,8 +119,8 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     the server's checkpoint, each client with the state it saved (here by the in-process clients
     of the interrupted run, in the same LIFELONG_HOME): its replay memory of experience 0."""
     import numpy as np
-
     from client_apps import interrupting_app
+
     from clients.state_store import saved_rounds, state_root
     from flows.federated import run_federated
     from lifelong.config import load_config
