@@ -34,12 +34,15 @@ def resolve_device(name: str) -> torch.device:
 
 def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugins: list,
                   evaluator: EvaluationPlugin, n_classes: int, seed: int = 0, regularizers: list | None = None,
-                  consolidate: bool = True, storage_policy=None, sample_dp=None) -> SupervisedTemplate:
+                  consolidate: bool = True, storage_policy=None, sample_dp=None,
+                  template: type[Naive] = Naive) -> SupervisedTemplate:
     """An Avalanche strategy for ``spec`` (naive | replay | joint) with its regularisers.
 
     A federated client passes its restored ``regularizers`` and replay ``storage_policy``, and
     ``consolidate=False``: it consolidates at experience boundaries itself. ``sample_dp`` (a
     ``SampleDPConfig``) trains with Opacus' DP-SGD; penalties are then added after the noise.
+    ``template``: the class of every strategy but joint's (a subclass of Avalanche's ``Naive``:
+    a federated client's worker brings its own, ``clients/learner.py``).
     """
     from strategies.plugin import RegularizerPlugin, build_regularizer
 
@@ -83,9 +86,9 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         # First: it puts the plain model back before the regularisers consolidate.
         plugins = [SampleDPPlugin(sample_dp), *plugins]
     if isinstance(spec, NaiveSpec):
-        return Naive(plugins=plugins, **common)
+        return template(plugins=plugins, **common)
     if isinstance(spec, ReplaySpec):
-        return Naive(plugins=[replay, *plugins], **common)
+        return template(plugins=[replay, *plugins], **common)
     if isinstance(spec, JointSpec):
         return JointTraining(plugins=plugins, **common)
     if isinstance(spec, OnePromptSpec):
@@ -97,7 +100,7 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         oneprompt = OnePromptPlugin(model, vor, seed)
         # The backbone is frozen by the plugin: the optimizer gets the prompt and head only.
         common["optimizer"] = make_optimizer(training, model, trainable_only=True)
-        return Naive(plugins=[oneprompt, *plugins], **common)
+        return template(plugins=[oneprompt, *plugins], **common)
     raise ValueError(f"unknown strategy {getattr(spec, 'name', spec)!r}")
 
 

@@ -328,3 +328,44 @@ def test_a_clients_share_is_built_once_per_experience():
     other = client_share(cfg, s, 2, 2)
     assert other is not first and other.current_experience == 2
     assert client_share(cfg, s, 1, 2) is not first  # one experience's shares are kept at a time
+
+
+@pytest.mark.parametrize("extra", [
+    ['strategies=[{name="naive", plugins=[{name="ewc", lam=1.0}]}]'],  # tensor batches, a regulariser
+    ['stream.scenario="task"', 'strategies=[{name="replay", mem_size=20}]'],  # dynamic heads, replay's loader
+    ["privacy.sample={noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5}"],  # Opacus swaps model and optimizer
+    [*VIT, 'strategies=[{name="oneprompt", vor_epochs=1, outliers_per_class=5}]'],  # a frozen backbone
+], ids=["ewc", "task-replay", "sample-dp", "oneprompt"])
+def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
+    """WorkerNaive skips Avalanche's model and optimizer checks once they have run, and the
+    dataloader tensor batches replace: several clients' rounds across experience boundaries give
+    the same weights, bit for bit, as with Avalanche's own Naive (a fresh worker for each side)."""
+    from avalanche.training import Naive
+    from avalanche.training.templates.observation_type.batch_observation import BatchObservation
+
+    import clients.learner as learner
+
+    checks = []
+    check = BatchObservation.check_model_and_optimizer
+    monkeypatch.setattr(BatchObservation, "check_model_and_optimizer",
+                        lambda self, **kw: (checks.append(1), check(self, **kw))[1])
+    cfg = config(*extra)
+    n_exp = build_stream(cfg.stream, cfg.seed).n_experiences
+
+    def rounds():
+        learner._WORKERS.clear()
+        states = [RecordDict() for _ in range(2)]
+        w, out = initial_weights(cfg), []
+        for rnd, (exp, pid) in enumerate([(e, p) for e in range(min(n_exp, 3)) for p in (0, 1)], start=1):
+            w, _ = ClientLearner(cfg, pid, states[pid]).train_round(w, exp, rnd, ends_experience=pid == 1)
+            out.append(w)
+        return type(learner.worker_for(cfg, build_stream(cfg.stream, cfg.seed)).strategy), out
+
+    template, fast = rounds()
+    fast_checks = len(checks)
+    monkeypatch.setattr(learner, "WorkerNaive", Naive)
+    plain_template, plain = rounds()
+    learner._WORKERS.clear()
+    assert (template.__name__, plain_template) == ("WorkerNaive", Naive)
+    assert (fast_checks, len(checks) - fast_checks) == (1, len(fast))  # once, against every round
+    assert all(same(a, b) for a, b in zip(fast, plain))
