@@ -180,13 +180,20 @@ class WorkerNaive(Naive):
     modules for unseen tasks, marking the classes a head has seen), re-maps the optimizer onto
     the model's parameters, and builds a dataloader. A worker's model has every head of the
     stream, sized and masked for every task, from the start (``build_stream_model``), and the
-    worker keeps its model, parameters and optimizer for life: once the first round has run
-    those checks, later ones find nothing to add or change (tested: the weights are the same
-    bit for bit as ``Naive``'s), yet cost ~0.5 ms a client round, a twentieth of a small
-    round's training (``python -m bench federated``). So they run again only when the model,
-    its parameters or the optimizer are other objects than last time; and the dataloader is not
-    built when the share comes as tensor batches (``_ShareBatches``), which replace it before
-    it is read.
+    worker keeps its model, parameters and optimizer for life (Opacus swaps the optimizer only
+    after the check and puts it back after training): once the first round has run those
+    checks, later ones find nothing to add or change (tested: under ``Naive`` every later check
+    leaves weights, masks, parameters and optimizer as they were, and the weights are the same
+    bit for bit), yet cost ~0.5 ms a client round, a twentieth of a small round's training
+    (``python -m bench federated``). So they run again only when the model, its parameters or
+    the optimizer are other objects than last time; and the dataloader is not built when the
+    share comes as tensor batches (``_ShareBatches``), which replace it before it is read.
+
+    The premise holds because every model the server sends carries the stream's full class masks
+    (``active_units_T<t>``, set by ``build_stream_model``; clients return them as received, and
+    FedAvg, user-level DP and the server optimizers keep a non-float tensor every client returned
+    unchanged); a round on a model whose masks were cleared would, under ``Naive``, have them set
+    again, here not.
     """
 
     def __init__(self, **kwargs):

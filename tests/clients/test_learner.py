@@ -332,23 +332,39 @@ def test_a_clients_share_is_built_once_per_experience():
 
 @pytest.mark.parametrize("extra", [
     ['strategies=[{name="naive", plugins=[{name="ewc", lam=1.0}]}]'],  # tensor batches, a regulariser
-    ['stream.scenario="task"', 'strategies=[{name="replay", mem_size=20}]'],  # dynamic heads, replay's loader
-    ["privacy.sample={noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5}"],  # Opacus swaps model and optimizer
+    ['stream.scenario="task"', 'federated.partition="dirichlet"', "federated.alpha=0.1"],  # batches, task heads
+    ['stream.scenario="task"', 'strategies=[{name="replay", mem_size=20}]'],  # task heads, replay's loader
+    ["privacy.sample={noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5}"],  # Opacus swaps the optimizer
     [*VIT, 'strategies=[{name="oneprompt", vor_epochs=1, outliers_per_class=5}]'],  # a frozen backbone
-], ids=["ewc", "task-replay", "sample-dp", "oneprompt"])
+], ids=["ewc", "task-naive", "task-replay", "sample-dp", "oneprompt"])
 def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
-    """WorkerNaive skips Avalanche's model and optimizer checks once they have run, and the
-    dataloader tensor batches replace: several clients' rounds across experience boundaries give
-    the same weights, bit for bit, as with Avalanche's own Naive (a fresh worker for each side)."""
+    """WorkerNaive runs Avalanche's model and optimizer check once and builds no dataloader when
+    tensor batches replace it. Under Avalanche's own Naive, every check after a worker's first
+    changes nothing (weights, masks, parameters, optimizer), and several clients' rounds across
+    experience boundaries give the same weights, bit for bit, with either template."""
     from avalanche.training import Naive
     from avalanche.training.templates.observation_type.batch_observation import BatchObservation
 
     import clients.learner as learner
 
-    checks = []
+    def snapshot(strategy):
+        opt = strategy.optimizer
+        return ({k: v.clone() for k, v in strategy.model.state_dict().items()},
+                [id(p) for p in strategy.model.parameters()],
+                [[id(p) for p in g["params"]] for g in opt.param_groups], id(opt.state), list(opt.state))
+
+    checks, changes = [], []
     check = BatchObservation.check_model_and_optimizer
-    monkeypatch.setattr(BatchObservation, "check_model_and_optimizer",
-                        lambda self, **kw: (checks.append(1), check(self, **kw))[1])
+
+    def spy(self, **kwargs):
+        before = snapshot(self)
+        check(self, **kwargs)
+        after = snapshot(self)
+        checks.append(self)
+        if sum(c is self for c in checks) > 1:  # a worker's later checks
+            changes.append(not same(before[0], after[0]) or before[1:] != after[1:])
+
+    monkeypatch.setattr(BatchObservation, "check_model_and_optimizer", spy)
     cfg = config(*extra)
     n_exp = build_stream(cfg.stream, cfg.seed).n_experiences
 
@@ -368,4 +384,23 @@ def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
     learner._WORKERS.clear()
     assert (template.__name__, plain_template) == ("WorkerNaive", Naive)
     assert (fast_checks, len(checks) - fast_checks) == (1, len(fast))  # once, against every round
-    assert all(same(a, b) for a, b in zip(fast, plain))
+    assert len(changes) == len(fast) - 1 and not any(changes)  # Naive's later checks: no-ops
+    assert len(fast) == len(plain) and all(same(a, b) for a, b in zip(fast, plain))
+
+
+def test_a_stream_models_heads_need_no_adaptation_afterwards():
+    """WorkerNaive's premise for task streams: the model ``build_stream_model`` makes (the server's,
+    and every worker's) already has each experience's head and class mask, so Avalanche's
+    adaptation to any training experience, in training mode, changes nothing."""
+    from avalanche.models.dynamic_modules import avalanche_model_adaptation
+
+    from tasks.models import build_stream_model
+
+    cfg = config('stream.scenario="task"')
+    stream = build_stream(cfg.stream, cfg.seed)
+    model = build_stream_model(cfg.model, stream).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    for experience in reversed(list(stream.train_stream)):
+        avalanche_model_adaptation(model, experience)
+    assert same(before, model.state_dict()) and [id(p) for p in model.parameters()] == params
