@@ -17,8 +17,8 @@ checked against the target is the median of the paired ratios: each in-process r
 bare run just before it, so both saw the same state of the machine. On a shared 2-core machine
 the same run varies widely (the same bare loop took 0.80–1.70 s within one benchmark on
 2026-12-04), and the ratio of each side's fastest run, also printed, compares two moments that
-may be far apart: one lucky bare run moves it by ±0.07 between benchmarks where the paired
-median moved by ±0.01 (2026-12-04, README).
+may be far apart: one lucky bare run moved it by ±0.07 between benchmarks where the paired
+median moved by ±0.02 (2026-12-04, README).
 """
 
 from __future__ import annotations

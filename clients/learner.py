@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training import Naive
+from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from flwr.app import RecordDict
 
@@ -198,17 +198,14 @@ class WorkerNaive(Naive):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._checked: tuple | None = None
-        #: Set by the worker when ``_ShareBatches`` feeds the share.
-        self.loader_replaced = False
+        self._checked: tuple = ()  # the model, optimizer and parameters the last check saw
+        self.loader_replaced = any(isinstance(p, _ShareBatches) for p in self.plugins)
 
     def check_model_and_optimizer(self, **kwargs):
-        current = (self.model, self.optimizer, list(self.model.parameters()))
-        checked = self._checked
-        if (checked is None or checked[0] is not current[0] or checked[1] is not current[1]
-                or len(checked[2]) != len(current[2]) or any(a is not b for a, b in zip(checked[2], current[2]))):
+        current = (self.model, self.optimizer, *self.model.parameters())
+        if len(current) != len(self._checked) or any(a is not b for a, b in zip(current, self._checked)):
             super().check_model_and_optimizer(**kwargs)
-            self._checked = (self.model, self.optimizer, list(self.model.parameters()))
+            self._checked = (self.model, self.optimizer, *self.model.parameters())
 
     def make_train_dataloader(self, **kwargs):
         if not self.loader_replaced:
@@ -271,7 +268,6 @@ def worker_for(cfg: Config, stream: Stream) -> _Worker:
         strategy = build_learner(spec, model, cfg.training, [meter, *([batches] if batches else [])], evaluator,
                                  stream.n_classes, cfg.seed, consolidate=False, storage_policy=memory,
                                  sample_dp=sample_dp_config(cfg), template=WorkerNaive)
-        strategy.loader_replaced = batches is not None
         _WORKERS.clear()  # one config at a time per process
         plugins = strategy.plugins
         _WORKERS[key] = _Worker(model, strategy, [p for p in plugins if isinstance(p, RegularizerPlugin)],

@@ -345,7 +345,7 @@ def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
     from avalanche.training import Naive
     from avalanche.training.templates.observation_type.batch_observation import BatchObservation
 
-    import clients.learner as learner
+    from clients import learner
 
     def snapshot(strategy):
         opt = strategy.optimizer
