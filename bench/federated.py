@@ -46,11 +46,11 @@ OVERRIDES = ['flow="federated"', "stream.n_experiences=5", "federated.clients=10
 
 
 def bare_loop(cfg) -> float:
-    from clients.learner import client_indices
-    from flows.federated import initial_weights
-    from strategies.baselines import make_optimizer
-    from tasks.models import build_model
-    from tasks.streams import build_stream
+    from lifelong.clients.learner import client_indices
+    from lifelong.flows.federated import initial_weights
+    from lifelong.strategies.baselines import make_optimizer
+    from lifelong.tasks.models import build_model
+    from lifelong.tasks.streams import build_stream
 
     t0 = time.perf_counter()
     stream = build_stream(cfg.stream, cfg.seed)
@@ -93,7 +93,7 @@ def bare_loop(cfg) -> float:
 def run(out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
     import lifelong  # noqa: F401
-    from flows.federated import run_federated
+    from lifelong.flows.federated import run_federated
     from lifelong.config import load_config
     from lifelong.tracking import client_for
     imports_s = time.perf_counter() - t
@@ -109,8 +109,8 @@ def run(out_dir: Path | None = None) -> dict:
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from clients.launch import inprocess_grid
-    from flows.federated import open_federated_run, serve
+    from lifelong.clients.launch import inprocess_grid
+    from lifelong.flows.federated import open_federated_run, serve
 
     quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_plots": False})})
 
@@ -168,8 +168,8 @@ def codec(cfg) -> dict:
 
     from flwr.app import ArrayRecord
 
-    from flows.federated import initial_weights
-    from strategies.records import from_state_dict, to_state_dict
+    from lifelong.flows.federated import initial_weights
+    from lifelong.strategies.records import from_state_dict, to_state_dict
 
     weights = initial_weights(cfg)
     record = ArrayRecord(weights)
@@ -207,8 +207,8 @@ def memory(out_dir: Path) -> dict:
 
 def _memory_child(n: int, out_dir: Path) -> dict:
     import lifelong  # noqa: F401
-    from clients.launch import inprocess_grid
-    from flows.federated import open_federated_run, serve
+    from lifelong.clients.launch import inprocess_grid
+    from lifelong.flows.federated import open_federated_run, serve
     from lifelong.config import load_config
 
     uri = f"sqlite:///{(out_dir / f'memory{n}.db').resolve()}"

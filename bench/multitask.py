@@ -24,7 +24,7 @@ PROBLEMS = {2: "digits_recon", 3: "digits_attributes", 4: "digits_all"}
 
 
 def _setup(n_tasks: int, hidden: int, seed: int = 0):
-    from tasks.multitask import MultiTaskNet, load_problem, task_loss
+    from lifelong.tasks.multitask import MultiTaskNet, load_problem, task_loss
 
     data = load_problem(PROBLEMS[n_tasks], 0.25, seed)
     torch.manual_seed(seed)
@@ -41,9 +41,9 @@ def _setup(n_tasks: int, hidden: int, seed: int = 0):
 def run_combiner(name: str, opts: dict, n_tasks: int, samples: int, hidden: int = 128,
                  batch_size: int = 32, k: int = 4) -> float:
     """Train on ``samples`` samples; returns samples per second (training only)."""
-    from strategies.gcond import GCond, GCondTrainer
-    from strategies.gradients import task_gradients, write_grad
-    from strategies.pcgrad import PCGrad
+    from lifelong.strategies.gcond import GCond, GCondTrainer
+    from lifelong.strategies.gradients import task_gradients, write_grad
+    from lifelong.strategies.pcgrad import PCGrad
 
     data, model, task_losses = _setup(n_tasks, hidden)
     params = list(model.parameters())

@@ -39,9 +39,9 @@ def start_prefect_api() -> float:
 def bare_loop(cfg) -> dict:
     """Naive / replay / joint as plain PyTorch, with the pipeline's evaluations."""
     from lifelong.config import JointSpec, ReplaySpec
-    from strategies.baselines import make_optimizer
-    from tasks.data import load_digits
-    from tasks.models import build_model
+    from lifelong.strategies.baselines import make_optimizer
+    from lifelong.tasks.data import load_digits
+    from lifelong.tasks.models import build_model
 
     t0 = time.perf_counter()
     a = load_digits(cfg.stream.test_fraction, cfg.seed)
@@ -105,7 +105,7 @@ def bare_loop(cfg) -> dict:
 def prefect_share(cfg) -> dict:
     """The same flow with and without Prefect (its steps called as plain functions), no model or
     plot logging, alternated twice in one process: what Prefect's orchestration costs."""
-    import flows.continual as fc
+    import lifelong.flows.continual as fc
     from lifelong.config import load_config
 
     cfg = load_config(None, []).model_validate({**cfg.model_dump(mode="json", by_alias=True),
@@ -129,10 +129,10 @@ def prefect_share(cfg) -> dict:
 def run(config_path: str = "configs/default.toml", out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
     import lifelong  # noqa: F401
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
     from lifelong.config import load_config
     from lifelong.tracking import client_for
-    from tasks.streams import _build_stream_cached
+    from lifelong.tasks.streams import _build_stream_cached
     imports_s = time.perf_counter() - t
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-"))

@@ -21,8 +21,8 @@ COMMON = ["privacy.clip=1.0", "privacy.noise_multiplier=0.5", "privacy.delta=1e-
 
 def federated_rounds(out_dir: Path) -> dict:
     import lifelong  # noqa: F401
-    from clients.launch import inprocess_grid
-    from flows.federated import open_federated_run, privacy_plan, serve
+    from lifelong.clients.launch import inprocess_grid
+    from lifelong.flows.federated import open_federated_run, privacy_plan, serve
     from lifelong.config import load_config
 
     uri = f"sqlite:///{(out_dir / 'privacy.db').resolve()}"
@@ -57,7 +57,7 @@ def federated_rounds(out_dir: Path) -> dict:
 
 
 def run(out_dir: Path | None = None) -> dict:
-    from strategies.sample_dp import benchmark
+    from lifelong.strategies.sample_dp import benchmark
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-privacy-"))
     out_dir.mkdir(parents=True, exist_ok=True)

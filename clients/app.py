@@ -24,10 +24,10 @@ from functools import lru_cache
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import state_store
-from clients.learner import ClientLearner
+from lifelong.clients import state_store
+from lifelong.clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
-from strategies.records import from_state_dict, to_state_dict
+from lifelong.strategies.records import from_state_dict, to_state_dict
 
 #: Keys of the train message's config record (set by the server, ``flows/federated.py``).
 CONFIG_KEY = "lifelong-config"

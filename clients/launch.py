@@ -15,13 +15,13 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from clients import state_store
-from clients.inprocess import InProcessGrid
+from lifelong.clients import state_store
+from lifelong.clients.inprocess import InProcessGrid
 from lifelong.config import Config
 
 
 def default_client_app() -> ClientApp:
-    from clients.app import app
+    from lifelong.clients.app import app
 
     return app
 

@@ -50,15 +50,15 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from flwr.app import RecordDict
 
-from clients import state as st
+from lifelong.clients import state as st
 from lifelong.config import Config, ReplaySpec
-from strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
-from strategies.oneprompt import OnePromptPlugin, seen_classes
-from strategies.plugin import RegularizerPlugin, build_regularizer
-from strategies.sample_dp import SampleDPPlugin, sample_dp_config
-from tasks.models import build_stream_model
-from tasks.partition import experience_labels, experience_seed, partition
-from tasks.streams import Stream, build_stream, experience_share
+from lifelong.strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
+from lifelong.strategies.oneprompt import OnePromptPlugin, seen_classes
+from lifelong.strategies.plugin import RegularizerPlugin, build_regularizer
+from lifelong.strategies.sample_dp import SampleDPPlugin, sample_dp_config
+from lifelong.tasks.models import build_stream_model
+from lifelong.tasks.partition import experience_labels, experience_seed, partition
+from lifelong.tasks.streams import Stream, build_stream, experience_share
 
 #: Reply metric: the client's sample-level epsilon so far (under ``[privacy.sample]`` only).
 SAMPLE_EPSILON = "sample-epsilon"

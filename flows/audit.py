@@ -39,7 +39,7 @@ import torch
 from lifelong import tracking
 from lifelong.config import Config
 from lifelong.env import default_tracking_uri
-from tasks.audit import (
+from lifelong.tasks.audit import (
     Reconstruction,
     Score,
     invert,
@@ -110,10 +110,10 @@ def check_auditable(cfg: Config) -> list[str]:
 
 def target_batch(cfg: Config, samples: int):
     """The global model and client 0's first ``samples`` samples of experience 0."""
-    from clients.learner import client_indices
-    from flows.federated import initial_weights
-    from tasks.models import build_model
-    from tasks.streams import build_stream
+    from lifelong.clients.learner import client_indices
+    from lifelong.flows.federated import initial_weights
+    from lifelong.tasks.models import build_model
+    from lifelong.tasks.streams import build_stream
 
     if samples < 1:
         raise AuditError(f"--samples: at least 1 sample to reconstruct, got {samples}")
@@ -134,7 +134,7 @@ def attack_cases(cfg: Config) -> list[tuple[str, str, dict | None]]:
     p = cfg.privacy
     if p.clipping == "off":
         return cases
-    from flows.federated import privacy_plan
+    from lifelong.flows.federated import privacy_plan
 
     # The noise the server adds to the update: z, or z_delta with adaptive clipping (whose first
     # round clips at the configured starting bound, the one audited here).

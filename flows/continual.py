@@ -32,19 +32,19 @@ from lifelong.checkpoints import (  # noqa: F401  (ResumeError, config_fingerpri
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
-from strategies.baselines import (
+from lifelong.strategies.baselines import (
     build_learner,
     quiet_avalanche_deprecations,
     resolve_device,
 )
-from strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
-from strategies.sample_dp import sample_dp_config
-from tasks.data import load_npz
-from tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
-from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
-from tasks.models import build_model
-from tasks.pretrain import pretrain
-from tasks.streams import Stream, build_stream
+from lifelong.strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
+from lifelong.strategies.sample_dp import sample_dp_config
+from lifelong.tasks.data import load_npz
+from lifelong.tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
+from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
+from lifelong.tasks.models import build_model
+from lifelong.tasks.pretrain import pretrain
+from lifelong.tasks.streams import Stream, build_stream
 
 
 @dataclass

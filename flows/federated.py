@@ -48,10 +48,10 @@ from flwr.serverapp import Grid, ServerApp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from clients import state_store
-from clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
-from clients.learner import client_indices, frozen_keys
-from flows.federated_checkpoint import (
+from lifelong.clients import state_store
+from lifelong.clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
+from lifelong.clients.learner import client_indices, frozen_keys
+from lifelong.flows.federated_checkpoint import (
     checkpoint_file,
     load_round,
     restore_server,
@@ -62,18 +62,18 @@ from lifelong.checkpoints import ResumeError
 from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
-from strategies.baselines import resolve_device
-from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
-from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
-from strategies.fedavg import ContinualFedAvg
-from strategies.oneprompt import seen_classes
-from strategies.records import from_state_dict, to_state_dict
-from strategies.server_optimizer import ServerOptimizer
-from tasks.evaluation import evaluate, evaluated_experiences
-from tasks.metrics import ContinualTrace, continual_summary, matrix_summary
-from tasks.models import build_stream_model
-from tasks.partition import PartitionError, class_histograms, experience_labels
-from tasks.streams import Stream, build_stream
+from lifelong.strategies.baselines import resolve_device
+from lifelong.strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
+from lifelong.strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
+from lifelong.strategies.fedavg import ContinualFedAvg
+from lifelong.strategies.oneprompt import seen_classes
+from lifelong.strategies.records import from_state_dict, to_state_dict
+from lifelong.strategies.server_optimizer import ServerOptimizer
+from lifelong.tasks.evaluation import evaluate, evaluated_experiences
+from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
+from lifelong.tasks.models import build_stream_model
+from lifelong.tasks.partition import PartitionError, class_histograms, experience_labels
+from lifelong.tasks.streams import Stream, build_stream
 
 #: Per-client histograms are plotted for at most this many clients (all are in the table).
 MAX_PLOTTED_CLIENTS = 100
@@ -155,7 +155,7 @@ def count_noise_std(cfg: Config) -> float | None:
 
 
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
-    from flows.continual import pretrained_state
+    from lifelong.flows.continual import pretrained_state
 
     stream = build_stream(cfg.stream, cfg.seed)
     RNGManager.set_random_seeds(cfg.seed)
@@ -457,7 +457,7 @@ def rounds_step(cfg: Config, run_id: str, uri: str, client_app) -> FederatedResu
     It always goes on from the run's last checkpoint when there is one: a resumed run's, or the
     one a failed attempt left, so a Prefect retry (``training.retries``) ends as an unbroken run.
     """
-    from clients.launch import inprocess_grid, simulate_with_ray
+    from lifelong.clients.launch import inprocess_grid, simulate_with_ray
 
     path = checkpoint_file(run_id)
     resume = load_round(path, cfg) if path.exists() else None

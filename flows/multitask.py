@@ -21,10 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from lifelong import registry, tracking
 from lifelong.config import CombinerSpec, Config, check_combiners, combiner_label, validate_config
 from lifelong.env import default_tracking_uri
-from strategies.gcond import GCond, GCondTrainer
-from strategies.gradients import task_gradients, write_grad
-from strategies.pcgrad import PCGrad
-from tasks.multitask import MultiTaskData, MultiTaskNet, evaluate_tasks, load_problem, task_loss
+from lifelong.strategies.gcond import GCond, GCondTrainer
+from lifelong.strategies.gradients import task_gradients, write_grad
+from lifelong.strategies.pcgrad import PCGrad
+from lifelong.tasks.multitask import MultiTaskData, MultiTaskNet, evaluate_tasks, load_problem, task_loss
 
 
 @dataclass

@@ -39,9 +39,9 @@ if TYPE_CHECKING:  # Prefect's client schemas are imported when a command needs 
 
 # config ``flow`` -> (module, flow object). Imported lazily: the federated flow imports Flower.
 FLOWS: dict[str, tuple[str, str]] = {
-    "continual": ("flows.continual", "continual_flow"),
-    "federated": ("flows.federated", "federated_flow"),
-    "multitask": ("flows.multitask", "multitask_flow"),
+    "continual": ("lifelong.flows.continual", "continual_flow"),
+    "federated": ("lifelong.flows.federated", "federated_flow"),
+    "multitask": ("lifelong.flows.multitask", "multitask_flow"),
 }
 TAG = "lifelong"
 HEALTH_TIMEOUT_S = 5.0

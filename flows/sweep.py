@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
-from flows.continual import continual_flow
-from flows.federated import privacy_plan, run_federated
-from flows.multitask import multitask_flow
+from lifelong.flows.continual import continual_flow
+from lifelong.flows.federated import privacy_plan, run_federated
+from lifelong.flows.multitask import multitask_flow
 from lifelong import tracking
 from lifelong.config import Config, ConfigError, apply_override, load_config, read_toml, strategy_label, validate_config
 from lifelong.env import default_tracking_uri

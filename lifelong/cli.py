@@ -52,16 +52,16 @@ def run(
         resume_run(cfg, resume)
         return
     if cfg.flow == "multitask":
-        from flows.multitask import multitask_flow
+        from lifelong.flows.multitask import multitask_flow
 
         print_multitask_table(multitask_flow(cfg))
         return
     if cfg.flow == "federated":
-        from flows.federated import run_federated
+        from lifelong.flows.federated import run_federated
 
         print_federated(run_federated(cfg))
         return
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     print_results_table(run_continual(cfg))
 
@@ -71,7 +71,7 @@ def resume_config(run_id: str, config: Path | None, overrides: list[str], uri: s
     import json
     import tempfile
 
-    from flows.continual import check_resumable, config_fingerprint
+    from lifelong.flows.continual import check_resumable, config_fingerprint
     from lifelong import tracking
     from lifelong.config import validate_config
     from lifelong.env import default_tracking_uri
@@ -107,12 +107,12 @@ def _run_exists(client, run_id: str) -> bool:
 
 
 def resume_run(cfg, run_id: str) -> None:
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
     from lifelong.checkpoints import ResumeError
 
     try:
         if cfg.flow == "federated":
-            from flows.federated import run_federated
+            from lifelong.flows.federated import run_federated
 
             print_federated(run_federated(cfg, resume=run_id))
         else:
@@ -124,14 +124,14 @@ def resume_run(cfg, run_id: str) -> None:
 def check_before_work(cfg) -> None:
     """Read the data and build the model once: missing or bad data fails here, before any work."""
     if cfg.flow == "multitask":
-        from flows.multitask import load_data
+        from lifelong.flows.multitask import load_data
 
         load_data(cfg)
         return
-    from flows.continual import pretraining_data
-    from strategies.baselines import resolve_device
-    from tasks.models import build_model
-    from tasks.streams import build_stream
+    from lifelong.flows.continual import pretraining_data
+    from lifelong.strategies.baselines import resolve_device
+    from lifelong.tasks.models import build_model
+    from lifelong.tasks.streams import build_stream
 
     resolve_device(cfg.training.device)
     stream = build_stream(cfg.stream, cfg.seed)
@@ -139,7 +139,7 @@ def check_before_work(cfg) -> None:
     if cfg.pretrain.epochs:
         pretraining_data(cfg, stream)
     if cfg.flow == "federated":
-        from flows.federated import privacy_plan, split_report
+        from lifelong.flows.federated import privacy_plan, split_report
 
         split_report(cfg)  # more clients than samples, too many shards: refused here
         privacy_plan(cfg)  # an unreachable target epsilon or an exceeded budget: refused here
@@ -218,7 +218,7 @@ def clients_launch(
     if deployment:
         deploy_and_run(cfg, config, overrides, workdir)
         return
-    from flows.federated import run_federated
+    from lifelong.flows.federated import run_federated
 
     print_federated(run_federated(cfg))
 
@@ -230,7 +230,7 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
     import json
     import time
 
-    from clients.deploy import DeploymentError, LocalDeployment, app_dir
+    from lifelong.clients.deploy import DeploymentError, LocalDeployment, app_dir
     from lifelong.env import default_tracking_uri
 
     uri = cfg.tracking.uri or default_tracking_uri()
@@ -238,7 +238,7 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
     run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
                   "tracking-uri": uri}
     if resume is not None:
-        from flows.federated_checkpoint import checkpoint_file, load_round
+        from lifelong.flows.federated_checkpoint import checkpoint_file, load_round
         from lifelong.checkpoints import ResumeError
 
         try:  # refused here, before any service starts, rather than in the ServerApp's log
@@ -257,7 +257,7 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
         _fail(str(exc), code=1)
     if run["status"] != "finished:completed":
         _fail(f"Flower run {run['run-id']} {run['status']}: {run.get('status-details')} (log: {run['log']})", 1)
-    from flows.federated import FLOWER_RUN_TAG
+    from lifelong.flows.federated import FLOWER_RUN_TAG
     from lifelong import tracking
 
     client = tracking.client_for(uri)
@@ -279,7 +279,7 @@ def sweep(
 ) -> None:
     """Run every config (and each of its [[variants]]) with several seeds; write mean ± std tables
     to MLflow and a Markdown file."""
-    from flows.sweep import sweep_flow, variant_configs
+    from lifelong.flows.sweep import sweep_flow, variant_configs
 
     try:
         for path in configs:  # every variant of every config is checked before the first run starts
@@ -296,7 +296,7 @@ def sweep(
 
 
 def print_results_table(result) -> None:
-    from tasks.metrics import matrix_summary  # noqa: F401  (keeps the import cost out of --help)
+    from lifelong.tasks.metrics import matrix_summary  # noqa: F401  (keeps the import cost out of --help)
 
     cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]
     typer.echo("")
@@ -313,7 +313,7 @@ def print_results_table(result) -> None:
 @app.command()
 def strategies() -> None:
     """List the available strategies and plugins, with the paper each comes from."""
-    from strategies.catalogue import CATALOGUE
+    from lifelong.strategies.catalogue import CATALOGUE
 
     for s in CATALOGUE:
         typer.echo(f"{s.name:<14} {s.kind:<9} {s.summary}")
@@ -324,7 +324,7 @@ def strategies() -> None:
 @app.command()
 def streams() -> None:
     """List the task streams: the embedded digits, standard benchmarks, and bring-your-own npz."""
-    from tasks.streams import describe_streams
+    from lifelong.tasks.streams import describe_streams
 
     for name, text in describe_streams().items():
         typer.echo(f"{name:<16} {text}")

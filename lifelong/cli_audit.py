@@ -38,12 +38,12 @@ def audit(
             _fail(f"{name}: {value!r} is not one of {', '.join(allowed)}")
     try:
         cfg = load_config(config, set_)
-        from flows.audit import AttackSettings, check_auditable
+        from lifelong.flows.audit import AttackSettings, check_auditable
 
         check_auditable(cfg)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
-    from flows.audit import run_audit
+    from lifelong.flows.audit import run_audit
 
     try:
         result = run_audit(cfg, AttackSettings(samples, iterations, labels, distance, optimizer))

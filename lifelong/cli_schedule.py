@@ -76,7 +76,7 @@ def schedule(
 
 
 def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_) -> None:
-    from flows import schedules as sched
+    from lifelong.flows import schedules as sched
     from lifelong.cli import _fail, check_before_work
     from lifelong.config import ConfigError, load_config
 
@@ -113,7 +113,7 @@ def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_)
 
 
 def _manage(option: str, name) -> None:
-    from flows import schedules as sched
+    from lifelong.flows import schedules as sched
     from lifelong.cli import _fail
 
     try:

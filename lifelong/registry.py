@@ -58,11 +58,17 @@ and hands the local folder to ``mlflow.pytorch.load_model``. Not ``load_model("m
 directly: MLflow 3.17 resolves ``models:/`` URIs with the process-wide registry URI and ignores
 the ``registry_uri`` given to ``mlflow.artifacts.download_artifacts`` (it then searches — and
 creates — ``./mlflow.db``), so the store named by ``uri`` would not be the one searched.
+
+**Models registered before the one namespace** (when ``tasks``, ``strategies``, ``flows`` and
+``clients`` were installed as top-level packages) are pickled with those module paths; ``load``
+reads them with an unpickler that maps ``tasks.models`` to ``lifelong.tasks.models`` and so on
+(:data:`RENAMED_MODULES`), so they load as the classes of today's code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -511,4 +517,40 @@ def load(ref: str, uri: str | None = None):
         mv = _resolve(client, name, uri, version, alias)
         files = client.get_model_version_download_uri(name, mv.version)
         local = mlflow.artifacts.download_artifacts(files, dst_path=tmp, tracking_uri=uri)
-        return mlflow.pytorch.load_model(local).eval()
+        # MLflow warns that the pickle module is not the one it saved with (its own, cloudpickle);
+        # ours reads the same standard pickles and only maps module names (see _renaming_pickle).
+        log = logging.getLogger("mlflow.pytorch")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            return mlflow.pytorch.load_model(local, pickle_module=_renaming_pickle()).eval()
+        finally:
+            log.setLevel(level)
+
+
+#: Top-level package names before the one namespace (the old name's prefix -> today's).
+RENAMED_MODULES = {old: f"lifelong.{old}" for old in ("tasks", "strategies", "flows", "clients")}
+
+
+def current_module(name: str) -> str:
+    """Today's module path of a class pickled under an older one."""
+    top, dot, rest = name.partition(".")
+    return RENAMED_MODULES[top] + dot + rest if top in RENAMED_MODULES else name
+
+
+def _renaming_pickle():
+    """A pickle module for ``torch.load`` whose unpickler maps renamed modules (cloudpickle, which
+    MLflow saves with, writes standard pickles that plain pickle reads)."""
+    import pickle
+    import types
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            return super().find_class(current_module(module), name)
+
+    shim = types.ModuleType("lifelong.registry.renaming_pickle")
+    shim.Unpickler = Unpickler
+    shim.load = lambda file, **kw: Unpickler(file, **kw).load()
+    shim.loads = pickle.loads
+    shim.dump, shim.dumps = pickle.dump, pickle.dumps
+    return shim

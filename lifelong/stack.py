@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from clients.deploy import CONNECTION, DeploymentError, LocalDeployment, alive, free_port
+from lifelong.clients.deploy import CONNECTION, DeploymentError, LocalDeployment, alive, free_port
 
 BIN = Path(sys.executable).parent
 STACK_ID_VAR = "LIFELONG_STACK_ID"

@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from avalanche.core import SupervisedPlugin
 
-from strategies.gcond import GCond
-from strategies.gradients import task_gradients
+from lifelong.strategies.gcond import GCond
+from lifelong.strategies.gradients import task_gradients
 
 
 class GCondArbitrationPlugin(SupervisedPlugin):

@@ -44,7 +44,7 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
     ``template``: the class of every strategy but joint's (a subclass of Avalanche's ``Naive``:
     a federated client's worker brings its own, ``clients/learner.py``).
     """
-    from strategies.plugin import RegularizerPlugin, build_regularizer
+    from lifelong.strategies.plugin import RegularizerPlugin, build_regularizer
 
     if spec.freeze_backbone:
         for p in model.backbone.parameters():
@@ -64,7 +64,7 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         regularizers = [build_regularizer(p, n_classes) for p in spec.plugins]
     wrap = RegularizerPlugin
     if sample_dp is not None:
-        from strategies.sample_dp import PostNoiseRegularizerPlugin
+        from lifelong.strategies.sample_dp import PostNoiseRegularizerPlugin
 
         wrap = PostNoiseRegularizerPlugin  # a weight-only penalty's gradient, added after the noise
     regularizers = [wrap(r, p.name, consolidate) for r, p in zip(regularizers, spec.plugins)]
@@ -74,14 +74,14 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
                               batch_size_mem=spec.batch_size_mem or training.batch_size,
                               storage_policy=storage_policy)
     if spec.arbitrate == "gcond":  # after the regularisers: it reads the penalties they added
-        from strategies.arbitration import GCondArbitrationPlugin
+        from lifelong.strategies.arbitration import GCondArbitrationPlugin
 
         regularizers.append(GCondArbitrationPlugin(spec.arbitrate_between,
                                                    getattr(spec, "batch_size_mem", None) or training.batch_size,
                                                    replay))
     plugins = [*regularizers, *plugins]
     if sample_dp is not None:
-        from strategies.sample_dp import SampleDPPlugin
+        from lifelong.strategies.sample_dp import SampleDPPlugin
 
         # First: it puts the plain model back before the regularisers consolidate.
         plugins = [SampleDPPlugin(sample_dp), *plugins]
@@ -92,8 +92,8 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
     if isinstance(spec, JointSpec):
         return JointTraining(plugins=plugins, **common)
     if isinstance(spec, OnePromptSpec):
-        from strategies.oneprompt import OnePromptPlugin
-        from strategies.ovor import VORConfig
+        from lifelong.strategies.oneprompt import OnePromptPlugin
+        from lifelong.strategies.ovor import VORConfig
 
         vor = VORConfig(lam=spec.vor_lambda, epochs=spec.vor_epochs, anchor=spec.vor_anchor,
                         num_per_class=spec.outliers_per_class) if spec.vor else None

@@ -19,8 +19,8 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
 
-from strategies.plugin import RegularizerPlugin
-from tasks.streams import samples_dataset
+from lifelong.strategies.plugin import RegularizerPlugin
+from lifelong.tasks.streams import samples_dataset
 
 #: Plugins with no state of their own across experiences: the clock's is captured apart, the
 #: continual evaluator's trace is the flow's, Avalanche's periodic evaluation is off (eval_every=-1).

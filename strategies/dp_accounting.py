@@ -287,7 +287,7 @@ class UserLevelPrivacy:
         clipping (the count's noise takes the rest of z's budget)."""
         if self.count_noise_std is None:
             return self.noise_multiplier
-        from strategies.dp_clipping import adaptive_update_noise_multiplier
+        from lifelong.strategies.dp_clipping import adaptive_update_noise_multiplier
 
         try:
             return adaptive_update_noise_multiplier(self.noise_multiplier, self.count_noise_std)

@@ -43,8 +43,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.dp_clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
-from strategies.records import from_state_dict, to_state_dict
+from lifelong.strategies.dp_clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
+from lifelong.strategies.records import from_state_dict, to_state_dict
 
 
 @dataclass(frozen=True)

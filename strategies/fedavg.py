@@ -31,8 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.records import from_numpy, from_state_dict, to_numpy, to_state_dict, weighted_mean
-from strategies.server_optimizer import ServerOptimizer
+from lifelong.strategies.records import from_numpy, from_state_dict, to_numpy, to_state_dict, weighted_mean
+from lifelong.strategies.server_optimizer import ServerOptimizer
 
 log = logging.getLogger("lifelong.federated")
 

@@ -70,7 +70,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from strategies.gradients import task_gradients, write_grad
+from lifelong.strategies.gradients import task_gradients, write_grad
 
 Mode = Literal["sequential", "stochastic"]
 Dominance = Literal["readme", "code"]

@@ -14,7 +14,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from strategies.regularizer import named_params, pack, penalty_sum, unpack
+from lifelong.strategies.regularizer import named_params, pack, penalty_sum, unpack
 
 Scope = Literal["backbone", "head", "all"]
 

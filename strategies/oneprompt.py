@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from avalanche.core import SupervisedPlugin
 
-from strategies.ovor import VORConfig, train_head_with_vor
+from lifelong.strategies.ovor import VORConfig, train_head_with_vor
 
 
 class OnePromptPlugin(SupervisedPlugin):

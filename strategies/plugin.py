@@ -12,7 +12,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 
-from strategies.regularizer import Regularizer
+from lifelong.strategies.regularizer import Regularizer
 
 
 def avalanche_forward_fn(model, x, t):
@@ -78,9 +78,9 @@ class RegularizerPlugin(SupervisedPlugin):
 def build_regularizer(spec, n_classes: int) -> Regularizer:
     """The regulariser for one plugin spec of the config."""
     from lifelong.config import CenterLossSpec, EWCSpec, L2Spec
-    from strategies.center_loss import CenterLoss
-    from strategies.ewc import EWC
-    from strategies.l2 import L2
+    from lifelong.strategies.center_loss import CenterLoss
+    from lifelong.strategies.ewc import EWC
+    from lifelong.strategies.l2 import L2
 
     if isinstance(spec, EWCSpec):
         return EWC(spec.lam, spec.mode, spec.decay, forward=avalanche_forward_fn)

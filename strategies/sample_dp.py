@@ -73,8 +73,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from strategies.plugin import RegularizerPlugin
-from strategies.regularizer import Regularizer
+from lifelong.strategies.plugin import RegularizerPlugin
+from lifelong.strategies.regularizer import Regularizer
 
 Clipping = Literal["flat", "per_layer"]
 GradSampleMode = Literal["hooks", "ghost"]
@@ -140,7 +140,7 @@ class ExperienceReport:
 def per_layer_bounds(params: Sequence[Tensor], cfg: SampleDPConfig) -> list[float]:
     """One bound per trainable parameter tensor, ``sum C_l^2 = C^2`` for the named allocations."""
     if isinstance(cfg.layer_bounds, str):
-        from strategies.dp_clipping import layer_bounds
+        from lifelong.strategies.dp_clipping import layer_bounds
 
         return [float(b) for b in layer_bounds(list(params), cfg.max_grad_norm, cfg.layer_bounds)]
     bounds = [float(b) for b in cfg.layer_bounds]
@@ -398,7 +398,7 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 # ------------------------------------------------------------------------------ benchmark
 
 def _bench_model(name: str, in_shape, n_classes: int) -> nn.Module:
-    from tasks.models import cnn_backbone, mlp_backbone
+    from lifelong.tasks.models import cnn_backbone, mlp_backbone
 
     if name == "cnn":
         return nn.Sequential(cnn_backbone(in_shape, (32, 64), 256, 0.0), nn.Linear(256, n_classes))

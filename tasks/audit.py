@@ -306,7 +306,7 @@ def private_view(
     the attacker there has strictly less; this is the single client's contribution with exactly
     the noise that protects it.
     """
-    from strategies.dp_clipping import add_gaussian_noise, clip_update
+    from lifelong.strategies.dp_clipping import add_gaussian_noise, clip_update
 
     alloc = allocation if mode in ("per_layer", "per_layer_normalize") else None
     clipped = clip_update(list(update), clip, mode, allocation=alloc).update

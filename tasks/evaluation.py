@@ -14,8 +14,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 
-from tasks.metrics import ContinualTrace
-from tasks.streams import Stream
+from lifelong.tasks.metrics import ContinualTrace
+from lifelong.tasks.streams import Stream
 
 
 @torch.no_grad()

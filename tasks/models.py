@@ -18,7 +18,7 @@ from torch import nn
 from lifelong.config import ModelConfig
 
 if TYPE_CHECKING:
-    from tasks.streams import Stream
+    from lifelong.tasks.streams import Stream
 
 
 def mlp_backbone(input_shape: tuple[int, ...], hidden: int, dropout: float) -> nn.Sequential:
@@ -103,7 +103,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, 
             raise ValueError("model.name='vit' needs image input (C×H×W) and a single head (class/domain stream)")
         if input_shape[1] % cfg.vit_patch or input_shape[2] % cfg.vit_patch:
             raise ValueError(f"model.vit_patch: {cfg.vit_patch} does not divide the image size {input_shape[1:]}")
-        from tasks.vit import PromptedViT
+        from lifelong.tasks.vit import PromptedViT
 
         depth = cfg.vit_depth  # OVOR's layout: general prompt in blocks 0-1, expert prompt in 2-4
         return PromptedViT(input_shape, n_classes, dim=cfg.vit_dim, depth=depth, heads=cfg.vit_heads,

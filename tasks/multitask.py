@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from lifelong.config import MULTITASK_PROBLEMS
-from tasks.data import DatasetError, load_digits
-from tasks.models import cnn_backbone, mlp_backbone
+from lifelong.tasks.data import DatasetError, load_digits
+from lifelong.tasks.models import cnn_backbone, mlp_backbone
 
 
 @dataclass(frozen=True)

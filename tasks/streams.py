@@ -18,7 +18,7 @@ from avalanche.benchmarks.utils.classification_dataset import (
 )
 
 from lifelong.config import BUILTIN_STREAMS, StreamConfig, _check_class_split
-from tasks.data import Arrays, DatasetError, load_cifar, load_digits, load_mnist, load_npz
+from lifelong.tasks.data import Arrays, DatasetError, load_cifar, load_digits, load_mnist, load_npz
 
 #: What ``lifelong streams`` shows.
 STREAM_DESCRIPTIONS = {

@@ -2,7 +2,7 @@
 
 from flwr.clientapp import ClientApp
 
-from clients.app import train as client_train
+from lifelong.clients.app import train as client_train
 
 
 def failing_client_app(bad_partition: int) -> ClientApp:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from servers import processes_mentioning
 
-from clients.deploy import LocalDeployment, app_dir
+from lifelong.clients.deploy import LocalDeployment, app_dir
 from lifelong.stack import Stack, StackError, read_state, stack_processes
 from lifelong.tracking import client_for, read_results
 

@@ -13,10 +13,10 @@ import torch
 from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
-from clients import state as st
+from lifelong.clients import state as st
 from client_apps import interrupting_app
-from clients.learner import SAMPLE_EPSILON, ClientLearner, worker_for
-from flows.federated import initial_weights, run_federated
+from lifelong.clients.learner import SAMPLE_EPSILON, ClientLearner, worker_for
+from lifelong.flows.federated import initial_weights, run_federated
 from lifelong.config import ConfigError, load_config
 from lifelong.tracking import client_for
 

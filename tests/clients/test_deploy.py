@@ -6,7 +6,7 @@ import pytest
 from servers import processes_mentioning
 from typer.testing import CliRunner
 
-from clients.deploy import DeploymentError, LocalDeployment
+from lifelong.clients.deploy import DeploymentError, LocalDeployment
 from lifelong.cli import app as cli
 from lifelong.tracking import client_for, read_results
 
@@ -74,7 +74,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     import threading
     import time
 
-    from clients.deploy import app_dir
+    from lifelong.clients.deploy import app_dir
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     sets = ["flow=\"federated\"", "federated.clients=3", "stream.n_experiences=2", "federated.rounds=1",
@@ -121,8 +121,8 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     import numpy as np
     from client_apps import interrupting_app
 
-    from clients.state_store import saved_rounds, state_root
-    from flows.federated import run_federated
+    from lifelong.clients.state_store import saved_rounds, state_root
+    from lifelong.flows.federated import run_federated
     from lifelong.config import load_config
 
     def config(db: str):

@@ -4,13 +4,13 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from clients import state as st
-from clients.learner import ClientLearner, client_indices, frozen_keys
-from flows.federated import initial_weights
+from lifelong.clients import state as st
+from lifelong.clients.learner import ClientLearner, client_indices, frozen_keys
+from lifelong.flows.federated import initial_weights
 from lifelong.config import load_config
-from strategies.ewc import EWC
-from tasks.partition import experience_labels
-from tasks.streams import build_stream
+from lifelong.strategies.ewc import EWC
+from lifelong.tasks.partition import experience_labels
+from lifelong.tasks.streams import build_stream
 
 
 def config(*extra):
@@ -98,8 +98,7 @@ def test_a_failed_round_leaves_the_client_state_as_it_was(monkeypatch):
     client = ClientLearner(cfg, 0, state)
     w, _ = client.train_round(w, 0, 1)
     before = {k: dict(state[k]) if k == st.PROGRESS else st.read_tensors(state, k) for k in state.keys()}
-    import clients.learner as cl
-
+    import lifelong.clients.learner as cl
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory")
 
@@ -146,7 +145,7 @@ def test_only_learners_that_read_their_state_back_keep_it(strategy, keeps):
 
 
 def test_share_batches_cover_the_share_once_per_epoch_in_a_seeded_order():
-    from clients.learner import _TensorBatches
+    from lifelong.clients.learner import _TensorBatches
 
     x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
     batches = _TensorBatches((x, y, torch.zeros(10, dtype=torch.long)), 4)
@@ -160,7 +159,7 @@ def test_share_batches_cover_the_share_once_per_epoch_in_a_seeded_order():
 
 
 def test_a_naive_client_trains_on_its_share_as_tensor_batches():
-    from clients.learner import worker_for
+    from lifelong.clients.learner import worker_for
 
     cfg = config('strategies=[{name="naive"}]', "training.batch_size=8")
     client = ClientLearner(cfg, 2, RecordDict())
@@ -181,8 +180,8 @@ def test_a_task_stream_model_has_every_head_from_the_start_and_keeps_its_keys():
     """FedAvg needs one key set: the server's model and every client's, before and after training
     on each experience, hold the same tensors (one head and class mask per task); a client's round
     trains its experience's head with the share's task labels and leaves the other heads alone."""
-    from clients.learner import worker_for
-    from tasks.models import build_stream_model
+    from lifelong.clients.learner import worker_for
+    from lifelong.tasks.models import build_stream_model
 
     cfg = config('stream.scenario="task"')
     stream = build_stream(cfg.stream, cfg.seed)
@@ -287,7 +286,7 @@ def test_seed_round_draws_what_avalanches_rng_manager_draws():
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager
 
-    from clients.learner import seed_round
+    from lifelong.clients.learner import seed_round
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
@@ -301,7 +300,7 @@ def test_seed_round_draws_what_avalanches_rng_manager_draws():
 
 
 def test_weights_returned_are_the_callers_own_unless_copy_is_false():
-    from clients.learner import worker_for
+    from lifelong.clients.learner import worker_for
 
     cfg = config()
     w = initial_weights(cfg)
@@ -317,7 +316,7 @@ def test_weights_returned_are_the_callers_own_unless_copy_is_false():
 
 
 def test_a_clients_share_is_built_once_per_experience():
-    from clients.learner import client_share
+    from lifelong.clients.learner import client_share
 
     cfg = config()
     s = build_stream(cfg.stream, cfg.seed)
@@ -345,7 +344,7 @@ def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
     from avalanche.training import Naive
     from avalanche.training.templates.observation_type.batch_observation import BatchObservation
 
-    from clients import learner
+    from lifelong.clients import learner
 
     def snapshot(strategy):
         opt = strategy.optimizer
@@ -394,7 +393,7 @@ def test_a_stream_models_heads_need_no_adaptation_afterwards():
     adaptation to any training experience, in training mode, changes nothing."""
     from avalanche.models.dynamic_modules import avalanche_model_adaptation
 
-    from tasks.models import build_stream_model
+    from lifelong.tasks.models import build_stream_model
 
     cfg = config('stream.scenario="task"')
     stream = build_stream(cfg.stream, cfg.seed)

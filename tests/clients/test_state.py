@@ -3,9 +3,9 @@
 import torch
 from flwr.app import RecordDict
 
-from clients import state as st
+from lifelong.clients import state as st
 from lifelong.config import StreamConfig
-from tasks.streams import build_stream, experience_share
+from lifelong.tasks.streams import build_stream, experience_share
 
 
 def stream():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from clients import state as st
-from clients import state_store as ss
+from lifelong.clients import state as st
+from lifelong.clients import state_store as ss
 from lifelong.checkpoints import ResumeError
 from lifelong.config import load_config
 

@@ -24,7 +24,7 @@ def tiny_config(tmp_path, *extra):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     tmp = tmp_path_factory.mktemp("e2e")
     cfg, uri = tiny_config(tmp)
@@ -90,7 +90,7 @@ def test_logged_model_reloads_and_predicts_a_batch(finished):
 
 
 def test_same_config_and_seed_give_the_same_metrics(tmp_path, finished):
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     cfg, _ = tiny_config(tmp_path)
     again = run_continual(cfg)
@@ -112,7 +112,7 @@ def test_results_command_prints_the_matrix(finished):
 
 
 def test_sample_level_dp_logs_epsilon_per_experience(tmp_path):
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     cfg, uri = tiny_config(tmp_path, 'strategies=[{name="naive", plugins=[{name="l2", eps=1.0}]}]',
                            "privacy.sample={noise_multiplier=1.0, max_grad_norm=1.0}",

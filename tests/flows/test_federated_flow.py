@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from client_apps import failing_client_app, interrupting_app, recording_app
-from flows.federated import initial_weights, run_federated
+from lifelong.flows.federated import initial_weights, run_federated
 from lifelong.cli import app as cli
 from lifelong.config import load_config
 from lifelong.tracking import client_for, read_results
@@ -180,7 +180,7 @@ def test_bad_federated_input_is_refused_before_any_round(tmp_path, args, message
 def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
     import torch as _torch
 
-    from flows.federated_checkpoint import checkpoint_file
+    from lifelong.flows.federated_checkpoint import checkpoint_file
 
     cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false",
                      'strategies=[{name="replay", mem_size=30, plugins=[{name="ewc", lam=5.0}]}]')
@@ -203,7 +203,7 @@ def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
 
 
 def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):
-    from clients import state_store
+    from lifelong.clients import state_store
 
     cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false")
     with pytest.raises(KeyboardInterrupt):
@@ -271,7 +271,7 @@ def test_a_private_run_records_epsilon_per_round(tmp_path):
     assert [m.step for m in eps] == [1, 2, 3, 4]
     values = [m.value for m in sorted(eps, key=lambda m: m.step)]
     assert all(a < b for a, b in zip(values, values[1:]))  # the budget is spent round by round
-    from strategies.dp_accounting import epsilon
+    from lifelong.strategies.dp_accounting import epsilon
 
     assert values[-1] == pytest.approx(epsilon(1.0, 1.0, 4, 1e-3))  # all 3 of 3 clients every round
     tag = client.get_run(result.run_id).data.tags["privacy"]
@@ -325,8 +325,7 @@ def test_prefect_retries_go_back_to_the_last_round_checkpoint(tmp_path, monkeypa
     """A server-side failure mid-experience (here: evaluation after round 3 raises once, as when
     the tracking server drops) is retried by Prefect from the round-2 checkpoint, with the clients
     loading the state they saved; the run ends as the unbroken one."""
-    import flows.federated as ff
-
+    import lifelong.flows.federated as ff
     _, full = finished
     calls, real = {"n": 0}, ff.evaluate
 

@@ -21,7 +21,7 @@ def tiny(tmp_path, *extra):
 def test_multitask_flow_logs_each_combiner(tmp_path):
     import mlflow
 
-    from flows.multitask import multitask_flow
+    from lifelong.flows.multitask import multitask_flow
 
     cfg, uri = tiny(tmp_path)
     result = multitask_flow(cfg)
@@ -44,7 +44,7 @@ def test_multitask_flow_logs_each_combiner(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    from flows.multitask import multitask_flow
+    from lifelong.flows.multitask import multitask_flow
 
     cfg, _ = tiny(tmp_path, "tracking.log_model=false")
     a, b = multitask_flow(cfg), multitask_flow(cfg)
@@ -58,7 +58,7 @@ def test_k_not_divisible_by_tasks_is_refused():
 
 
 def test_npz_problem_with_label_columns(tmp_path):
-    from flows.multitask import load_data, multitask_flow
+    from lifelong.flows.multitask import load_data, multitask_flow
 
     rng = np.random.default_rng(0)
     x = rng.random((120, 1, 8, 8)).astype(np.float32)
@@ -88,7 +88,7 @@ def test_sequential_gcond_has_no_divisibility_constraint():
 def test_results_command_prints_a_multitask_runs_final_metrics(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.multitask import multitask_flow
+    from lifelong.flows.multitask import multitask_flow
     from lifelong.cli import app
 
     cfg, uri = tiny(tmp_path, "tracking.log_model=false", 'multitask.combiners=[{name="sum"}]')

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import flows.continual as fc
+import lifelong.flows.continual as fc
 from lifelong.cli import app as cli
 from lifelong.config import load_config
 from lifelong.tracking import client_for
@@ -205,8 +205,8 @@ def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
     The unbroken run is in-process: both backends give the same bits (test_federated_flow's
     test_inprocess_backend_matches_flowers_ray_engine) when the actors get as many threads as we use.
     """
-    from clients.state_store import saved_rounds
-    from flows.federated import run_federated
+    from lifelong.clients.state_store import saved_rounds
+    from lifelong.flows.federated import run_federated
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     cfg_path = tmp_path / "fed.toml"

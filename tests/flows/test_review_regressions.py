@@ -15,7 +15,7 @@ def cfg_with(tmp_path, *extra):
 
 
 def test_evaluation_after_update_u_is_logged_at_step_u_and_each_switch_keeps_its_first_point(tmp_path):
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     cfg = cfg_with(tmp_path, "training.eval_every=1", "stream.n_experiences=2",
                    'strategies=[{name="naive"}]')
@@ -30,7 +30,7 @@ def test_evaluation_after_update_u_is_logged_at_step_u_and_each_switch_keeps_its
 
 
 def test_pretraining_does_not_change_the_first_learners_shuffle(tmp_path):
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     cfg = cfg_with(tmp_path, "stream.holdout_fraction=0.3", "pretrain.epochs=1",
                    'strategies=[{name="naive", label="a"}, {name="naive", label="b"}]')
@@ -52,7 +52,7 @@ def test_unavailable_device_is_refused_before_any_run(tmp_path):
 
 
 def test_online_ewc_on_a_task_incremental_stream(tmp_path):
-    from flows.continual import run_continual
+    from lifelong.flows.continual import run_continual
 
     cfg = cfg_with(tmp_path, 'stream.scenario="task"', "stream.n_experiences=2",
                    'strategies=[{name="naive", plugins=[{name="ewc", mode="online"}]}]')

@@ -16,7 +16,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
-from flows import schedules as sched
+from lifelong.flows import schedules as sched
 from lifelong.cli_schedule import app
 from lifelong.config import load_config, validate_config
 from lifelong.tracking import client_for, read_results
@@ -248,7 +248,7 @@ def test_the_deployment_carries_the_validated_config(api, served):
 
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name(FULL)
-    assert dep.entrypoint == "flows.continual.continual_flow"
+    assert dep.entrypoint == "lifelong.flows.continual.continual_flow"
     assert "lifelong" in dep.tags and not dep.paused
     assert [s.schedule.cron for s in dep.schedules] == [CRON]
     cfg = validate_config(dep.parameters["config"])

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_sweep_writes_mean_and_std_per_strategy(tmp_path):
-    from flows.sweep import sweep_flow
+    from lifelong.flows.sweep import sweep_flow
 
     uri = f"sqlite:///{tmp_path / 'sweep.db'}"
     cfg = tmp_path / "tiny.toml"

@@ -159,6 +159,52 @@ def test_promote_show_compare_load_round_trip(store, name):
     assert registry.promote(store.uri, name, "candidate").aliases == ["candidate", "champion"]
 
 
+class LegacyNet(torch.nn.Module):
+    """A model class whose module is renamed below, as the project's own were by the one namespace."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_model_pickled_under_an_old_top_level_name_loads_as_todays_class(store, name, monkeypatch):
+    """Models registered before the one namespace name ``tasks.models`` (not
+    ``lifelong.tasks.models``) in their pickles; they load as today's classes."""
+    import sys
+    import types
+
+    import lifelong.tasks.models as today
+    old = types.ModuleType("tasks.models")
+    old.LegacyNet = LegacyNet
+    monkeypatch.setattr(today, "LegacyNet", LegacyNet, raising=False)
+    monkeypatch.setitem(sys.modules, "tasks", types.ModuleType("tasks"))
+    monkeypatch.setitem(sys.modules, "tasks.models", old)
+    monkeypatch.setattr(LegacyNet, "__module__", "tasks.models")
+    torch.manual_seed(0)
+    net = LegacyNet()
+    run_id = tracking.open_run(store.client, "registry-test-legacy", {}, {"lifelong.flow": "continual"})
+    with monkeypatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", store.uri)
+        model_uri = tracking.log_torch_model(run_id, net, store.uri)
+    store.client.set_terminated(run_id, "FINISHED")
+    registry.register_run_model(store.client, run_id, model_uri, name, {"flow": "continual"}, {}, None)
+    # The old name is gone, as in a fresh process after the move.
+    monkeypatch.delitem(sys.modules, "tasks.models")
+    monkeypatch.delitem(sys.modules, "tasks")
+    monkeypatch.setattr(LegacyNet, "__module__", "lifelong.tasks.models")
+
+    model = registry.load(name, store.uri)
+    assert type(model) is LegacyNet and type(model).__module__ == "lifelong.tasks.models"
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model(x), net(x))
+    assert registry.current_module("tasks.models") == "lifelong.tasks.models"
+    assert registry.current_module("torch.nn.modules.linear") == "torch.nn.modules.linear"
+    assert registry.current_module("tasksets.x") == "tasksets.x"
+
+
 def test_automatic_promotion_both_ways(store, name):
     rule = "avg_accuracy>champion"
     first = store.register(name, "a", rule, metrics={"avg_accuracy": 0.5})

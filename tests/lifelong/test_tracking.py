@@ -8,7 +8,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from lifelong import tracking
 from lifelong.config import StreamConfig
-from tasks.streams import build_stream
+from lifelong.tasks.streams import build_stream
 
 
 def test_mlflow_logger_in_plain_avalanche_code(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lifelong.config import ConfigError, load_config
-from strategies.arbitration import GCondArbitrationPlugin
-from strategies.gcond import GCond
+from lifelong.strategies.arbitration import GCondArbitrationPlugin
+from lifelong.strategies.gcond import GCond
 
 
 def fake_strategy(model, x, y, extra_penalty):

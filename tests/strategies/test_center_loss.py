@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lifelong.config import ModelConfig
-from strategies.center_loss import CenterLoss
-from tasks.models import build_model
+from lifelong.strategies.center_loss import CenterLoss
+from lifelong.tasks.models import build_model
 
 
 class Net(nn.Module):

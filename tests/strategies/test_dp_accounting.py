@@ -11,7 +11,7 @@ from dp_accounting.rdp import RdpAccountant
 from scipy import optimize
 from scipy.stats import norm
 
-from strategies.dp_accounting import (
+from lifelong.strategies.dp_accounting import (
     PrivacyBudgetError,
     UserLevelPrivacy,
     calibrate_noise,

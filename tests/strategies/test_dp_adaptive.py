@@ -7,11 +7,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from clients.inprocess import InProcessGrid
-from strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
-from strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
-from strategies.fedavg import ContinualFedAvg
-from strategies.server_optimizer import ServerOptimizer
+from lifelong.clients.inprocess import InProcessGrid
+from lifelong.strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
+from lifelong.strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
+from lifelong.strategies.fedavg import ContinualFedAvg
+from lifelong.strategies.server_optimizer import ServerOptimizer
 
 
 class FixedUpdateApp:
@@ -114,7 +114,7 @@ def test_bad_adaptive_clipping_keys_are_refused(extra, message):
 
 
 def test_a_count_noise_too_small_for_z_is_refused_before_the_run():
-    from flows.federated import privacy_plan
+    from lifelong.flows.federated import privacy_plan
     from lifelong.config import load_config
 
     adaptive = ['privacy.clipping="flat"', "privacy.adaptive_clipping=true"]

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies.dp_clipping import (
+from lifelong.strategies.dp_clipping import (
     adaptive_update_noise_multiplier,
     add_gaussian_noise,
     clip_update,

@@ -13,12 +13,12 @@ from avalanche.training.plugins import EvaluationPlugin, EWCPlugin
 from torch import nn
 
 from lifelong.config import ModelConfig, StreamConfig
-from strategies.baselines import quiet_avalanche_deprecations
-from strategies.ewc import EWC, empirical_fisher
-from strategies.plugin import RegularizerPlugin, avalanche_forward_fn
-from tasks.evaluation import evaluate
-from tasks.models import build_model
-from tasks.streams import build_stream
+from lifelong.strategies.baselines import quiet_avalanche_deprecations
+from lifelong.strategies.ewc import EWC, empirical_fisher
+from lifelong.strategies.plugin import RegularizerPlugin, avalanche_forward_fn
+from lifelong.tasks.evaluation import evaluate
+from lifelong.tasks.models import build_model
+from lifelong.tasks.streams import build_stream
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 

@@ -6,9 +6,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 
-from clients.inprocess import InProcessGrid  # sets the task identity Messages are built with
-from strategies.fedavg import ContinualFedAvg
-from strategies.server_optimizer import ServerOptimizer
+from lifelong.clients.inprocess import InProcessGrid  # sets the task identity Messages are built with
+from lifelong.strategies.fedavg import ContinualFedAvg
+from lifelong.strategies.server_optimizer import ServerOptimizer
 
 
 class EchoApp:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.gcond import GCond, GCondTrainer
-from strategies.gradients import GradientCombiner, flat_grad
+from lifelong.strategies.gcond import GCond, GCondTrainer
+from lifelong.strategies.gradients import GradientCombiner, flat_grad
 
 D = torch.float64
 TOL = {"rtol": 1e-6, "atol": 1e-6}  # the code's eps (1e-8) in denominators shifts results by ~1e-9

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lifelong.config import ModelConfig
-from strategies.l2 import L2
-from tasks.models import build_model
+from lifelong.strategies.l2 import L2
+from lifelong.tasks.models import build_model
 
 OUT = torch.zeros(())  # ``out`` only gives the penalty's dtype and device
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.ovor import (
+from lifelong.strategies.ovor import (
     VORConfig,
     boundary_indices,
     calibrate_thresholds,

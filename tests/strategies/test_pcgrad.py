@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.gradients import GradientCombiner, WeightedSum, flat_grad, task_gradients, write_grad
-from strategies.pcgrad import PCGrad
+from lifelong.strategies.gradients import GradientCombiner, WeightedSum, flat_grad, task_gradients, write_grad
+from lifelong.strategies.pcgrad import PCGrad
 
 D = torch.float64
 

@@ -23,13 +23,13 @@ from lifelong.config import (
     TrainingConfig,
     validate_config,
 )
-from strategies.baselines import build_learner, quiet_avalanche_deprecations
-from strategies.center_loss import CenterLoss
-from strategies.ewc import EWC
-from strategies.l2 import L2
-from strategies.plugin import RegularizerPlugin, avalanche_forward_fn, build_regularizer
-from tasks.models import build_model
-from tasks.streams import build_stream
+from lifelong.strategies.baselines import build_learner, quiet_avalanche_deprecations
+from lifelong.strategies.center_loss import CenterLoss
+from lifelong.strategies.ewc import EWC
+from lifelong.strategies.l2 import L2
+from lifelong.strategies.plugin import RegularizerPlugin, avalanche_forward_fn, build_regularizer
+from lifelong.tasks.models import build_model
+from lifelong.tasks.streams import build_stream
 
 pytestmark = pytest.mark.filterwarnings("ignore:No loggers specified")
 

@@ -17,13 +17,13 @@ from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from torch import nn
 
 from lifelong.config import ModelConfig, StreamConfig
-from strategies.baselines import quiet_avalanche_deprecations
-from strategies.center_loss import CenterLoss
-from strategies.ewc import EWC
-from strategies.l2 import L2
-from strategies.plugin import RegularizerPlugin
-from strategies.regularizer import named_params
-from strategies.sample_dp import (
+from lifelong.strategies.baselines import quiet_avalanche_deprecations
+from lifelong.strategies.center_loss import CenterLoss
+from lifelong.strategies.ewc import EWC
+from lifelong.strategies.l2 import L2
+from lifelong.strategies.plugin import RegularizerPlugin
+from lifelong.strategies.regularizer import named_params
+from lifelong.strategies.sample_dp import (
     PostNoiseRegularizerPlugin,
     SampleDPConfig,
     SampleDPError,
@@ -34,8 +34,8 @@ from strategies.sample_dp import (
     epsilon_for,
     per_layer_bounds,
 )
-from tasks.models import build_model
-from tasks.streams import build_stream
+from lifelong.tasks.models import build_model
+from lifelong.tasks.streams import build_stream
 
 MB = 32
 #: Opacus' hooks on a first layer whose input needs no gradient: harmless, by design

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lifelong.config import ModelConfig
-from tasks.audit import (
+from lifelong.tasks.audit import (
     batch_gradient,
     closed_form_input,
     gradient_distance,
@@ -27,7 +27,7 @@ from tasks.audit import (
     sgd_update,
     update_to_gradient,
 )
-from tasks.models import build_model
+from lifelong.tasks.models import build_model
 
 LEAK_DB, FAIL_DB = 20.0, 10.0
 

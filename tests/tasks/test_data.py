@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data import DatasetError, load_cifar, load_digits, load_mnist, load_npz
+from lifelong.tasks.data import DatasetError, load_cifar, load_digits, load_mnist, load_npz
 
 # --------------------------------------------------------------------------- digits
 

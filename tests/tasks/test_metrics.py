@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.metrics import (
+from lifelong.tasks.metrics import (
     ContinualTrace,
     average_accuracy,
     average_forgetting,

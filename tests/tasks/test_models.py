@@ -12,7 +12,7 @@ from avalanche.models.utils import avalanche_forward, is_multi_task_module
 from torch import nn
 
 from lifelong.config import ModelConfig
-from tasks.models import build_model
+from lifelong.tasks.models import build_model
 
 HIDDEN = 32
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tasks.partition import PartitionError, class_histograms, partition
+from lifelong.tasks.partition import PartitionError, class_histograms, partition
 
 LABELS = torch.arange(400) % 10  # 40 samples of each of 10 classes
 

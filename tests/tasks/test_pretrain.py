@@ -3,9 +3,9 @@
 import torch
 
 from lifelong.config import ModelConfig, PretrainConfig, StreamConfig
-from tasks.models import build_model
-from tasks.pretrain import pretrain
-from tasks.streams import _build_stream_cached, build_stream
+from lifelong.tasks.models import build_model
+from lifelong.tasks.pretrain import pretrain
+from lifelong.tasks.streams import _build_stream_cached, build_stream
 
 
 def test_holdout_is_taken_out_of_the_stream_stratified():

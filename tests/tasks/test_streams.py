@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.streams
+import lifelong.tasks.streams
 from lifelong.config import StreamConfig
-from tasks.data import DatasetError, load_digits
-from tasks.streams import build_stream
+from lifelong.tasks.data import DatasetError, load_digits
+from lifelong.tasks.streams import build_stream
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     """build_stream keeps the last streams in an lru_cache: every test starts (and ends) without."""
-    tasks.streams._build_stream_cached.cache_clear()
+    lifelong.tasks.streams._build_stream_cached.cache_clear()
     yield
-    tasks.streams._build_stream_cached.cache_clear()
+    lifelong.tasks.streams._build_stream_cached.cache_clear()
 
 
 def fresh(cfg: StreamConfig, seed: int):
-    tasks.streams._build_stream_cached.cache_clear()
+    lifelong.tasks.streams._build_stream_cached.cache_clear()
     return build_stream(cfg, seed)
 
 
@@ -103,7 +103,7 @@ def test_task_scenario_multi_head_model_can_be_adapted():
     from avalanche.models.utils import avalanche_forward
 
     from lifelong.config import ModelConfig
-    from tasks.models import build_model
+    from lifelong.tasks.models import build_model
 
     s = build_stream(StreamConfig(name="split_digits", scenario="task"), 0)
     model = build_model(ModelConfig(name="mlp", hidden=16), s.input_shape, s.n_classes, multi_head=True)

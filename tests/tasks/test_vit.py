@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.vit import PrefixAttention, PromptedViT
+from lifelong.tasks.vit import PrefixAttention, PromptedViT
 
 SHAPE = (1, 8, 8)
 
