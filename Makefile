@@ -29,7 +29,7 @@ install: $(STAMP)
 # pip takes those exact builds from this machine's disk.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
@@ -42,13 +42,13 @@ clean:
 STACK_ARGS ?=
 
 stack: $(STAMP)  ## the whole stack natively on loopback, detached (MLflow, Prefect server + worker, SuperLink + 2 SuperNodes)
-	$(BIN)/python -m lifelong.cli_stack up --detach $(STACK_ARGS)
+	$(BIN)/python -m lifelong.cli.stack up --detach $(STACK_ARGS)
 
 stack-down: $(STAMP)  ## stop what `make stack` started, and everything it started
-	$(BIN)/python -m lifelong.cli_stack down
+	$(BIN)/python -m lifelong.cli.stack down
 
 stack-status: $(STAMP)
-	$(BIN)/python -m lifelong.cli_stack status
+	$(BIN)/python -m lifelong.cli.stack status
 
 docker-lint: $(STAMP)  ## static checks of docker/: hadolint, compose schema, our rules (no Docker engine needed)
 	$(BIN)/python -m pytest -q tests/docker

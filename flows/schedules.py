@@ -16,7 +16,7 @@ deployment when it is created (with the MLflow store resolved), so a run tomorro
 what was validated today, whatever happens to the TOML file meanwhile. The flows accept a dict
 and validate it again (``validate_parameters=False``: Prefect does not coerce it).
 
-The command-line wiring is in ``lifelong/cli_schedule.py``; this module raises
+The command-line wiring is in ``cli/schedule.py``; this module raises
 :class:`ScheduleError` with one line a user can act on, and never prints.
 """
 

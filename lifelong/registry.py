@@ -5,7 +5,7 @@ registry answers it with versions of one registered model per flow and two alias
 (the newest version, always) and ``champion`` (the one to use: moved by hand with ``promote`` or
 by a rule). Everything goes through ``MlflowClient``'s registry API, so the embedded SQLite store
 and a tracking server behave the same. A flow calls :func:`register_from_config` once a run has
-finished; ``lifelong registry`` (lifelong/cli_registry.py) reads and promotes.
+finished; ``lifelong registry`` (cli/registry.py) reads and promotes.
 
 **Names.** ``lifelong-<flow>`` (``lifelong-continual``, ``lifelong-federated``,
 ``lifelong-multitask``) unless configured. Not ``lifelong/<flow>``: MLflow 3.17 refuses ``/`` and

@@ -16,95 +16,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from lifelong.cli.supervisor import Process, free_port, group_members, http_ok
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Background", "PrefectServer", "group_members"]
 
 
-def group_members(pgid: int) -> list[str]:
-    """Live processes of a process group, as ``pid command`` lines (Linux: read from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            # fields after the command (which is in parentheses and may hold spaces)
-            state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-            if int(pgrp) != pgid or state == "Z":
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        found.append(f"{entry.name} {cmd}")
-    return found
+class Background(Process):
+    """A command in its own session (the project's one supervisor), its output in a log file.
 
-
-class Background:
-    """A command in its own session, its output in a log file; :meth:`stop` ends the whole group."""
+    :meth:`stop` signals the leader alone, as a served ``prefect`` process expects of Ctrl-C (it
+    ends its own flow-run processes), then ends whatever is left of the group.
+    """
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: str | Path | None = None):
-        self.args, self.log = args, log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._out = open(log, "wb")
-        # SIGINT back to its default: a suite started in the background by a shell without job
-        # control (`make test &`, nohup) has it ignored, and an ignored SIGINT is inherited, so
-        # the "Ctrl-C" these tests send would be lost and the process stopped by SIGTERM instead.
-        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        self.pgid = self.proc.pid  # a new session's leader: its pid is the group id
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if not self._out.closed:
-            self._out.flush()
-        return self.log.read_text(errors="replace")[-chars:]
+        super().__init__(" ".join(map(str, args[1:4])), args, log, env, cwd)
 
     def stop(self, sig: int = signal.SIGTERM, grace_s: float = 20.0) -> int | None:
-        """Signal the leader, wait, then SIGTERM/SIGKILL whatever is left of the group.
-
-        Returns the leader's exit code. Raises if a process of the group survives SIGKILL.
-        """
-        if self.alive():
-            try:
-                os.kill(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        for last in (signal.SIGTERM, signal.SIGKILL):
-            if not group_members(self.pgid):
-                break
-            try:
-                os.killpg(self.pgid, last)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + 5
-            while group_members(self.pgid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        if self.alive():
-            self.proc.kill()
-        code = self.proc.wait(10)
-        self._out.close()
-        left = group_members(self.pgid)
-        if left:
-            raise RuntimeError(f"processes left behind by {self.args[:4]}: {left}")
-        return code
+        return super().stop(sig, grace_s, leader_only=True)
 
 
 class PrefectServer:
@@ -152,11 +84,7 @@ class PrefectServer:
                            f"{self.startup_timeout_s:.0f} s:\n{tail}")
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"{self.api_url}/health")
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.process.log_tail(chars) if self.process else ""

@@ -1,4 +1,4 @@
-"""The native stack (``lifelong/stack.py``, ``make stack``): real MLflow and Prefect servers, a Prefect
+"""The native stack (``cli/local_stack.py``, ``make stack``): real MLflow and Prefect servers, a Prefect
 worker, a Flower SuperLink and SuperNodes on loopback; a federated pipeline run through them."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from servers import processes_mentioning
 
-from lifelong.clients.deploy import LocalDeployment, app_dir
-from lifelong.stack import Stack, StackError, read_state, stack_processes
+from lifelong.cli.deploy import LocalDeployment, app_dir
+from lifelong.cli.local_stack import Stack, StackError, read_state, stack_processes
 from lifelong.tracking import client_for, read_results
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lifelong.cli_stack", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lifelong.cli.stack", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 
@@ -112,7 +112,7 @@ def test_a_service_not_healthy_in_time_stops_everything_already_started(tmp_path
 
 
 def test_a_database_uri_without_its_driver_is_named(tmp_path, monkeypatch):
-    import lifelong.stack as stack_mod
+    import lifelong.cli.local_stack as stack_mod
 
     monkeypatch.setitem(stack_mod.DRIVERS, "postgresql", ("no_such_driver_module", "psycopg2-binary"))
     stack = Stack(tmp_path / "stack", ports=dict.fromkeys(("mlflow", "prefect-server", "prefect-worker",
@@ -127,7 +127,7 @@ def test_a_database_uri_without_its_driver_is_named(tmp_path, monkeypatch):
 
 def test_foreground_stack_stops_everything_on_ctrl_c(tmp_path):
     workdir = tmp_path / "stack"
-    proc = subprocess.Popen([sys.executable, "-m", "lifelong.cli_stack", "up", "--workdir", str(workdir),
+    proc = subprocess.Popen([sys.executable, "-m", "lifelong.cli.stack", "up", "--workdir", str(workdir),
                              "--supernodes", "1", "--no-ui", "--mlflow-port", "0", "--prefect-port", "0",
                              "--worker-port", "0", "--superlink-port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -6,8 +6,8 @@ import pytest
 from servers import processes_mentioning
 from typer.testing import CliRunner
 
-from lifelong.clients.deploy import DeploymentError, LocalDeployment
-from lifelong.cli import app as cli
+from lifelong.cli.deploy import DeploymentError, LocalDeployment
+from lifelong.cli.main import app as cli
 from lifelong.tracking import client_for, read_results
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     import threading
     import time
 
-    from lifelong.clients.deploy import app_dir
+    from lifelong.cli.deploy import app_dir
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     sets = ["flow=\"federated\"", "federated.clients=3", "stream.n_experiences=2", "federated.rounds=1",

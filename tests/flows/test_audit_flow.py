@@ -11,13 +11,13 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from lifelong.flows.audit import AttackSettings, AuditError, attack_cases, check_auditable, run_audit, target_batch
-from lifelong.cli_audit import audit
+from lifelong.cli.audit import audit
 from lifelong.config import load_config
 from lifelong.tasks.audit import sgd_update
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("audit")(audit)
-app.command("other")(lambda: None)  # two commands: typer then dispatches by name, as in lifelong.cli
+app.command("other")(lambda: None)  # two commands: typer then dispatches by name, as in lifelong.cli.main
 runner = CliRunner()
 
 FEDERATED = """

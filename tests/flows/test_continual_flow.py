@@ -101,7 +101,7 @@ def test_same_config_and_seed_give_the_same_metrics(tmp_path, finished):
 def test_results_command_prints_the_matrix(finished):
     from typer.testing import CliRunner
 
-    from lifelong.cli import app
+    from lifelong.cli.main import app
 
     cfg, uri, result = finished
     out = CliRunner().invoke(app, ["results", result.parent_run_id, "--tracking-uri", uri])

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import lifelong.flows.continual as fc
-from lifelong.cli import app as cli
+from lifelong.cli.main import app as cli
 from lifelong.config import load_config
 from lifelong.tracking import client_for
 
@@ -100,7 +100,7 @@ def test_a_killed_process_resumes_to_the_same_final_metrics(tmp_path):
         '[[strategies]]\nname = "replay"\nmem_size = 60\n[[strategies.plugins]]\nname = "ewc"\nlam = 5.0\n'
         f'[tracking]\nuri = "{uri}"\nlog_model = false\nlog_plots = false\n')
     env = {**os.environ, "LIFELONG_HOME": str(tmp_path / "home")}
-    lifelong = [sys.executable, "-m", "lifelong.cli"]
+    lifelong = [sys.executable, "-m", "lifelong.cli.main"]
     proc = subprocess.Popen([*lifelong, "run", str(cfg_path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     checkpoints = tmp_path / "home" / "checkpoints"
@@ -218,7 +218,7 @@ def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
         f'[tracking]\nuri = "{uri}"\nexperiment = "fed"\nlog_model = false\nlog_plots = false\n')
     home = tmp_path / "home"
     env = {**os.environ, "LIFELONG_HOME": str(home)}
-    lifelong = [sys.executable, "-m", "lifelong.cli", "clients", "launch"]
+    lifelong = [sys.executable, "-m", "lifelong.cli.main", "clients", "launch"]
     proc = subprocess.Popen([*lifelong, str(cfg_path), "--backend", "ray"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 400

@@ -41,7 +41,7 @@ def test_pretraining_does_not_change_the_first_learners_shuffle(tmp_path):
 def test_unavailable_device_is_refused_before_any_run(tmp_path):
     from typer.testing import CliRunner
 
-    from lifelong.cli import app
+    from lifelong.cli.main import app
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from lifelong.flows import schedules as sched
-from lifelong.cli_schedule import app
+from lifelong.cli.schedule import app
 from lifelong.config import load_config, validate_config
 from lifelong.tracking import client_for, read_results
 
@@ -180,10 +180,10 @@ def test_schedules_are_prefects_own():
 
 
 def test_the_lifelong_command_registers_schedule():
-    from lifelong.cli import app as main_app
+    from lifelong.cli.main import app as main_app
 
     if not any((c.name or c.callback.__name__) == "schedule" for c in main_app.registered_commands):
-        pytest.skip("lifelong/cli.py does not register `schedule` yet (hook in lifelong/cli_schedule.py)")
+        pytest.skip("cli/main.py does not register `schedule` yet (hook in cli/schedule.py)")
     out = runner.invoke(main_app, ["schedule", "--help"])
     assert out.exit_code == 0 and "--cron" in out.output and "--list" in out.output
 
@@ -222,7 +222,7 @@ def served(server, tmp_path_factory):
     config, uri = tiny_toml(tmp)
     env = {**os.environ, "PREFECT_API_URL": server.api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     proc = prefect_server.Background(
-        [sys.executable, "-m", "lifelong.cli_schedule", "schedule", str(config), "--cron", CRON],
+        [sys.executable, "-m", "lifelong.cli.schedule", "schedule", str(config), "--cron", CRON],
         env, tmp / "serve.log", cwd=REPO)
     deadline = time.monotonic() + 90
     with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
@@ -383,7 +383,7 @@ def test_deleting_a_served_deployment_then_stopping_its_process_is_clean(api, tm
     config, _ = tiny_toml(tmp_path, "hourly")
     env = {**os.environ, "PREFECT_API_URL": api.api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     proc = prefect_server.Background(
-        [sys.executable, "-m", "lifelong.cli_schedule", "schedule", str(config), "--interval", "3600"],
+        [sys.executable, "-m", "lifelong.cli.schedule", "schedule", str(config), "--interval", "3600"],
         env, tmp_path / "serve.log", cwd=REPO)
     try:
         deadline = time.monotonic() + 90

@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lifelong.flows.sweep import _toml_value, read_variants, sweep_flow, variant_configs
-from lifelong.cli import app as cli
+from lifelong.cli.main import app as cli
 from lifelong.config import ConfigError
 from lifelong.tracking import client_for, metric_key
 

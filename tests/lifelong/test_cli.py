@@ -5,7 +5,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from lifelong.cli import app
+from lifelong.cli.main import app
 
 runner = CliRunner()
 
@@ -55,5 +55,5 @@ def test_results_of_an_unknown_run(tmp_path):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "lifelong.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "lifelong.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "results" in out.stdout

@@ -22,7 +22,7 @@ from servers import MlflowServer, group_alive
 from typer.testing import CliRunner
 
 from lifelong import registry, tracking
-from lifelong.cli_registry import registry_app
+from lifelong.cli.registry import registry_app
 
 runner = CliRunner()
 METRICS = {"a": {"avg_accuracy": 0.5, "avg_forgetting": 0.4, "bwt": -0.4},

@@ -1,6 +1,6 @@
 """``lifelong registry``: list, show, promote and compare registered models (see lifelong/registry.py).
 
-A typer sub-app of its own file so the main command stays small; ``lifelong/cli.py`` mounts it.
+A typer sub-app of its own file so the main command stays small; ``cli/main.py`` mounts it.
 MLflow is imported inside the commands, as in ``cli.py``, so ``lifelong --help`` stays fast.
 Every command makes one attempt at a tracking server (:func:`lifelong.registry.fail_fast`) and
 turns registry errors into one red line: exit 1 when the store cannot be reached, 2 for bad input
@@ -15,6 +15,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from lifelong.cli.common import fail
+
 registry_app = typer.Typer(help="The MLflow model registry: each finished run's model as a version of "
                                 "lifelong-<flow>, with aliases 'candidate' (newest) and 'champion'.",
                            no_args_is_help=True)
@@ -24,12 +26,6 @@ TrackingUri = Annotated[str | None, typer.Option(
 T = TypeVar("T")
 
 
-def _fail(message: str, code: int) -> None:
-    # As lifelong.cli._fail; not imported from there, which imports this module.
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _call(fn: Callable[[], T]) -> T:
     from lifelong import registry
 
@@ -37,11 +33,11 @@ def _call(fn: Callable[[], T]) -> T:
         with registry.fail_fast():
             return fn()
     except registry.StoreUnavailable as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     except (registry.RegistryInputError, registry.RegistryLookupError) as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     except registry.RegistryError as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
 
 
 def _table(headers: list[str] | None, rows: list[list[str]]) -> None:

@@ -1,4 +1,4 @@
-"""``lifelong stack up|down|status``: the whole stack natively on this machine (``lifelong/stack.py``).
+"""``lifelong stack up|down|status``: the whole stack natively on this machine (``cli/local_stack.py``).
 
     lifelong stack up [--detach] [--supernodes N] [--workdir DIR] [--mlflow-port P] ...
     lifelong stack status [--workdir DIR]
@@ -6,7 +6,7 @@
 
 ``up`` stays in the foreground until Ctrl-C unless ``--detach``: then it returns once every service
 is healthy, and ``down`` stops the stack later from the state file in the work folder. Also runs on
-its own: ``python -m lifelong.cli_stack up`` (what ``make stack`` calls).
+its own: ``python -m lifelong.cli.stack up`` (what ``make stack`` calls).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def up(
     no_ui: Annotated[bool, typer.Option("--no-ui", help="Do not serve Prefect's UI")] = False,
 ) -> None:
     """Start every service, wait until each is healthy, print the URLs and what to export."""
-    from lifelong.stack import Stack, StackError, describe
+    from lifelong.cli.local_stack import Stack, StackError, describe
 
     stack = Stack(workdir, ports={"mlflow": mlflow_port, "prefect-server": prefect_port,
                                   "prefect-worker": worker_port, "superlink": superlink_port},
@@ -70,14 +70,14 @@ def up(
     except StackError as exc:
         _fail(str(exc))
     typer.echo(describe(stack))
-    typer.echo(f"detached; stop it with: python -m lifelong.cli_stack down --workdir {stack.workdir}"
+    typer.echo(f"detached; stop it with: python -m lifelong.cli.stack down --workdir {stack.workdir}"
                " (or make stack-down)")
 
 
 @stack_app.command("status")
 def status(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
     """Each service's health, for a stack started with ``up --detach``."""
-    from lifelong.stack import status as stack_status
+    from lifelong.cli.local_stack import status as stack_status
 
     st = stack_status(workdir)
     if not st:
@@ -92,8 +92,8 @@ def status(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
 @stack_app.command("down")
 def down(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
     """Stop a detached stack: every process it started, and theirs."""
-    from lifelong.stack import StackError
-    from lifelong.stack import down as stack_down
+    from lifelong.cli.local_stack import StackError
+    from lifelong.cli.local_stack import down as stack_down
 
     try:
         n = stack_down(workdir)

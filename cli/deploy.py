@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from lifelong.cli.supervisor import Supervisor, free_port, http_ok, port_free
 
 BIN = Path(sys.executable).parent
 CONNECTION = "lifelong-local"
@@ -38,19 +37,10 @@ class DeploymentError(RuntimeError):
     """A service that could not start or a run that did not complete; the message says which."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_port_free(port: int, service: str) -> None:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise DeploymentError(f"{service}: port {port} on 127.0.0.1 is already in use; "
-                                  "stop what holds it or choose another port") from None
+    if not port_free(port):
+        raise DeploymentError(f"{service}: port {port} on 127.0.0.1 is already in use; "
+                              "stop what holds it or choose another port")
 
 
 def toml_value(v: object) -> str:
@@ -76,7 +66,7 @@ class LocalDeployment:
         self.dir = Path(workdir)
         self.num_nodes, self.timeout = num_nodes, timeout
         self.port = port or free_port()
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.supervisor = Supervisor(DeploymentError)
         from lifelong.env import state_dir
 
         # LIFELONG_HOME made absolute: the ServerApp's checkpoints and the SuperNodes' client state
@@ -89,15 +79,16 @@ class LocalDeployment:
     def log_file(self, name: str) -> Path:
         return self.dir / f"{name}.log"
 
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(p.name, p.proc) for p in self.supervisor.processes]
+
     def _spawn(self, name: str, args: list[str]) -> None:
         exe = BIN / args[0]
         if not exe.exists():
             raise DeploymentError(f"{name}: {exe} not found; install Flower into this venv (make install)")
-        with open(self.log_file(name), "wb") as log:
-            proc = subprocess.Popen([str(exe), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                    env={**self.env, "FLWR_HOME": str(self.dir / f"{name}-home")},
-                                    start_new_session=True)
-        self.procs.append((name, proc))
+        self.supervisor.start(name, [str(exe), *args[1:]], self.log_file(name),
+                              {**self.env, "FLWR_HOME": str(self.dir / f"{name}-home")})
 
     def start(self) -> "LocalDeployment":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -123,30 +114,20 @@ class LocalDeployment:
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.timeout
         while not self._superlink_up():
-            self._check_alive()
+            self.supervisor.check_running()
             if time.monotonic() > deadline:
                 raise DeploymentError(f"superlink: not healthy after {self.timeout:.0f} s; "
                                       f"see {self.log_file('superlink')}")
             time.sleep(0.1)
         while (online := self.online_nodes()) < self.num_nodes:
-            self._check_alive()
+            self.supervisor.check_running()
             if time.monotonic() > deadline:
                 raise DeploymentError(f"supernodes: {online} of {self.num_nodes} online after "
                                       f"{self.timeout:.0f} s; see {self.dir}/supernode*.log")
             time.sleep(0.2)
 
     def _superlink_up(self) -> bool:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5)
-            return True
-        except OSError:
-            return False
-
-    def _check_alive(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                raise DeploymentError(f"{name}: exited with code {proc.returncode} while starting; "
-                                      f"see {self.log_file(name)}")
+        return http_ok(f"http://127.0.0.1:{self.port}/health", timeout=0.5)
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env={**self.env, "FLWR_HOME": str(self.cli_home)},
@@ -182,58 +163,13 @@ class LocalDeployment:
         return run
 
     def stop(self) -> None:
-        # The SuperLink's executor (and the ServerApp it starts) runs in a session of its own,
-        # out of reach of killpg: collect every descendant first, and make sure each is gone.
-        family = [d for _, proc in self.procs for d in descendants(proc.pid)]
-        for _, proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for _, proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.procs.clear()
-        deadline = time.monotonic() + 10  # they exit on their own once their parent has gone
-        while (left := [p for p in family if alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        self.supervisor.stop(grace=10)
 
     def __enter__(self) -> "LocalDeployment":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux ``/proc``)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = [int(c) for t in Path(f"/proc/{p}/task").iterdir()
-                    for c in (t / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has exited; its parent (init) reaps it
 
 
 def app_dir() -> Path:

@@ -1,5 +1,5 @@
 """The whole Lifelong stack on one machine, natively, on loopback: what ``docker/compose.yaml`` runs
-in containers, started from this venv (``make stack``, ``python -m lifelong.cli_stack up``).
+in containers, started from this venv (``make stack``, ``python -m lifelong.cli.stack up``).
 
 Services, each a process (group) of its own with a health check and a log in the stack's folder
 (``.lifelong/stack/`` by default):
@@ -35,18 +35,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from lifelong.clients.deploy import CONNECTION, DeploymentError, LocalDeployment, alive, free_port
+from lifelong.cli.deploy import CONNECTION, DeploymentError, LocalDeployment
+from lifelong.cli.supervisor import (Supervisor, create_mlflow_schema, free_port, http_ok, kill,
+                                     port_free, processes)
 
 BIN = Path(sys.executable).parent
 STACK_ID_VAR = "LIFELONG_STACK_ID"
@@ -59,14 +57,6 @@ DEFAULT_TIMEOUTS = {"mlflow": 90.0, "prefect-server": 120.0, "prefect-worker": 6
 
 class StackError(RuntimeError):
     """A service that could not start or stop; the message names it and its log file."""
-
-
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    health_url: str
 
 
 @dataclass
@@ -99,7 +89,8 @@ class Stack:
         self.prefect_database_url = (
             self.prefect_database_url or os.environ.get("LIFELONG_STACK_PREFECT_DATABASE_URL")
             or f"sqlite+aiosqlite:///{self.workdir / 'prefect.db'}")
-        self.services: list[Service] = []
+        self.supervisor = Supervisor(StackError)
+        self.health_urls: dict[str, str] = {}
         self.flower: LocalDeployment | None = None
 
     # ------------------------------------------------------------------ addresses
@@ -173,15 +164,11 @@ class Stack:
                                  f"pip install {package} (its log would be {self.log_file(service)})")
         if (self.workdir / STATE_FILE).exists() and self.running_from_state():
             raise StackError(f"a stack is already running from {self.workdir}; stop it first "
-                             f"(python -m lifelong.cli_stack down --workdir {self.workdir})")
+                             f"(python -m lifelong.cli.stack down --workdir {self.workdir})")
         for service, port in self.ports.items():
-            with socket.socket() as s:
-                try:
-                    s.bind((self.host, port))
-                except OSError:
-                    raise StackError(f"{service}: port {port} on {self.host} is already in use; stop what "
-                                     f"holds it or choose another port (its log would be {self.log_file(service)})"
-                                     ) from None
+            if not port_free(port, self.host):
+                raise StackError(f"{service}: port {port} on {self.host} is already in use; stop what "
+                                 f"holds it or choose another port (its log would be {self.log_file(service)})")
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -209,7 +196,7 @@ class Stack:
     def _spawn_mlflow(self) -> None:
         uri = self.mlflow_backend_uri
         if uri.startswith("sqlite:"):
-            _create_mlflow_schema(uri)  # the server's CLI would run every migration before it starts
+            create_mlflow_schema(uri)
         env = {**self._base_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self._spawn("mlflow", ["mlflow", "server", "--backend-store-uri", uri,
                                "--artifacts-destination", str(self.workdir / "mlartifacts"),
@@ -217,39 +204,23 @@ class Stack:
                     env, f"{self.mlflow_url}/health")
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], health_url: str) -> None:
-        exe = self.bin_dir / args[0]
-        if not exe.exists():
-            raise StackError(f"{name}: {exe} not found; install the project into this venv (make install)")
-        log = self.log_file(name)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([str(exe), *args[1:]], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, cwd=self.workdir, start_new_session=True)
-        self.services.append(Service(name, proc, log, health_url))
-
-    def _service(self, name: str) -> Service:
-        return next(s for s in self.services if s.name == name)
+        self.supervisor.start(name, [str(self.bin_dir / args[0]), *args[1:]], self.log_file(name), env,
+                              cwd=self.workdir)
+        self.health_urls[name] = health_url
 
     def _wait_healthy(self, name: str) -> None:
-        svc, timeout = self._service(name), self.timeouts[name]
-        deadline = time.monotonic() + timeout
-        while True:
-            if svc.proc.poll() is not None:
-                raise StackError(f"{name}: exited with code {svc.proc.returncode} while starting; see {svc.log}")
-            if _http_ok(svc.health_url):
-                return
-            if time.monotonic() > deadline:
-                raise StackError(f"{name}: not healthy after {timeout:g} s ({svc.health_url} did not answer); "
-                                 f"see {svc.log}")
-            time.sleep(0.2)
+        url = self.health_urls[name]
+        self.supervisor[name].wait_until(lambda: http_ok(url), self.timeouts[name],
+                                         f" ({url} did not answer)")
 
     def _write_state(self) -> None:
-        procs = [(s.name, s.proc.pid, str(s.log)) for s in self.services]
+        procs = [(p.name, p.pid, str(p.log)) for p in self.supervisor.processes]
         if self.flower is not None:
             procs += [(n, p.pid, str(self.flower.log_file(n))) for n, p in self.flower.procs]
         state = {"stack_id": self.stack_id, "workdir": str(self.workdir), "started": time.time(),
                  "urls": {"mlflow": self.mlflow_url, "prefect": self.prefect_api_url,
                           "superlink": self.superlink_address},
-                 "health": {s.name: s.health_url for s in self.services}
+                 "health": dict(self.health_urls)
                  | {"superlink": f"http://{self.superlink_address}/health"},
                  "exports": self.exports(), "work_pool": WORK_POOL,
                  "processes": [{"service": n, "pid": p, "log": log} for n, p, log in procs]}
@@ -262,15 +233,8 @@ class Stack:
         if self.flower is not None:
             self.flower.stop()
             self.flower = None
-        for svc in self.services:
-            _signal_group(svc.proc.pid, signal.SIGTERM)
-        for svc in self.services:
-            try:
-                svc.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                _signal_group(svc.proc.pid, signal.SIGKILL)
-                svc.proc.wait(timeout=5)
-        self.services.clear()
+        self.supervisor.stop(grace=15)
+        self.health_urls.clear()
         stop_stack_processes(self.stack_id)
         (self.workdir / STATE_FILE).unlink(missing_ok=True)
 
@@ -302,11 +266,9 @@ class Stack:
             echo(describe(self))
             echo("serving; Ctrl-C stops every service")
             while stop["signal"] is None:
-                dead = [s for s in self.services if s.proc.poll() is not None]
-                dead += [(n, p) for n, p in (self.flower.procs if self.flower else []) if p.poll() is not None]
+                dead = self.supervisor.first_exited() or (self.flower and self.flower.supervisor.first_exited())
                 if dead:
-                    name = dead[0].name if isinstance(dead[0], Service) else dead[0][0]
-                    echo(f"error: {name} exited; see {self.log_file(name)}. Stopping the stack.")
+                    echo(f"error: {dead.name} exited; see {self.log_file(dead.name)}. Stopping the stack.")
                     return 1
                 time.sleep(0.5)
             return 0
@@ -362,7 +324,7 @@ def status(workdir: Path) -> dict:
     running = stack_processes(state["stack_id"])
     return {"stack_id": state["stack_id"], "processes": len(running), "urls": state["urls"],
             "exports": state["exports"],
-            "services": {name: _http_ok(url) for name, url in state["health"].items()}}
+            "services": {name: http_ok(url) for name, url in state["health"].items()}}
 
 
 def down(workdir: Path, timeout: float = 15.0) -> int:
@@ -381,28 +343,19 @@ def stack_processes(stack_id: str) -> list[int]:
     if not stack_id:
         return []
     marker = f"{STACK_ID_VAR}={stack_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0") and alive(int(entry.name)):
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
+    return [pid for pid, _ in processes(lambda _cmd, env: marker in env.split(b"\0"))]
 
 
 def stop_stack_processes(stack_id: str, timeout: float = 15.0) -> int:
     """SIGTERM every process of the stack, SIGKILL what is left after ``timeout``."""
     pids = stack_processes(stack_id)
     for pid in pids:
-        _kill(pid, signal.SIGTERM)
+        kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while (left := stack_processes(stack_id)) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in left:
-        _kill(pid, signal.SIGKILL)
+        kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while (left := stack_processes(stack_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -412,43 +365,6 @@ def stop_stack_processes(stack_id: str, timeout: float = 15.0) -> int:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _create_mlflow_schema(uri: str) -> None:
-    import logging
-
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    logger = logging.getLogger("mlflow.store.db.utils")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # not "Creating initial MLflow database tables..." on every start
-    try:
-        store = SqlAlchemyStore(uri, default_artifact_root="mlflow-artifacts:/")
-        store.engine.dispose()
-    finally:
-        logger.setLevel(level)
 
 
 #: Database URI schemes and the driver module each needs in this venv.

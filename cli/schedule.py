@@ -13,8 +13,8 @@ checked here is checked before the server is touched — the options, the schedu
 config and its data — and every refusal is one ``error:`` line with a non-zero exit.
 
 The Prefect logic is in ``flows/schedules.py``; this module only parses and prints. It is
-registered on the main app in ``lifelong/cli.py``; it also runs on its own
-(``python -m lifelong.cli_schedule schedule ...``), which is how the tests start a served process.
+registered on the main app in ``cli/main.py``; it also runs on its own
+(``python -m lifelong.cli.schedule schedule ...``), which is how the tests start a served process.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Annotated
 import typer
 
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
+from lifelong.cli.common import check_before_work, fail
 
 
 def schedule(
@@ -56,7 +57,6 @@ def schedule(
 
     Needs a Prefect server (PREFECT_API_URL): Prefect's ephemeral API cannot run schedules.
     """
-    from lifelong.cli import _fail
 
     manage = {"--list": list_ or None, "--pause": pause, "--resume": resume, "--delete": delete}
     chosen = [opt for opt, value in manage.items() if value is not None]
@@ -64,41 +64,40 @@ def schedule(
                                        ("--rrule", rrule), ("--timezone", timezone), ("--name", name),
                                        ("--set", set_ or None)) if value is not None]
     if len(chosen) > 1 or (chosen and creating):
-        _fail(f"{' and '.join(chosen + creating)} do not go together: give a CONFIG with a schedule, "
+        fail(f"{' and '.join(chosen + creating)} do not go together: give a CONFIG with a schedule, "
               "or one of --list, --pause, --resume, --delete")
     if chosen:
         _manage(chosen[0], manage[chosen[0]])
         return
     if config is None:
-        _fail("give a CONFIG.toml and a schedule (e.g. `lifelong schedule configs/default.toml "
+        fail("give a CONFIG.toml and a schedule (e.g. `lifelong schedule configs/default.toml "
               '--cron "0 2 * * *"`), or one of --list, --pause, --resume, --delete')
     _create_and_serve(config, cron, interval, rrule, timezone, name, set_)
 
 
 def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_) -> None:
     from lifelong.flows import schedules as sched
-    from lifelong.cli import _fail, check_before_work
     from lifelong.config import ConfigError, load_config
 
     try:
         when = sched.build_schedule(cron=cron, interval=interval, rrule=rrule, timezone=timezone)
     except sched.ScheduleError as exc:
-        _fail(str(exc), exc.code)
+        fail(str(exc), exc.code)
     try:
         cfg = load_config(config, set_)
         check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     name = name or sched.default_name(config)
     try:
         deployment = sched.make_deployment(cfg, name, when, source=str(config))
     except sched.ScheduleError as exc:
-        _fail(str(exc), exc.code)
+        fail(str(exc), exc.code)
     try:
         url = sched.require_server()
         full = sched.apply(deployment)
     except sched.ScheduleError as exc:
-        _fail(str(exc), exc.code)
+        fail(str(exc), exc.code)
     params = sched.deployment_parameters(cfg)["config"]
     typer.echo(f"deployment {full}: {sched.describe_schedule(when)}, on the Prefect server at {url}")
     typer.echo(f"  runs the {cfg.flow} flow with the config from {config} as validated now "
@@ -114,7 +113,6 @@ def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_)
 
 def _manage(option: str, name) -> None:
     from lifelong.flows import schedules as sched
-    from lifelong.cli import _fail
 
     try:
         if option == "--list":
@@ -123,7 +121,7 @@ def _manage(option: str, name) -> None:
         action = {"--pause": sched.pause, "--resume": sched.resume, "--delete": sched.delete}[option]
         full, served = action(name)
     except sched.ScheduleError as exc:
-        _fail(str(exc), exc.code)
+        fail(str(exc), exc.code)
     done = {"--pause": "paused (its scheduled runs are removed until it is resumed)",
             "--resume": "resumed" + ("" if served else "; nobody serves it: run `lifelong schedule CONFIG "
                                                         "--cron ...` again (same name) so its runs execute"),
@@ -158,7 +156,7 @@ def _print_list(rows) -> None:
                    "`lifelong schedule CONFIG --cron ...` (same name)")
 
 
-# Standalone use (`python -m lifelong.cli_schedule schedule ...`): the same command on a tiny app.
+# Standalone use (`python -m lifelong.cli.schedule schedule ...`): the same command on a tiny app.
 # The callback keeps the command's name on the command line, as under `lifelong`.
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 app.callback()(lambda: None)

@@ -1,6 +1,6 @@
 """``lifelong audit CONFIG.toml``: the privacy audit of a federated config (see flows/audit.py).
 
-A command of its own file so the main command stays small; ``lifelong/cli.py`` registers it with
+A command of its own file so the main command stays small; ``cli/main.py`` registers it with
 ``app.command("audit")(audit)``. Torch, MLflow and the flow are imported inside the command, so
 ``lifelong --help`` stays fast. Bad input (a config that is not federated, too many samples, an
 invalid config) is one red line and exit 2, as ``lifelong run`` does.
@@ -13,11 +13,7 @@ from typing import Annotated
 
 import typer
 
-
-def _fail(message: str, code: int = 2) -> None:
-    # As lifelong.cli._fail; not imported from there, which imports this module.
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+from lifelong.cli.common import fail
 
 
 def audit(
@@ -35,20 +31,20 @@ def audit(
     for name, value, allowed in (("--labels", labels, ("idlg", "dlg")), ("--distance", distance, ("cosine", "l2")),
                                  ("--optimizer", optimizer, ("adam", "lbfgs"))):
         if value not in allowed:
-            _fail(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+            fail(f"{name}: {value!r} is not one of {', '.join(allowed)}")
     try:
         cfg = load_config(config, set_)
         from lifelong.flows.audit import AttackSettings, check_auditable
 
         check_auditable(cfg)
     except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from lifelong.flows.audit import run_audit
 
     try:
         result = run_audit(cfg, AttackSettings(samples, iterations, labels, distance, optimizer))
     except ValueError as exc:  # AuditError (too few samples), an impossible privacy budget
-        _fail(str(exc))
+        fail(str(exc))
     print_audit(result)
 
 

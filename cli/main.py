@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
-from lifelong.cli_audit import audit as audit_command
-from lifelong.cli_registry import registry_app
-from lifelong.cli_schedule import schedule as schedule_command
-from lifelong.cli_stack import stack_app
+from lifelong.cli.audit import audit as audit_command
+from lifelong.cli.common import check_before_work, fail
+from lifelong.cli.registry import registry_app
+from lifelong.cli.schedule import schedule as schedule_command
+from lifelong.cli.stack import stack_app
 from lifelong.config import ConfigError, load_config
 
 app = typer.Typer(
@@ -23,11 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -47,7 +43,7 @@ def run(
             cfg = load_config(config, set_)
         check_before_work(cfg)
     except (ConfigError, ValueError, LookupError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if resume is not None:
         resume_run(cfg, resume)
         return
@@ -118,31 +114,9 @@ def resume_run(cfg, run_id: str) -> None:
         else:
             print_results_table(run_continual(cfg, resume=run_id))
     except ResumeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
-def check_before_work(cfg) -> None:
-    """Read the data and build the model once: missing or bad data fails here, before any work."""
-    if cfg.flow == "multitask":
-        from lifelong.flows.multitask import load_data
-
-        load_data(cfg)
-        return
-    from lifelong.flows.continual import pretraining_data
-    from lifelong.strategies.baselines import resolve_device
-    from lifelong.tasks.models import build_model
-    from lifelong.tasks.streams import build_stream
-
-    resolve_device(cfg.training.device)
-    stream = build_stream(cfg.stream, cfg.seed)
-    build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
-    if cfg.pretrain.epochs:
-        pretraining_data(cfg, stream)
-    if cfg.flow == "federated":
-        from lifelong.flows.federated import privacy_plan, split_report
-
-        split_report(cfg)  # more clients than samples, too many shards: refused here
-        privacy_plan(cfg)  # an unreachable target epsilon or an exceeded budget: refused here
 
 
 def print_multitask_table(result) -> None:
@@ -199,7 +173,7 @@ def clients_launch(
         try:
             cfg = resume_config(resume, config, set_, tracking_uri)
         except (ConfigError, ValueError, LookupError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         if deployment:
             deploy_and_run(cfg, None, [], workdir, resume=resume)
             return
@@ -214,7 +188,7 @@ def clients_launch(
         cfg = load_config(config, overrides)
         check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if deployment:
         deploy_and_run(cfg, config, overrides, workdir)
         return
@@ -230,7 +204,7 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
     import json
     import time
 
-    from lifelong.clients.deploy import DeploymentError, LocalDeployment, app_dir
+    from lifelong.cli.deploy import DeploymentError, LocalDeployment, app_dir
     from lifelong.env import default_tracking_uri
 
     uri = cfg.tracking.uri or default_tracking_uri()
@@ -244,7 +218,7 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
         try:  # refused here, before any service starts, rather than in the ServerApp's log
             load_round(checkpoint_file(resume), cfg)
         except ResumeError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         run_config = {"config": json.dumps(cfg.model_dump(mode="json"), separators=(",", ":")),
                       "resume": resume, "tracking-uri": uri}
     n = cfg.federated.clients
@@ -254,9 +228,9 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
             typer.echo(f"submitting the app to the SuperLink at 127.0.0.1:{dep.port} (flwr run)")
             run = dep.run_app(app_dir(), run_config)
     except DeploymentError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     if run["status"] != "finished:completed":
-        _fail(f"Flower run {run['run-id']} {run['status']}: {run.get('status-details')} (log: {run['log']})", 1)
+        fail(f"Flower run {run['run-id']} {run['status']}: {run.get('status-details')} (log: {run['log']})", 1)
     from lifelong.flows.federated import FLOWER_RUN_TAG
     from lifelong import tracking
 
@@ -286,7 +260,7 @@ def sweep(
             for _, cfg in variant_configs(path, set_):
                 check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
-        _fail(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))
+        fail(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))
 
     tables = sweep_flow([str(p) for p in configs], seeds, set_, str(out) if out else None)
     for t in tables:
@@ -341,7 +315,7 @@ def results(
     try:
         res = read_results(run_id, tracking_uri)
     except LookupError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for r in [res, *res.children]:
         finals = {k.removeprefix("final/"): v for k, v in r.metrics.items() if k.startswith("final/")}
         if r.matrix is None and not finals:

@@ -1,0 +1,5 @@
+"""``python -m lifelong.cli``: the ``lifelong`` command."""
+
+from lifelong.cli.main import app
+
+app()

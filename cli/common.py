@@ -1,0 +1,37 @@
+"""What every command shares: one ``error:`` line and an exit code for a refusal, and the checks
+a config passes before any work starts."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def check_before_work(cfg) -> None:
+    """Read the data and build the model once: missing or bad data fails here, before any work."""
+    if cfg.flow == "multitask":
+        from lifelong.flows.multitask import load_data
+
+        load_data(cfg)
+        return
+    from lifelong.flows.continual import pretraining_data
+    from lifelong.strategies.baselines import resolve_device
+    from lifelong.tasks.models import build_model
+    from lifelong.tasks.streams import build_stream
+
+    resolve_device(cfg.training.device)
+    stream = build_stream(cfg.stream, cfg.seed)
+    build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+    if cfg.pretrain.epochs:
+        pretraining_data(cfg, stream)
+    if cfg.flow == "federated":
+        from lifelong.flows.federated import privacy_plan, split_report
+
+        split_report(cfg)  # more clients than samples, too many shards: refused here
+        privacy_plan(cfg)  # an unreachable target epsilon or an exceeded budget: refused here
