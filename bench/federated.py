@@ -48,7 +48,7 @@ OVERRIDES = ['flow="federated"', "stream.n_experiences=5", "federated.clients=10
 def bare_loop(cfg) -> float:
     from lifelong.clients.learner import client_indices
     from lifelong.flows.federated import initial_weights
-    from lifelong.strategies.baselines import make_optimizer
+    from lifelong.bridges.avalanche.learners import make_optimizer
     from lifelong.tasks.models import build_model
     from lifelong.tasks.streams import build_stream
 
@@ -162,14 +162,14 @@ def run(out_dir: Path | None = None) -> dict:
 
 def codec(cfg) -> dict:
     """Milliseconds to write and read this model's weights as an ``ArrayRecord``, by Flower's own
-    methods and by ours (``strategies/records.py``), as a federated round does four times per
+    methods and by ours (``bridges/flower/records.py``), as a federated round does four times per
     client; the fastest of 5 repeats of 100 each."""
     import timeit
 
     from flwr.app import ArrayRecord
 
     from lifelong.flows.federated import initial_weights
-    from lifelong.strategies.records import from_state_dict, to_state_dict
+    from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
     weights = initial_weights(cfg)
     record = ArrayRecord(weights)

@@ -41,9 +41,9 @@ def _setup(n_tasks: int, hidden: int, seed: int = 0):
 def run_combiner(name: str, opts: dict, n_tasks: int, samples: int, hidden: int = 128,
                  batch_size: int = 32, k: int = 4) -> float:
     """Train on ``samples`` samples; returns samples per second (training only)."""
-    from lifelong.strategies.gcond import GCond, GCondTrainer
-    from lifelong.strategies.gradients import task_gradients, write_grad
-    from lifelong.strategies.pcgrad import PCGrad
+    from lifelong.strategies.combiners.gcond import GCond, GCondTrainer
+    from lifelong.strategies.combiners.gradients import task_gradients, write_grad
+    from lifelong.strategies.combiners.pcgrad import PCGrad
 
     data, model, task_losses = _setup(n_tasks, hidden)
     params = list(model.parameters())

@@ -39,7 +39,7 @@ def start_prefect_api() -> float:
 def bare_loop(cfg) -> dict:
     """Naive / replay / joint as plain PyTorch, with the pipeline's evaluations."""
     from lifelong.config import JointSpec, ReplaySpec
-    from lifelong.strategies.baselines import make_optimizer
+    from lifelong.bridges.avalanche.learners import make_optimizer
     from lifelong.tasks.data import load_digits
     from lifelong.tasks.models import build_model
 

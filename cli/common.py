@@ -21,7 +21,7 @@ def check_before_work(cfg) -> None:
         load_data(cfg)
         return
     from lifelong.flows.continual import pretraining_data
-    from lifelong.strategies.baselines import resolve_device
+    from lifelong.bridges.avalanche.learners import resolve_device
     from lifelong.tasks.models import build_model
     from lifelong.tasks.streams import build_stream
 

@@ -287,7 +287,7 @@ def print_results_table(result) -> None:
 @app.command()
 def strategies() -> None:
     """List the available strategies and plugins, with the paper each comes from."""
-    from lifelong.strategies.catalogue import CATALOGUE
+    from lifelong.catalogue import CATALOGUE
 
     for s in CATALOGUE:
         typer.echo(f"{s.name:<14} {s.kind:<9} {s.summary}")

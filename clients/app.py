@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from lifelong.clients import state_store
 from lifelong.clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
-from lifelong.strategies.records import from_state_dict, to_state_dict
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
 #: Keys of the train message's config record (set by the server, ``flows/federated.py``).
 CONFIG_KEY = "lifelong-config"

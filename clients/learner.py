@@ -12,7 +12,7 @@ time it trains on a later experience it first consolidates the one it last train
 anchors, frozen centers, replay memory), using the global model it has just received — the
 federation's model at the end of that experience.
 
-OnePrompt / OVOR (``strategies/oneprompt.py``): in every round a sampled client runs OnePrompt's
+OnePrompt / OVOR (``bridges/avalanche/oneprompt.py``): in every round a sampled client runs OnePrompt's
 training (phase A: prompt and head, cross-entropy with earlier tasks' classes masked) on its
 share, from the global model; the backbone is frozen, so it returns the global backbone as it
 received it. Phase B (VOR: the head alone, on its share's features and virtual outliers around
@@ -27,7 +27,7 @@ share lacks a class, or that was not sampled in an earlier experience, masks as 
 The reply says whether phase B ran (``vor-ran``, 1 or 0).
 
 Sample-level DP (``[privacy.sample]``): the worker's strategy trains with Opacus' DP-SGD
-(``strategies/sample_dp.py``); each client is its own privacy unit, so before every round the
+(``bridges/avalanche/sample_dp.py``); each client is its own privacy unit, so before every round the
 worker's DP plugin is reset to *this* client's accountant history, read from its
 ``Context.state``, and the history with the round's steps is written back with the rest. The
 reply carries the client's epsilon, composed over every round it trained in
@@ -52,10 +52,10 @@ from flwr.app import RecordDict
 
 from lifelong.clients import state as st
 from lifelong.config import Config, ReplaySpec
-from lifelong.strategies.baselines import build_learner, quiet_avalanche_deprecations, resolve_device
-from lifelong.strategies.oneprompt import OnePromptPlugin, seen_classes
-from lifelong.strategies.plugin import RegularizerPlugin, build_regularizer
-from lifelong.strategies.sample_dp import SampleDPPlugin, sample_dp_config
+from lifelong.bridges.avalanche.learners import build_learner, quiet_avalanche_deprecations, resolve_device
+from lifelong.bridges.avalanche.oneprompt import OnePromptPlugin, seen_classes
+from lifelong.bridges.avalanche.plugin import RegularizerPlugin, build_regularizer
+from lifelong.bridges.avalanche.sample_dp import SampleDPPlugin, sample_dp_config
 from lifelong.tasks.models import build_stream_model
 from lifelong.tasks.partition import experience_labels, experience_seed, partition
 from lifelong.tasks.streams import Stream, build_stream, experience_share

@@ -19,8 +19,8 @@ import torch
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
 from flwr.app import ConfigRecord, RecordDict
 
-from lifelong.strategies.checkpoint import buffer_state, load_buffer_state
-from lifelong.strategies.records import from_state_dict, to_state_dict
+from lifelong.bridges.avalanche.checkpoint import buffer_state, load_buffer_state
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
 PROGRESS = "progress"
 REPLAY = "replay"

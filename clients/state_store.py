@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from lifelong.checkpoints import ResumeError, config_fingerprint, read_checkpoint, write_checkpoint
 from lifelong.config import Config
 from lifelong.env import state_dir
-from lifelong.strategies.records import from_state_dict, to_state_dict
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
 #: Keys of the train message's config record (set by the server, ``flows/federated.py``).
 RUN_KEY = "state-run"

@@ -10,7 +10,7 @@ exactly this (``training.epochs = 1``, ``optimizer = "sgd"``, ``momentum = 0``,
 ``weight_decay = 0``, ``dropout = 0``, a share no larger than ``training.batch_size``, naive or
 replay without center loss) sends this very update (checked in tests/flows/test_audit_flow.py).
 
-Cases attacked (``tasks/audit.py`` says what the attacker knows):
+Cases attacked (``privacy/gradient_inversion.py`` says what the attacker knows):
 
 ``no_dp``     the raw update, as FedAvg's server receives it;
 ``clip_only`` the update clipped with ``privacy.clipping``/``clip``/``allocation``, no noise
@@ -39,7 +39,7 @@ import torch
 from lifelong import tracking
 from lifelong.config import Config
 from lifelong.env import default_tracking_uri
-from lifelong.tasks.audit import (
+from lifelong.privacy.gradient_inversion import (
     Reconstruction,
     Score,
     invert,

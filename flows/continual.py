@@ -32,13 +32,13 @@ from lifelong.checkpoints import (  # noqa: F401  (ResumeError, config_fingerpri
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
-from lifelong.strategies.baselines import (
+from lifelong.bridges.avalanche.learners import (
     build_learner,
     quiet_avalanche_deprecations,
     resolve_device,
 )
-from lifelong.strategies.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
-from lifelong.strategies.sample_dp import sample_dp_config
+from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
+from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.tasks.data import load_npz
 from lifelong.tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary

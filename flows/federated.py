@@ -2,8 +2,8 @@
 
 For each experience of the stream the server runs ``federated.rounds`` Flower rounds: it samples
 clients, sends them the global model, aggregates their updates with FedAvg
-(``strategies/fedavg.py``; optionally user-level DP, ``strategies/dp_fedavg.py``), steps the global
-model with the server optimizer (``strategies/server_optimizer.py``) and evaluates the new global model on every experience after every
+(``bridges/flower/fedavg.py``; optionally user-level DP, ``bridges/flower/dp_fedavg.py``), steps the global
+model with the server optimizer (``strategies/federated/server_optimizers.py``) and evaluates the new global model on every experience after every
 round. Each client trains its own continual learner on its private share of the experience
 (``clients/``).
 
@@ -62,13 +62,13 @@ from lifelong.checkpoints import ResumeError
 from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import Progress
-from lifelong.strategies.baselines import resolve_device
-from lifelong.strategies.dp_accounting import PrivacyBudgetError, UserLevelPrivacy
-from lifelong.strategies.dp_fedavg import AdaptiveClipping, UserLevelDP
-from lifelong.strategies.fedavg import ContinualFedAvg
-from lifelong.strategies.oneprompt import seen_classes
-from lifelong.strategies.records import from_state_dict, to_state_dict
-from lifelong.strategies.server_optimizer import ServerOptimizer
+from lifelong.bridges.avalanche.learners import resolve_device
+from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
+from lifelong.bridges.flower.dp_fedavg import AdaptiveClipping, UserLevelDP
+from lifelong.bridges.flower.fedavg import ContinualFedAvg
+from lifelong.bridges.avalanche.oneprompt import seen_classes
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 from lifelong.tasks.evaluation import evaluate, evaluated_experiences
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from lifelong.tasks.models import build_stream_model

@@ -25,8 +25,8 @@ from lifelong.checkpoints import (
     write_checkpoint,
 )
 from lifelong.config import Config
-from lifelong.strategies.fedavg import ClientOutcome
-from lifelong.strategies.records import from_state_dict, to_state_dict
+from lifelong.bridges.flower.fedavg import ClientOutcome
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
 VERSION = 3  # 2: the clients' state is theirs (clients/state_store.py); 3: the server's state
 

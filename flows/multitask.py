@@ -21,9 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from lifelong import registry, tracking
 from lifelong.config import CombinerSpec, Config, check_combiners, combiner_label, validate_config
 from lifelong.env import default_tracking_uri
-from lifelong.strategies.gcond import GCond, GCondTrainer
-from lifelong.strategies.gradients import task_gradients, write_grad
-from lifelong.strategies.pcgrad import PCGrad
+from lifelong.strategies.combiners.gcond import GCond, GCondTrainer
+from lifelong.strategies.combiners.gradients import task_gradients, write_grad
+from lifelong.strategies.combiners.pcgrad import PCGrad
 from lifelong.tasks.multitask import MultiTaskData, MultiTaskNet, evaluate_tasks, load_problem, task_loss
 
 

@@ -423,7 +423,7 @@ class FederatedConfig(_Section):
     #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).
     ray_cpus_per_client: float = Field(1.0, gt=0)
     #: The server's step with the round's averaged update as its (negative) gradient
-    #: (strategies/server_optimizer.py): ``fedavg`` (lr 1: plain FedAvg), ``fedadam`` (Reddi et
+    #: (strategies/federated/server_optimizers.py): ``fedavg`` (lr 1: plain FedAvg), ``fedadam`` (Reddi et
     #: al. 2021), ``lamb`` / ``lars`` (a trust ratio per layer: You et al. 2020 / 2017).
     server_optimizer: Literal["fedavg", "fedadam", "lamb", "lars"] = "fedavg"
     #: Server learning rate; default per optimizer: fedavg 1, fedadam 0.01, lamb 0.01, lars 0.01.
@@ -440,7 +440,7 @@ class FederatedConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "FederatedConfig":
         if self.server_optimizer != "fedavg" or any(v is not None for v in self.server_hyperparameters.values()):
-            from lifelong.strategies.server_optimizer import resolve_hyperparameters  # imports torch: only when needed
+            from lifelong.strategies.federated.server_optimizers import resolve_hyperparameters  # imports torch: only when needed
 
             resolve_hyperparameters(self.server_optimizer, **self.server_hyperparameters)
         if not self.alpha > 0:
@@ -473,7 +473,7 @@ class FederatedConfig(_Section):
 
 
 class SampleDPSection(_Section):
-    """Sample-level DP-SGD for local training with Opacus (strategies/sample_dp.py): the
+    """Sample-level DP-SGD for local training with Opacus (bridges/avalanche/sample_dp.py): the
     continual flow's learner, or every federated client on its own share (each client its own
     privacy unit, its accountant kept in its ``Context.state`` across rounds; clients/learner.py).
     Sample rate: Opacus' Poisson rate ``1 / ceil(n / batch_size)`` for a share of ``n`` samples."""
@@ -498,7 +498,7 @@ class SampleDPSection(_Section):
 
 class PrivacyConfig(_Section):
     """User-level differential privacy for federated rounds: every client's update is clipped to
-    ``clip`` (modes: strategies/dp_clipping.py) and Gaussian noise of std ``z * clip`` is added
+    ``clip`` (modes: privacy/clipping.py) and Gaussian noise of std ``z * clip`` is added
     once to their sum; epsilon is accounted with dp-accounting's PLD accountant."""
 
     #: ``off``, ``flat`` (global norm), ``per_layer`` (each layer to its own bound),

@@ -8,7 +8,7 @@ from lifelong.clients import state as st
 from lifelong.clients.learner import ClientLearner, client_indices, frozen_keys
 from lifelong.flows.federated import initial_weights
 from lifelong.config import load_config
-from lifelong.strategies.ewc import EWC
+from lifelong.strategies.regularizers.ewc import EWC
 from lifelong.tasks.partition import experience_labels
 from lifelong.tasks.streams import build_stream
 

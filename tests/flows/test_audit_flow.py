@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from lifelong.flows.audit import AttackSettings, AuditError, attack_cases, check_auditable, run_audit, target_batch
 from lifelong.cli.audit import audit
 from lifelong.config import load_config
-from lifelong.tasks.audit import sgd_update
+from lifelong.privacy.gradient_inversion import sgd_update
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("audit")(audit)

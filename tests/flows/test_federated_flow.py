@@ -271,7 +271,7 @@ def test_a_private_run_records_epsilon_per_round(tmp_path):
     assert [m.step for m in eps] == [1, 2, 3, 4]
     values = [m.value for m in sorted(eps, key=lambda m: m.step)]
     assert all(a < b for a, b in zip(values, values[1:]))  # the budget is spent round by round
-    from lifelong.strategies.dp_accounting import epsilon
+    from lifelong.privacy.accounting import epsilon
 
     assert values[-1] == pytest.approx(epsilon(1.0, 1.0, 4, 1e-3))  # all 3 of 3 clients every round
     tag = client.get_run(result.run_id).data.tags["privacy"]

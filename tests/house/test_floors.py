@@ -32,27 +32,6 @@ BESIDE = ("bench",)
 #: The folders that install as ``lifelong.<name>`` (pyproject's package-dir).
 MAPPED = ("flows", "clients", "tasks", "strategies", "privacy", "bridges", "cli")
 
-#: Imports that still run the wrong way while the re-floor (issue 17) moves one floor at a time:
-#: (importing module's file, imported package). Each entry must still occur (so the list only
-#: shrinks); the re-floor is done when it is empty.
-NOT_YET: set[tuple[str, str]] = {
-    ('strategies/arbitration.py', 'avalanche'),
-    ('strategies/baselines.py', 'avalanche'),
-    ('strategies/baselines.py', 'lifelong'),
-    ('strategies/checkpoint.py', 'avalanche'),
-    ('strategies/checkpoint.py', 'tasks'),
-    ('strategies/dp_fedavg.py', 'flwr'),
-    ('strategies/fedavg.py', 'flwr'),
-    ('strategies/oneprompt.py', 'avalanche'),
-    ('strategies/plugin.py', 'avalanche'),
-    ('strategies/plugin.py', 'lifelong'),
-    ('strategies/records.py', 'flwr'),
-    ('strategies/sample_dp.py', 'avalanche'),
-    ('strategies/sample_dp.py', 'opacus'),
-    ('strategies/sample_dp.py', 'tasks'),
-}
-
-
 def package_of_file(path: Path) -> str:
     parts = path.relative_to(ROOT).parts
     if parts[0] == "bridges":
@@ -125,13 +104,8 @@ def violations() -> dict[tuple[str, str], list[str]]:
 
 
 def test_every_import_runs_down_a_floor():
-    found = {key: why for key, why in violations().items() if key not in NOT_YET}
+    found = violations()
     assert not found, "\n".join(f"{file} {w}" for (file, _), whys in sorted(found.items()) for w in whys)
-
-
-def test_the_list_of_imports_not_yet_moved_only_shrinks():
-    stale = NOT_YET - set(violations()) - framework_imports()
-    assert not stale, f"these no longer occur; take them off NOT_YET: {sorted(stale)}"
 
 
 #: The frameworks that only floors above the algorithms may use (glue lives in bridges/).
@@ -145,7 +119,7 @@ def framework_imports() -> set[tuple[str, str]]:
 
 
 def test_the_algorithms_use_no_framework():
-    found = framework_imports() - NOT_YET
+    found = framework_imports()
     assert not found, "\n".join(f"{file} imports {fw}: plain PyTorch here; glue goes in bridges/"
                                  for file, fw in sorted(found))
 
@@ -153,7 +127,6 @@ def test_the_algorithms_use_no_framework():
 def test_nothing_imports_the_command_or_the_benchmarks():
     wrong = [f"{p.relative_to(ROOT)} imports {name}" for p in project_files()
              if package_of_file(p) not in ("cli", *BESIDE)
-             and (str(p.relative_to(ROOT)), "cli") not in NOT_YET
              for name in imported_modules(p) if package_of_module(name) == "cli"]
     assert not wrong, "\n".join(wrong)
 

@@ -1,0 +1,155 @@
+"""User-level DP for federated rounds, as a wrapper around a Flower Message-API strategy.
+
+After Pelikan et al., "Enabling Differentially Private Federated Learning for Speech Recognition"
+(see ``privacy/clipping.py`` for the reference code followed), in the shape of Flower's own
+``DifferentialPrivacyServerSideFixedClipping`` (flwr 1.42, ``serverapp/strategy/
+dp_fixed_clipping.py``), which offers flat clipping only: the wrapper keeps the global model each
+round is sent with, clips every reply's *update* (reply − global) with any mode of
+:func:`strategies.dp_clipping.clip_update`, and adds Gaussian noise once to the sum.
+
+Two departures from wrapping FedAvg's weighted mean, both required by the DP analysis: clients
+weigh equally (a weight by sample count would give a big client more than one clip bound of
+influence), and the sum is divided by the *expected* cohort size, not by the number that replied
+(a data-dependent denominator changes the sensitivity). The wrapped strategy still samples
+clients and records their outcomes (``record_replies`` of :class:`ContinualFedAvg`) and makes the
+server optimizer's step from the private mean (its ``server_step``); any other attribute is read
+from it.
+
+What is private: the float tensors a client's training can move — the parameters its learner
+trains and the float buffers (BatchNorm's running statistics follow the data). Parameters the
+learner never trains (``frozen``: a linear probe's backbone, OnePrompt's pretrained ViT) are left
+out, and so are non-float entries (counters, masks), which cannot be clipped and noised: both keep
+the global model's value, bit for bit, whatever a client sends. Which parameters are frozen follows
+from the config alone (``clients.learner.frozen_keys``), never from data, so leaving them out costs
+no privacy; their update is identically zero anyway, and noising them would move a backbone meant
+to stay fixed, while per-layer clipping would spend part of the bound on layers that never move.
+
+Adaptive clipping (Andrew et al., NeurIPS 2021, Algorithm 1; ``privacy/clipping.py``): with
+``adaptive`` set, every round also releases the noised fraction of replies whose update norm was
+within the bound, and the bound moves geometrically toward the target quantile of the norms for
+the next round. The update's noise multiplier must then be Theorem 1's ``z_delta`` (the caller
+passes it: ``UserLevelPrivacy.update_noise_multiplier``), so both releases together cost what
+``z`` alone would. Per-layer modes derive their layer bounds from the current C, so they scale
+with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from lifelong.privacy.clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+
+
+@dataclass(frozen=True)
+class AdaptiveClipping:
+    """Andrew et al.'s settings: target quantile gamma, learning rate eta_C, count noise std sigma_b
+    (their defaults, 0.5, 0.2 and cohort / 20, are the config's: ``[privacy]``)."""
+
+    target_quantile: float
+    learning_rate: float
+    count_noise_std: float
+
+
+def private_keys(state: Mapping[str, torch.Tensor], frozen: Collection[str] = ()) -> list[str]:
+    """The keys of ``state`` in the private (clipped, noised) update: float tensors that are not
+    ``frozen`` parameters. The rest keeps the global model's value (module docstring)."""
+    unknown = sorted(set(frozen) - set(state))
+    if unknown:
+        raise ValueError(f"frozen keys {unknown} are not in the global model's state dict")
+    return [k for k, v in state.items() if v.is_floating_point() and k not in frozen]
+
+
+class UserLevelDP(Strategy):
+    def __init__(self, inner, mode: str, clip: float, noise_multiplier: float, expected_cohort: int,
+                 allocation: str = "uniform", seed: int = 0, adaptive: AdaptiveClipping | None = None,
+                 frozen: Collection[str] = ()):
+        """``noise_multiplier``: the update's (``z_delta`` when ``adaptive``); ``clip``: the bound, the
+        starting one when ``adaptive``; ``frozen``: the state-dict keys of the parameters the
+        clients' learner never trains (left out of the private update)."""
+        self.inner, self.mode, self.clip, self.allocation = inner, mode, clip, allocation
+        self.frozen = frozenset(frozen)
+        self.noise_multiplier, self.expected_cohort, self.adaptive = noise_multiplier, expected_cohort, adaptive
+        # Seeded: the same config and seed give the same noise (and the same metrics).
+        self.generator = torch.Generator().manual_seed(seed)
+        self._current: dict[str, torch.Tensor] | None = None
+        self._private: list[str] = []  # the keys of this round's private update
+        #: Per round: the fraction of replies whose update was clipped and their mean pre-clip norm.
+        self.clip_stats: dict[int, dict[str, float]] = {}
+
+    def __getattr__(self, name):  # round_offset, outcomes, boundary, ... live on the wrapped strategy
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        if name in ("round_offset", "boundary"):
+            setattr(self.inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._current = dict(to_state_dict(arrays))
+        # Here, not after the round: a frozen key the model lacks is refused before clients train.
+        self._private = private_keys(self._current, self.frozen)
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.inner.record_replies(server_round, replies)
+        if valid is None:
+            return None, None
+        # Non-float buffers (counters, masks such as the ViT's `active`) cannot be clipped and
+        # noised, so a client's values would reach the server unprotected (a batch counter reveals
+        # a share's size); frozen parameters are not trained (an honest client sends them back as
+        # it got them). Both keep the global model's value, whatever a client sends.
+        keys = self._private
+        clipped, norms, hit = [], [], 0
+        for msg in valid:
+            new = to_state_dict(msg.content["arrays"])
+            update = [(new[k] - self._current[k]).float() for k in keys]
+            result = clip_update(update, self.clip, self.mode, allocation=self.allocation
+                                 if self.mode in ("per_layer", "per_layer_normalize") else None)
+            clipped.append(result.update)
+            norms.append(float(result.total_norm))
+            hit += not result.within_bound
+        mean = private_mean(clipped, self.noise_multiplier, self.clip, denominator=self.expected_cohort,
+                            generator=self.generator)
+        arrays = dict(self._current)
+        arrays.update({k: (self._current[k].float() + d).to(self._current[k].dtype) for k, d in zip(keys, mean)})
+        rnd = self.inner.round_offset + server_round
+        self.clip_stats[rnd] = {"clipped_fraction": hit / len(valid), "mean_update_norm": sum(norms) / len(norms),
+                                "clip_bound": self.clip}
+        if self.adaptive is not None:  # the next round's bound, from this round's noised count
+            a = self.adaptive
+            unclipped = noisy_unclipped_fraction([n <= self.clip for n in norms], self.expected_cohort,
+                                                 a.count_noise_std, self.generator)
+            self.clip = update_clip_bound(self.clip, unclipped, a.target_quantile, a.learning_rate)
+        metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], self.inner.weighted_by_key)
+        return self.inner.server_step(from_state_dict(arrays)), metrics
+
+    def server_state(self) -> dict:
+        """The wrapped strategy's, the (adaptive) bound and the noise generator's state, so a resumed
+        run draws the noise an unbroken one would."""
+        return {**self.inner.server_state(), "clip": self.clip, "generator": self.generator.get_state()}
+
+    def load_server_state(self, state: dict) -> None:
+        self.inner.load_server_state(state)
+        self.clip = float(state["clip"])
+        self.generator.set_state(state["generator"])
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.inner.aggregate_evaluate(server_round, replies)
