@@ -286,13 +286,14 @@ def print_results_table(result) -> None:
 
 @app.command()
 def strategies() -> None:
-    """List the available strategies and plugins, with the paper each comes from."""
-    from lifelong.catalogue import CATALOGUE
+    """List every component a config can name — strategies, regularisers (a strategy's plugins),
+    multi-task combiners, server optimisers, clipping modes — with the paper each comes from."""
+    from lifelong.catalogue import catalogue
 
-    for s in CATALOGUE:
-        typer.echo(f"{s.name:<14} {s.kind:<9} {s.summary}")
-        typer.echo(f"{'':<24} paper: {s.paper}")
-        typer.echo(f"{'':<24} implementation: {s.implementation}")
+    for s in catalogue():
+        typer.echo(f"{s.name:<20} {s.kind:<16} {s.summary}")
+        typer.echo(f"{'':<37} paper: {s.paper}")
+        typer.echo(f"{'':<37} implementation: {s.implementation}")
 
 
 @app.command()

@@ -123,6 +123,8 @@ def noise_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 
 class _LossMeter(SupervisedPlugin):
+    checkpoint_stateless = True  # nothing of its own to checkpoint (bridges/avalanche/checkpoint.py)
+
     def __init__(self):
         super().__init__()
         self.total, self.count = 0.0, 0

@@ -237,7 +237,9 @@ def evaluate_experience(learner: Learner, index: int) -> list[float]:
     step = len(learner.rows) - 1
     values = {f"matrix/acc_exp{i}": a for i, a in enumerate(row)}
     values["avg_acc_seen"] = float(np.mean(row if learner.joint else row[: index + 1]))
-    dp = next((p for p in learner.strategy.plugins if type(p).__name__ == "SampleDPPlugin"), None)
+    from lifelong.bridges.avalanche.sample_dp import SampleDPPlugin  # Opacus' import only where DP may run
+
+    dp = next((p for p in learner.strategy.plugins if isinstance(p, SampleDPPlugin)), None)
     if dp is not None and dp.reports:  # epsilon composed over the experiences trained so far
         values["privacy/sample_epsilon"] = dp.reports[-1].epsilon
         values["privacy/sample_epsilon_experience"] = dp.reports[-1].epsilon_experience

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from lifelong import catalogue
+from lifelong.catalogue import (  # noqa: F401  (the specs, where config users have always found them)
+    CenterLossSpec,
+    EWCSpec,
+    JointSpec,
+    L2Spec,
+    NaiveSpec,
+    OnePromptSpec,
+    ReplaySpec,
+)
 
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message says which key and why."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Section = catalogue.Section
 
 
 # --------------------------------------------------------------------------- stream
@@ -172,101 +182,8 @@ class TrainingConfig(_Section):
 # --------------------------------------------------------------------------- strategies
 
 
-class EWCSpec(_Section):
-    """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    name: Literal["ewc"]
-    lam: float = Field(10000.0, ge=0, alias="lambda")
-    mode: Literal["separate", "online"] = "separate"
-    #: Online mode: F <- decay * F + F_new (1 = no decay, as in Smith et al.'s code).
-    decay: float = Field(1.0, gt=0, le=1)
-
-
-class L2Spec(_Section):
-    """L2 toward the previous (or initial) backbone parameters (Smith et al. 2022)."""
-
-    name: Literal["l2"]
-    eps: float = Field(0.01, ge=0)
-    anchor: Literal["previous", "initial"] = "previous"
-    #: Which parameters: the backbone (the paper), the head (a regularised linear probe), or all.
-    scope: Literal["backbone", "head", "all"] = "backbone"
-
-
-class CenterLossSpec(_Section):
-    """Center loss on penultimate features, centers and classifier frozen after learning."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    name: Literal["center_loss"]
-    lam: float = Field(1.0, ge=0, alias="lambda")
-    alpha: float = Field(0.5, gt=0, le=1)
-
-
-PluginSpec = Annotated[Union[EWCSpec, L2Spec, CenterLossSpec], Field(discriminator="name")]
-
-
-class _LearnerSpec(_Section):
-    label: str | None = None
-    #: Train only the head on a frozen (pretrained) backbone — a linear probe.
-    freeze_backbone: bool = False
-    #: Regularisers added to the learner's loss, composable: e.g. replay + center loss.
-    plugins: list[PluginSpec] = []
-    #: Beyond the GCond paper: arbitrate the current-task gradient against the replay loss's or
-    #: the regularisers' penalty's with GCond at every step.
-    arbitrate: Literal["gcond"] | None = None
-    arbitrate_between: Literal["replay", "penalty"] = "replay"
-
-    @model_validator(mode="after")
-    def _arbitration(self) -> "_LearnerSpec":
-        if self.arbitrate and self.arbitrate_between == "replay" and self.name != "replay":
-            raise ValueError("arbitrate_between: 'replay' needs the replay strategy")
-        if self.arbitrate and self.arbitrate_between == "penalty" and not self.plugins:
-            raise ValueError("arbitrate_between: 'penalty' needs at least one regulariser in plugins")
-        return self
-
-
-class NaiveSpec(_LearnerSpec):
-    """Fine-tuning on each experience in turn: the lower bound that shows forgetting."""
-
-    name: Literal["naive"]
-
-
-class ReplaySpec(_LearnerSpec):
-    """Experience replay with a fixed memory, filled experience-balanced by Avalanche's storage policy."""
-
-    name: Literal["replay"]
-    mem_size: int = Field(200, ge=1)
-    #: Replayed samples per mini-batch (default: the training batch size).
-    batch_size_mem: int | None = Field(None, ge=1)
-
-
-class JointSpec(_LearnerSpec):
-    """Training on all experiences at once: the upper bound (not a continual learner)."""
-
-    name: Literal["joint"]
-
-    @model_validator(mode="after")
-    def _no_plugins(self) -> "JointSpec":
-        if self.plugins:
-            raise ValueError("plugins: joint training sees the stream once; it has nothing to regularise")
-        return self
-
-
-class OnePromptSpec(_LearnerSpec):
-    """OnePrompt (+ virtual outlier regularisation): OVOR, Huang et al., ICLR 2024. Needs model.name='vit'."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    name: Literal["oneprompt"]
-    #: Run the VOR phase (head-only training with virtual outliers) after each experience.
-    vor: bool = True
-    vor_epochs: int = Field(4, ge=1)
-    vor_lambda: float = Field(0.1, ge=0)
-    #: Outliers around boundary points (the paper) or around the origin (the released code).
-    vor_anchor: Literal["boundary", "origin"] = "boundary"
-    outliers_per_class: int = Field(40, ge=1)
-
-
-StrategySpec = Annotated[Union[NaiveSpec, ReplaySpec, JointSpec, OnePromptSpec], Field(discriminator="name")]
+#: A config's strategy: one of the catalogue's learners, told apart by ``name``.
+StrategySpec = catalogue.tagged_union(catalogue.STRATEGIES)
 
 
 def strategy_label(spec: Any) -> str:
@@ -290,7 +207,7 @@ MULTITASK_PROBLEMS: dict[str, tuple[str, ...]] = {
 class CombinerSpec(_Section):
     """How per-task gradients on the shared backbone become one: sum, PCGrad or GCond."""
 
-    name: Literal["sum", "pcgrad", "gcond"]
+    name: Literal[tuple(catalogue.names("combiner"))]  # type: ignore[valid-type]
     label: str | None = None
     #: Per-task loss weights (pre-weighting, as GCond's paper does); default all 1.
     weights: list[float] | None = None
@@ -425,7 +342,7 @@ class FederatedConfig(_Section):
     #: The server's step with the round's averaged update as its (negative) gradient
     #: (strategies/federated/server_optimizers.py): ``fedavg`` (lr 1: plain FedAvg), ``fedadam`` (Reddi et
     #: al. 2021), ``lamb`` / ``lars`` (a trust ratio per layer: You et al. 2020 / 2017).
-    server_optimizer: Literal["fedavg", "fedadam", "lamb", "lars"] = "fedavg"
+    server_optimizer: Literal[tuple(catalogue.names("server_optimizer"))] = "fedavg"  # type: ignore[valid-type]
     #: Server learning rate; default per optimizer: fedavg 1, fedadam 0.01, lamb 0.01, lars 0.01.
     server_lr: float | None = Field(None, gt=0)
     #: beta1 of fedadam / lamb, momentum of lars; default 0.9.
@@ -503,7 +420,7 @@ class PrivacyConfig(_Section):
 
     #: ``off``, ``flat`` (global norm), ``per_layer`` (each layer to its own bound),
     #: ``per_layer_normalize`` / ``per_layer_dim`` (the paper code's layer-wise normalisation).
-    clipping: Literal["off", "flat", "per_layer", "per_layer_normalize", "per_layer_dim"] = "off"
+    clipping: Literal[("off", *catalogue.names("clipping"))] = "off"  # type: ignore[valid-type]
     clip: float = Field(1.0, gt=0)
     #: Per-layer bounds: C/sqrt(L) each (``uniform``) or proportional to sqrt(layer size) (``size``).
     allocation: Literal["uniform", "size"] = "uniform"
@@ -570,10 +487,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _compatible(self) -> "Config":
         for i, spec in enumerate(self.strategies):
-            if any(isinstance(p, CenterLossSpec) for p in spec.plugins) and self.stream.resolved_scenario == "task":
-                raise ValueError(
-                    f"strategies.{i}: center_loss needs a single-head classifier; a task stream has one head per task"
-                )
+            single = [c.name for c in (catalogue.get(spec.name, "strategy"),
+                                         *(catalogue.get(p.name, "regularizer") for p in spec.plugins))
+                      if c.single_head]
+            if single and self.stream.resolved_scenario == "task":
+                raise ValueError(f"strategies.{i}: {single[0]} needs a single-head classifier; "
+                                 "a task stream has one head per task")
             if isinstance(spec, OnePromptSpec) and self.model.name != "vit":
                 raise ValueError(
                     f"strategies.{i}: oneprompt prompts a ViT; set model.name = 'vit' (got {self.model.name!r})"
@@ -612,17 +531,13 @@ class Config(_Section):
             raise ValueError("privacy.sample: sample-level DP needs a single-head model; on a task stream "
                              "each experience trains one task's head and the other heads get no per-sample "
                              "gradient, which Opacus refuses; use a class or domain stream")
-        why = {"replay": "replayed samples are drawn outside Poisson sampling and reused",
-               "oneprompt": "its VOR phase and outlier search read the data outside DP-SGD",
-               "ewc": "its Fisher reads the finished experience's data without clipping or noise",
-               "center_loss": "its centers move with every batch's features"}
         for i, spec in enumerate(self.strategies):
-            names = [spec.name, *(p.name for p in spec.plugins)]
-            bad = next((n for n in names if n in why), None)
-            if bad is not None:
-                raise ValueError(f"strategies.{i}: {bad} cannot be combined with sample-level DP: {why[bad]}")
-            if spec.arbitrate:
-                raise ValueError(f"strategies.{i}.arbitrate: GCond reads raw gradients outside DP-SGD")
+            for c in (catalogue.get(spec.name, "strategy"), *(catalogue.get(p.name, "regularizer") for p in spec.plugins)):
+                if c.sample_dp_refusal:
+                    raise ValueError(f"strategies.{i}: {c.name} cannot be combined with sample-level DP: "
+                                     f"{c.sample_dp_refusal}")
+            if spec.arbitrate and (why := catalogue.get(spec.arbitrate, "combiner").sample_dp_refusal):
+                raise ValueError(f"strategies.{i}.arbitrate: {why}")
 
     def _check_federated(self) -> None:
         if len(self.strategies) != 1:
@@ -729,13 +644,28 @@ def _describe(exc: ValidationError) -> str:
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
         elif err["type"] == "union_tag_invalid":
             tags = err.get("ctx", {}).get("expected_tags", "")
-            msg = f"unknown {err['ctx'].get('discriminator', 'name')} {err['input'].get('name')!r}; allowed: {tags}"
+            given = err["input"].get("name")
+            msg = f"unknown {err['ctx'].get('discriminator', 'name')} {given!r}; allowed: {tags}"
+            msg += _elsewhere_hint(given, "plugins" if "plugins" in err["loc"] else "strategies")
         elif err["type"] == "literal_error":
             msg = f"{err['input']!r} is not allowed; expected {err['ctx']['expected']}"
         elif msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")
         lines.append(f"{loc or 'config'}: {msg}" if not msg.startswith(loc or "\0") else msg)
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _elsewhere_hint(name: Any, where: str) -> str:
+    """A component named where another kind belongs: say where it goes."""
+    kinds = {c.kind for c in catalogue.catalogue() if c.name == name}
+    if where == "strategies" and "regularizer" in kinds:
+        return (f". {name!r} is a regulariser: add it to a strategy's plugins, e.g. "
+                f'[[strategies]] name = "naive" plugins = [{{name = "{name}"}}]')
+    if where == "plugins" and "strategy" in kinds:
+        return f". {name!r} is a strategy: give it as [[strategies]] name = \"{name}\", not as a plugin"
+    if "combiner" in kinds:
+        return f". {name!r} is a multi-task combiner: set flow = \"multitask\" and list it in [[multitask.combiners]]"
+    return ""
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -766,7 +696,7 @@ def _is_tag_of(model: Any, tag: Any) -> bool:
     return model.model_fields["name"].annotation.__args__[0] == tag
 
 
-_TAGGED_MODELS = (NaiveSpec, ReplaySpec, JointSpec, OnePromptSpec, EWCSpec, L2Spec, CenterLossSpec)
+_TAGGED_MODELS = tuple(c.spec for c in (*catalogue.STRATEGIES, *catalogue.REGULARIZERS) if c.spec is not None)
 # (combiners are not a tagged union: their `name` is a plain Literal field)
 
 

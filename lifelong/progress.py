@@ -38,6 +38,8 @@ class Progress:
 class EpochProgressPlugin(SupervisedPlugin):
     """Avalanche adapter: reports each epoch's start to a :class:`Progress`."""
 
+    checkpoint_stateless = True  # nothing of its own to checkpoint (bridges/avalanche/checkpoint.py)
+
     def __init__(self, progress: Progress, experience_index):
         super().__init__()
         self.progress, self.experience_index = progress, experience_index

@@ -49,7 +49,19 @@ def client_for(uri: str | None = None) -> MlflowClient:
 
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/`` beside the
+    database file. MLflow's own default is ``./mlruns`` in whatever directory the process runs in,
+    which scatters one store's artifacts over every working directory it was used from. None (the
+    server's or MLflow's choice) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 class MLflowLogger(BaseLogger):

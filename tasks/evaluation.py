@@ -56,6 +56,8 @@ class ContinualEvalPlugin(SupervisedPlugin):
     corrupt min-ACC. ``on_point(iteration, experience, accuracies)`` receives each evaluation.
     """
 
+    checkpoint_stateless = True  # nothing of its own to checkpoint (bridges/avalanche/checkpoint.py)
+
     def __init__(self, stream: Stream, every: int, trace: ContinualTrace, batch_size: int = 1024,
                  on_point: Callable[[int, int, dict[int, float]], None] | None = None,
                  experience_index: Callable[[object], int] | None = None):

@@ -17,14 +17,18 @@ import torch
 from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.plugins.clock import Clock
+from avalanche.training.templates.base_sgd import PeriodicEval
 from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
 
 from lifelong.bridges.avalanche.plugin import RegularizerPlugin
 from lifelong.tasks.streams import samples_dataset
 
-#: Plugins with no state of their own across experiences: the clock's is captured apart, the
-#: continual evaluator's trace is the flow's, Avalanche's periodic evaluation is off (eval_every=-1).
-_STATELESS = ("Clock", "PeriodicEval", "EpochProgressPlugin", "ContinualEvalPlugin", "_LossMeter")
+def _stateless(plugin) -> bool:
+    """A plugin with no state of its own across experiences: Avalanche's clock (its state is
+    captured apart) and periodic evaluation (off: eval_every=-1), and ours that say so with
+    ``checkpoint_stateless = True`` (progress, the continual evaluator whose trace is the flow's)."""
+    return isinstance(plugin, (Clock, PeriodicEval)) or getattr(plugin, "checkpoint_stateless", False)
 
 
 class NotCheckpointable(ValueError):
@@ -38,7 +42,7 @@ def _stateful(strategy) -> list:
 
 def check_checkpointable(strategy) -> None:
     for p in strategy.plugins:
-        if isinstance(p, (RegularizerPlugin, ReplayPlugin, EvaluationPlugin)) or type(p).__name__ in _STATELESS:
+        if isinstance(p, (RegularizerPlugin, ReplayPlugin, EvaluationPlugin)) or _stateless(p):
             continue
         if p in _stateful(strategy):
             continue

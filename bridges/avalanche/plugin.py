@@ -76,16 +76,7 @@ class RegularizerPlugin(SupervisedPlugin):
 
 
 def build_regularizer(spec, n_classes: int) -> Regularizer:
-    """The regulariser for one plugin spec of the config."""
-    from lifelong.config import CenterLossSpec, EWCSpec, L2Spec
-    from lifelong.strategies.regularizers.center_loss import CenterLoss
-    from lifelong.strategies.regularizers.ewc import EWC
-    from lifelong.strategies.regularizers.l2 import L2
+    """The regulariser of one plugin spec of the config, built as its catalogue entry says."""
+    from lifelong import catalogue
 
-    if isinstance(spec, EWCSpec):
-        return EWC(spec.lam, spec.mode, spec.decay, forward=avalanche_forward_fn)
-    if isinstance(spec, L2Spec):
-        return L2(spec.eps, spec.anchor, spec.scope)
-    if isinstance(spec, CenterLossSpec):
-        return CenterLoss(spec.lam, spec.alpha, n_classes)
-    raise ValueError(f"unknown plugin {getattr(spec, 'name', spec)!r}")
+    return catalogue.build(spec, n_classes=n_classes, forward=avalanche_forward_fn)

@@ -64,105 +64,51 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
+from lifelong import catalogue
 from lifelong.bridges.avalanche.plugin import RegularizerPlugin
+from lifelong.privacy.sample_level import ExperienceReport, SampleDPConfig, SampleDPError, per_layer_bounds
 from lifelong.strategies.regularizers.base import Regularizer
 
-Clipping = Literal["flat", "per_layer"]
-GradSampleMode = Literal["hooks", "ghost"]
-
-#: Regularisers whose penalty reads only the weights and a state that is private or public.
-WEIGHT_ONLY = ("L2",)
-
-_REFUSED_REGULARIZERS = {
-    "EWC": "EWC's Fisher is computed from the finished experience's data without clipping or "
-           "noise (strategies/regularizers/ewc.py, empirical_fisher), so its penalty would leak that data; use "
-           "the l2 plugin with sample-level DP",
-    "CenterLoss": "center loss moves its class centers with every batch's features, without noise, "
-                  "and keeps them; the centers would leak the data",
-}
-_REFUSED_PLUGINS = {
-    "ReplayPlugin": "replay draws its memory batches outside Poisson sampling and reuses stored "
-                    "samples in later experiences, so Opacus' accounting would not hold; use naive or joint",
-    "GCondArbitrationPlugin": "GCond arbitrates raw per-task gradients outside the clipped per-sample path",
-    "OnePromptPlugin": "OnePrompt/OVOR synthesises outliers from the data outside the clipped per-sample path",
-}
-
-
-class SampleDPError(ValueError):
-    """A combination that sample-level DP cannot keep its guarantee with."""
-
-
-@dataclass(frozen=True)
-class SampleDPConfig:
-    noise_multiplier: float
-    max_grad_norm: float
-    clipping: Clipping = "flat"
-    #: per-layer bounds: "uniform" (C / sqrt(L)), "size" (C sqrt(d_l / D)) or an explicit list.
-    layer_bounds: Literal["uniform", "size"] | tuple[float, ...] = "uniform"
-    grad_sample_mode: GradSampleMode = "hooks"
-    accountant: Literal["rdp", "prv"] = "rdp"
-    delta: float = 1e-5
-    wrap_model: bool = False
-    seed: int | None = None  # a noise generator seed, for tests; None = Opacus' default RNG
-
-    def __post_init__(self):
-        if self.noise_multiplier < 0 or self.max_grad_norm <= 0:
-            raise SampleDPError(f"sample DP needs noise_multiplier >= 0 and max_grad_norm > 0, "
-                                f"got {self.noise_multiplier}, {self.max_grad_norm}")
-        if self.clipping not in ("flat", "per_layer"):
-            raise SampleDPError(f"sample DP clipping must be 'flat' or 'per_layer', got {self.clipping!r}")
-        if self.grad_sample_mode == "ghost" and self.clipping != "flat":
-            raise SampleDPError("ghost clipping supports only clipping='flat' in Opacus 1.6")
-        if not 0 < self.delta < 1:
-            raise SampleDPError(f"sample DP delta must be in (0, 1), got {self.delta}")
-
-
-@dataclass
-class ExperienceReport:
-    experience: int
-    sample_rate: float
-    steps: int
-    epsilon: float  # composed over every experience so far
-    epsilon_experience: float  # this experience alone
-    delta: float
-    history: list = field(default_factory=list)
-
-
-def per_layer_bounds(params: Sequence[Tensor], cfg: SampleDPConfig) -> list[float]:
-    """One bound per trainable parameter tensor, ``sum C_l^2 = C^2`` for the named allocations."""
-    if isinstance(cfg.layer_bounds, str):
-        from lifelong.privacy.clipping import layer_bounds
-
-        return [float(b) for b in layer_bounds(list(params), cfg.max_grad_norm, cfg.layer_bounds)]
-    bounds = [float(b) for b in cfg.layer_bounds]
-    if len(bounds) != len(params):
-        raise SampleDPError(f"per-layer clipping needs one bound per trainable tensor: "
-                            f"{len(params)} tensors, {len(bounds)} bounds")
-    return bounds
-
-
 def check_regularizer(regularizer, name: str | None = None) -> None:
-    """Refuse a regulariser whose penalty or state reads data that DP-SGD does not protect."""
-    kind = type(regularizer).__name__
-    if kind in WEIGHT_ONLY:
+    """Refuse a regulariser whose penalty or state reads data that DP-SGD does not protect: what its
+    catalogue entry says (lifelong/catalogue.py, ``sample_dp_refusal``); one not in the catalogue is
+    not known to read the weights only, and refused too."""
+    entry = catalogue.entry_of(regularizer, "regularizer")
+    allowed = [c.name for c in catalogue.of_kind("regularizer") if c.sample_dp_refusal is None]
+    if entry is None:
+        why = (f"{type(regularizer).__qualname__} is not in the catalogue, so it is not known to depend on "
+               "the weights only")
+    elif entry.sample_dp_refusal is None:
         return
-    why = _REFUSED_REGULARIZERS.get(kind, f"{kind} is not known to depend on the weights only")
-    raise SampleDPError(f"plugin {name or kind!r} cannot be combined with sample-level DP: {why}")
+    else:
+        why = entry.sample_dp_refusal
+    raise SampleDPError(f"plugin {name or entry.name!r}{f' ({entry.name})' if entry else ''} cannot be combined "
+                        f"with sample-level DP: {why}; regularisers that can: {', '.join(allowed)}")
+
+
+def _refused_learner_plugins() -> tuple[tuple[type, str], ...]:
+    """The learners' own plugins sample-level DP cannot keep its guarantee with, and their catalogue names."""
+    from avalanche.training.plugins import ReplayPlugin
+
+    from lifelong.bridges.avalanche.arbitration import GCondArbitrationPlugin
+    from lifelong.bridges.avalanche.oneprompt import OnePromptPlugin
+
+    return ((ReplayPlugin, "replay"), (GCondArbitrationPlugin, "gcond"), (OnePromptPlugin, "oneprompt"))
 
 
 def check_compatible(plugins: Sequence) -> None:
     """Refuse, before training, every plugin that would break the guarantee or be silently dropped."""
+    refused = _refused_learner_plugins()
     for p in plugins:
-        kind = type(p).__name__
-        if kind in _REFUSED_PLUGINS:
-            raise SampleDPError(f"{kind} cannot be combined with sample-level DP: {_REFUSED_PLUGINS[kind]}")
+        for cls, name in refused:
+            if isinstance(p, cls):
+                raise SampleDPError(f"{name} cannot be combined with sample-level DP: "
+                                    f"{catalogue.get(name).sample_dp_refusal}")
         if isinstance(p, RegularizerPlugin):
             if not isinstance(p, PostNoiseRegularizerPlugin):
                 raise SampleDPError(
