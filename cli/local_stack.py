@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Self
 
 from lifelong.cli.deploy import CONNECTION, DeploymentError, LocalDeployment
+from lifelong.env import prefect_home
 from lifelong.cli.supervisor import (Supervisor, create_mlflow_schema, free_port, http_ok, kill,
                                      port_free, processes)
 
@@ -181,7 +182,7 @@ class Stack:
     def _prefect_server_env(self) -> dict[str, str]:
         home = self.workdir / "prefect-home"
         home.mkdir(parents=True, exist_ok=True)
-        return {**self._base_env(), "PREFECT_HOME": str(home),
+        return {**self._base_env(), **prefect_home(home),
                 "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.prefect_database_url,
                 "PREFECT_UI_ENABLED": "true" if self.prefect_ui else "false",
                 "PREFECT_UI_API_URL": self.prefect_api_url}
@@ -189,7 +190,7 @@ class Stack:
     def _prefect_worker_env(self) -> dict[str, str]:
         home = self.workdir / "prefect-worker-home"
         home.mkdir(parents=True, exist_ok=True)
-        return {**self._base_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": self.prefect_api_url,
+        return {**self._base_env(), **prefect_home(home), "PREFECT_API_URL": self.prefect_api_url,
                 "PREFECT_WORKER_WEBSERVER_HOST": self.host,
                 "PREFECT_WORKER_WEBSERVER_PORT": str(self.ports["prefect-worker"])}
 

@@ -212,7 +212,7 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
     run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
                   "tracking-uri": uri}
     if resume is not None:
-        from lifelong.flows.federated_checkpoint import checkpoint_file, load_round
+        from lifelong.flows.checkpoints import checkpoint_file, load_round
         from lifelong.checkpoints import ResumeError
 
         try:  # refused here, before any service starts, rather than in the ServerApp's log

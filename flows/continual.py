@@ -22,13 +22,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from lifelong import registry, tracking
-from lifelong.checkpoints import (  # noqa: F401  (ResumeError, config_fingerprint: the CLI's too)
-    ResumeError,
-    checkpoint_dir,
-    config_fingerprint,
-    read_checkpoint,
-    write_checkpoint,
-)
+from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.progress import EpochProgressPlugin, Progress
@@ -37,7 +31,8 @@ from lifelong.bridges.avalanche.learners import (
     quiet_avalanche_deprecations,
     resolve_device,
 )
-from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, learner_state, load_learner_state
+from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, load_learner_state
+from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.tasks.data import load_npz
 from lifelong.tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
@@ -145,33 +140,6 @@ def pretraining_data(cfg: Config, stream: Stream):
     if a.input_shape != stream.input_shape:
         raise ValueError(f"pretrain.path: inputs of shape {a.input_shape}, the stream's are {stream.input_shape}")
     return torch.cat([a.x_train, a.x_test]), torch.cat([a.y_train, a.y_test])
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_VERSION = 2  # 2: plugins that checkpoint themselves (OnePrompt, GCond arbitration)
-
-
-def checkpoint_path(parent_run_id: str, index: int) -> Path:
-    return checkpoint_dir(parent_run_id) / f"strategy{index}.pt"
-
-
-def save_checkpoint(learner: "Learner", experience: int, path: Path) -> None:
-    """After experience ``experience`` (trained and evaluated): everything to go on from the next."""
-    try:
-        state = learner_state(learner.strategy)
-    except NotCheckpointable:
-        return  # said once, when the learner was built
-    state.update({"version": CHECKPOINT_VERSION, "config": config_fingerprint(learner.cfg),
-                  "run_id": learner.run_id, "label": learner.label, "next_experience": experience + 1,
-                  "rows": learner.rows, "trace": [(p.iteration, p.experience, p.accuracies)
-                                                  for p in learner.trace.points]})
-    write_checkpoint(state, path)
-
-
-def load_checkpoint(cfg: Config, path: Path) -> dict:
-    return read_checkpoint(path, cfg, CHECKPOINT_VERSION, "Lifelong",
-                           "; delete it to restart that strategy from its first experience")
 
 
 def check_resumable(client, run_id: str, uri: str):
@@ -347,7 +315,7 @@ def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
     print(f"[lifelong] MLflow run {parent_id}; if interrupted: lifelong run --resume {parent_id}",
           file=sys.stderr, flush=True)
     result = ContinualResult(parent_id, uri)
-    try:
+    with tracking.terminated(client, parent_id):
         for index, spec in enumerate(cfg.strategies):
             child = children.get(strategy_label(spec))
             if child is not None and child.info.status == "FINISHED":
@@ -355,14 +323,10 @@ def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
                 continue
             result.results.append(run_strategy(cfg, index, parent_id, uri,
                                                child.info.run_id if child is not None else None))
-    except BaseException:
-        client.set_terminated(parent_id, "FAILED")
-        raise
-    comparison = tracking.MLflowLogger(parent_id, client)
-    comparison.log_values({tracking.metric_key(f"{r.label}/{k}"): v
-                           for r in result.results for k, v in r.summary.items()}, 0)
-    comparison.flush()
-    client.set_terminated(parent_id, "FINISHED")
+        comparison = tracking.MLflowLogger(parent_id, client)
+        comparison.log_values({tracking.metric_key(f"{r.label}/{k}"): v
+                               for r in result.results for k, v in r.summary.items()}, 0)
+        comparison.flush()
     result.timings["flow_s"] = time.perf_counter() - t0
     return result
 

@@ -14,7 +14,7 @@ clients' models are built with every task's head from the start
 evaluates with the test splits' task labels, on the tasks seen so far only (a later task's head
 is untrained: its accuracy-matrix cells are NaN, as in the continual flow).
 
-One loop, :func:`serve`, drives the rounds over whatever ``Grid`` reaches the clients:
+One loop, :class:`ServerLoop` (:func:`serve`), drives the rounds over whatever ``Grid`` reaches the clients:
 
 * ``inprocess``: our grid that runs the ClientApp in this process (``clients/inprocess.py``);
 * ``ray``: Flower's simulation engine (``clients/launch.py``);
@@ -51,7 +51,7 @@ from prefect.cache_policies import NO_CACHE
 from lifelong.clients import state_store
 from lifelong.clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
 from lifelong.clients.learner import client_indices, frozen_keys
-from lifelong.flows.federated_checkpoint import (
+from lifelong.flows.checkpoints import (
     checkpoint_file,
     load_round,
     restore_server,
@@ -190,65 +190,132 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
     theirs, on their side (``clients/state_store.py``); ``resume``: such a checkpoint, to go on
     from the round after it, with each client's state of that round.
     """
-    client = tracking.client_for(uri)
-    logger = tracking.MLflowLogger(run_id, client)
-    stream = build_stream(cfg.stream, cfg.seed)
-    fed, n_exp = cfg.federated, stream.n_experiences
-    device = resolve_device(cfg.training.device)
-    model = build_stream_model(cfg.model, stream).to(device)
-    if isinstance(cfg.strategies[0], OnePromptSpec):
-        model.use_prompt = True  # a switch, not a weight: the clients' plugin sets it on theirs
-    server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
-    strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed, server_optimizer=server_optimizer)
-    # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
-    logger.set_tags({"server_optimizer": server_optimizer.describe()})
-    privacy = privacy_plan(cfg)
-    epsilons: list[float] = []
-    if privacy is not None:
-        p = cfg.privacy
-        adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
-                    if p.adaptive_clipping else None)
-        strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
-                               p.allocation, cfg.seed, adaptive, frozen=frozen_keys(cfg, stream))
-        epsilons = list(privacy.epsilon_per_round())
-        logger.set_tags({"privacy": privacy.describe()})
-    trace, rows = ContinualTrace(), []
-    config_json = json.dumps(cfg.model_dump(mode="json"))
-    arrays = from_state_dict(initial_weights(cfg))
-    done_rounds = 0
-    if resume is not None:
-        arrays, done_rounds = restore_server(resume, strategy, trace, rows, fed.rounds,
-                                             bool(cfg.strategies[0].plugins))
-        logger.restore(resume.get("pending", []))  # values not yet in MLflow when it was saved
-        if progress is not None:
-            for e, row in enumerate(rows):
-                progress.experience_done(e, float(np.mean(row[: e + 1])))
-    last_evaluated = done_rounds if resume is not None else -1
-    # What clients need to save and restore their own state (sent in every train message).
-    client_keys: dict[str, object] = {}
-    if checkpoint is not None:
-        client_keys = {state_store.RUN_KEY: run_id, state_store.SAVED_ROUND_KEY: done_rounds}
-        if resume is not None:
-            client_keys[state_store.RESUME_ROUND_KEY] = done_rounds
+    return ServerLoop(cfg, run_id, uri, progress, checkpoint).run(grid, resume)
 
-    def evaluate_round(experience: int, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal last_evaluated
-        rnd = strategy.round_offset + server_round
-        if rnd <= last_evaluated:
+
+class ServerLoop:
+    """The server's side of a federated continual run: for each experience, Flower's rounds over
+    a grid; after each round, the global model evaluated on every experience seen, the values
+    logged and the round checkpointed; at the end, the matrix, plots, the model and its registry
+    version. Built once per run; :meth:`run` drives it."""
+
+    def __init__(self, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
+                 checkpoint: Path | None = None):
+        self.cfg, self.run_id, self.uri, self.progress, self.checkpoint = cfg, run_id, uri, progress, checkpoint
+        self.client = tracking.client_for(uri)
+        self.logger = tracking.MLflowLogger(run_id, self.client)
+        self.stream = build_stream(cfg.stream, cfg.seed)
+        self.fed, self.n_exp = cfg.federated, self.stream.n_experiences
+        self.device = resolve_device(cfg.training.device)
+        self.model = build_stream_model(cfg.model, self.stream).to(self.device)
+        if isinstance(cfg.strategies[0], OnePromptSpec):
+            self.model.use_prompt = True  # a switch, not a weight: the clients' plugin sets it on theirs
+        self.strategy, self.privacy, self.epsilons = self._strategy()
+        self.trace, self.rows = ContinualTrace(), []
+        self.config_json = json.dumps(cfg.model_dump(mode="json"))
+        self.arrays = from_state_dict(initial_weights(cfg))
+        self.done_rounds = 0
+        self.last_evaluated = -1
+        #: What clients need to save and restore their own state (sent in every train message).
+        self.client_keys: dict[str, object] = {}
+        self.train_config: ConfigRecord | None = None  # the current experience's, sent every round
+
+    def _strategy(self):
+        """FedAvg with the server optimizer, wrapped in user-level DP when configured."""
+        cfg, fed = self.cfg, self.fed
+        server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
+        strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed,
+                                   server_optimizer=server_optimizer)
+        # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
+        self.logger.set_tags({"server_optimizer": server_optimizer.describe()})
+        privacy = privacy_plan(cfg)
+        epsilons: list[float] = []
+        if privacy is not None:
+            p = cfg.privacy
+            adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
+                        if p.adaptive_clipping else None)
+            strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
+                                   p.allocation, cfg.seed, adaptive, frozen=frozen_keys(cfg, self.stream))
+            epsilons = list(privacy.epsilon_per_round())
+            self.logger.set_tags({"privacy": privacy.describe()})
+        return strategy, privacy, epsilons
+
+    def _restore(self, resume: dict | None) -> None:
+        if resume is not None:
+            self.arrays, self.done_rounds = restore_server(resume, self.strategy, self.trace, self.rows,
+                                                           self.fed.rounds, bool(self.cfg.strategies[0].plugins))
+            self.logger.restore(resume.get("pending", []))  # values not yet in MLflow when it was saved
+            if self.progress is not None:
+                for e, row in enumerate(self.rows):
+                    self.progress.experience_done(e, float(np.mean(row[: e + 1])))
+            self.last_evaluated = self.done_rounds
+        if self.checkpoint is not None:
+            self.client_keys = {state_store.RUN_KEY: self.run_id, state_store.SAVED_ROUND_KEY: self.done_rounds}
+            if resume is not None:
+                self.client_keys[state_store.RESUME_ROUND_KEY] = self.done_rounds
+
+    def run(self, grid: Grid, resume: dict | None = None) -> FederatedResult:
+        self._restore(resume)
+        fed = self.fed
+        try:
+            for e in range(self.done_rounds // fed.rounds, self.n_exp):
+                self.strategy.round_offset = max(e * fed.rounds, self.done_rounds)
+                self.train_config = ConfigRecord({
+                    EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: self.strategy.round_offset, CONFIG_KEY: self.config_json,
+                    **self.client_keys, EXPERIENCE_END_KEY: (e + 1) * fed.rounds})
+                result = self.strategy.start(
+                    grid, self.arrays, num_rounds=(e + 1) * fed.rounds - self.strategy.round_offset,
+                    timeout=fed.round_timeout, train_config=self.train_config,
+                    evaluate_fn=lambda r, a, e=e: self.evaluate_round(e, r, a))
+                if len(result.arrays):  # empty when every round of the experience was skipped
+                    self.arrays = result.arrays
+                if self.cfg.strategies[0].plugins:  # regularisers consolidate with the experience's final model
+                    self.strategy.boundary = self.arrays
+                if self.progress is not None:
+                    self.progress.experience_done(e, float(np.mean(self.rows[-1][: e + 1])))
+        except BaseException:
+            with contextlib.suppress(Exception):  # (if MLflow is what failed, the error says so)
+                self.logger.flush()  # what was recorded before the failure is not lost
+            raise
+        return self.finish()
+
+    def evaluate_round(self, experience: int, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's evaluate_fn: the global model after ``server_round`` of the experience."""
+        rnd = self.strategy.round_offset + server_round
+        if rnd <= self.last_evaluated:
             return None  # the model the previous round (or experience) ended with: evaluated
-        last_evaluated = rnd
-        refused = [o.reason for o in strategy.outcomes if o.round == rnd and state_store.REFUSED in o.reason]
+        self.last_evaluated = rnd
+        refused = [o.reason for o in self.strategy.outcomes if o.round == rnd and state_store.REFUSED in o.reason]
         if refused:  # a client's saved state is corrupt or foreign: stop, never train on without it
             reason = refused[0][refused[0].index(state_store.REFUSED):]
             raise ResumeError(reason.removesuffix("'>"))
-        model.load_state_dict(public_state(cfg, stream, to_state_dict(arrays), experience))
-        accs = evaluate(model, stream, evaluated_experiences(stream, experience),
-                        cfg.training.eval_batch_size, device)
+        self.model.load_state_dict(public_state(self.cfg, self.stream, to_state_dict(arrays), experience))
+        accs = evaluate(self.model, self.stream, evaluated_experiences(self.stream, experience),
+                        self.cfg.training.eval_batch_size, self.device)
         seen = {i: accs[i] for i in range(experience + 1)}
-        trace.add(rnd, experience, seen)
+        self.trace.add(rnd, experience, seen)
+        values = self._round_values(rnd, server_round, accs, seen)
+        self.logger.log_values(values, rnd)
+        if self.progress is not None and server_round:
+            self.progress.epoch(experience, rnd - experience * self.fed.rounds - 1)
+        if rnd == (experience + 1) * self.fed.rounds:  # the experience's last round: a matrix row
+            self.rows.append([accs.get(i, float("nan")) for i in range(self.n_exp)])  # (NaN: untrained head)
+            self.logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(self.rows[-1])},
+                                    "avg_acc_seen": float(np.mean(self.rows[-1][: experience + 1]))}, experience)
+        if self.checkpoint is not None and server_round:
+            # What MLflow does not have yet goes into the checkpoint: a resumed run logs it then.
+            save_round(self.checkpoint, self.cfg, self.run_id, rnd, arrays, self.strategy, self.trace, self.rows,
+                       self.logger.pending())
+            # From the next round on, clients may drop their state of rounds before this one.
+            self.client_keys[state_store.SAVED_ROUND_KEY] = rnd
+            self.train_config[state_store.SAVED_ROUND_KEY] = rnd  # the record Flower sends every round
+        self.logger.flush_if_older(FLUSH_EVERY_S)
+        return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
+
+    def _round_values(self, rnd: int, server_round: int, accs: dict, seen: dict) -> dict[str, float]:
         values = {f"round/acc_exp{i}": a for i, a in accs.items()}
         values["round/avg_acc_seen"] = float(np.mean(list(seen.values())))
-        done = [o for o in strategy.outcomes if o.round == rnd]
+        done = [o for o in self.strategy.outcomes if o.round == rnd]
         if server_round:
             values["round/clients_ok"] = sum(o.status == "ok" for o in done)
             values["round/clients_failed"] = sum(o.status != "ok" for o in done)
@@ -256,83 +323,55 @@ def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | N
             losses = [(o.train_loss, o.num_examples) for o in done if o.status == "ok" and np.isfinite(o.train_loss)]
             if losses:
                 values["round/train_loss"] = sum(l * n for l, n in losses) / max(sum(n for _, n in losses), 1)
-        if privacy is not None and server_round:
-            values["privacy/epsilon"] = epsilons[rnd - 1]
-            values.update({f"privacy/{k}": v for k, v in strategy.clip_stats.get(rnd, {}).items()})
+        if self.privacy is not None and server_round:
+            values["privacy/epsilon"] = self.epsilons[rnd - 1]
+            values.update({f"privacy/{k}": v for k, v in self.strategy.clip_stats.get(rnd, {}).items()})
         if eps := [o.sample_epsilon for o in done if o.status == "ok" and o.sample_epsilon is not None]:
             values["privacy/sample_epsilon_max"] = max(eps)
             values["privacy/sample_epsilon_mean"] = float(np.mean(eps))
-        logger.log_values(values, rnd)
-        if progress is not None and server_round:
-            progress.epoch(experience, rnd - experience * fed.rounds - 1)
-        if rnd == (experience + 1) * fed.rounds:  # the experience's last round: a matrix row
-            rows.append([accs.get(i, float("nan")) for i in range(n_exp)])  # (NaN: a task's untrained head)
-            logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(rows[-1])},
-                               "avg_acc_seen": float(np.mean(rows[-1][: experience + 1]))}, experience)
-        if checkpoint is not None and server_round:
-            # What MLflow does not have yet goes into the checkpoint: a resumed run logs it then.
-            save_round(checkpoint, cfg, run_id, rnd, arrays, strategy, trace, rows, logger.pending())
-            # From the next round on, clients may drop their state of rounds before this one.
-            client_keys[state_store.SAVED_ROUND_KEY] = rnd
-            train_config[state_store.SAVED_ROUND_KEY] = rnd  # the record Flower sends every round
-        logger.flush_if_older(FLUSH_EVERY_S)
-        return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
+        return values
 
-    try:
-        for e in range(done_rounds // fed.rounds, n_exp):
-            strategy.round_offset = max(e * fed.rounds, done_rounds)
-            # Rebound per experience; evaluate_round (a closure) updates the current one.
-            train_config = ConfigRecord({EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: strategy.round_offset,
-                                         CONFIG_KEY: config_json, **client_keys,
-                                         EXPERIENCE_END_KEY: (e + 1) * fed.rounds})
-            result = strategy.start(grid, arrays, num_rounds=(e + 1) * fed.rounds - strategy.round_offset,
-                                    timeout=fed.round_timeout,
-                                    train_config=train_config,
-                                    evaluate_fn=lambda r, a, e=e: evaluate_round(e, r, a))
-            if len(result.arrays):  # empty when every round of the experience was skipped
-                arrays = result.arrays
-            if cfg.strategies[0].plugins:  # regularisers consolidate with the experience's final model
-                strategy.boundary = arrays
-            if progress is not None:
-                progress.experience_done(e, float(np.mean(rows[-1][: e + 1])))
-    except BaseException:
-        with contextlib.suppress(Exception):  # (if MLflow is what failed, the error says so)
-            logger.flush()  # what was recorded before the failure is not lost
-        raise
+    def finish(self) -> FederatedResult:
+        """The run's summary, matrix, per-client table, trace, plots and model, in MLflow."""
+        cfg, client, run_id, strategy, n_exp = self.cfg, self.client, self.run_id, self.strategy, self.n_exp
+        matrix = np.array(self.rows)
+        summary = matrix_summary(matrix)
+        summary.update(continual_summary(self.trace, n_exp - 1))
+        self.logger.log_values({f"final/{k}": v for k, v in summary.items()}, n_exp - 1)
+        self.logger.flush()
+        labels = [f"exp{i}" for i in range(n_exp)]
+        label = f"federated {strategy_label(cfg.strategies[0])}"
+        tracking.log_matrix(client, run_id, matrix, labels)
+        client.log_dict(run_id, self._client_table(), "clients.json")
+        client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in self.trace.points]},
+                        tracking.TRACE_FILE)
+        if cfg.tracking.log_plots:
+            tracking.log_figure(client, run_id, tracking.matrix_figure(matrix, labels, label), "accuracy_matrix.png")
+            points = [(p.iteration, p.experience, p.accuracies) for p in self.trace.points]
+            tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, label, xlabel="round"),
+                                "continual_eval.png")
+        weights = public_state(cfg, self.stream, to_state_dict(self.arrays), n_exp - 1)
+        model_uri = None
+        if cfg.tracking.log_model:
+            self.model.load_state_dict(weights)
+            model_uri = tracking.log_torch_model(run_id, self.model, self.uri)
+        registry.register_from_config(cfg, client, run_id, model_uri, flow="federated", stream=self.stream.name,
+                                      strategy=strategy_label(cfg.strategies[0]), metrics=summary)
+        return FederatedResult(run_id, self.uri, label, matrix, summary, n_exp * self.fed.rounds,
+                               list(strategy.skipped_rounds),
+                               sum(o.status != "ok" for o in strategy.outcomes), weights=dict(weights))
 
-    matrix = np.array(rows)
-    summary = matrix_summary(matrix)
-    summary.update(continual_summary(trace, n_exp - 1))
-    logger.log_values({f"final/{k}": v for k, v in summary.items()}, n_exp - 1)
-    logger.flush()
-    labels = [f"exp{i}" for i in range(n_exp)]
-    label = f"federated {strategy_label(cfg.strategies[0])}"
-    tracking.log_matrix(client, run_id, matrix, labels)
-    table = {"columns": ["round", "node_id", "partition_id", "status", "num_examples", "train_loss", "reason"],
-             "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
-                       None if np.isnan(o.train_loss) else o.train_loss, o.reason] for o in strategy.outcomes]}
-    if cfg.privacy.sample is not None:  # each reply's epsilon (None: failed or lost)
-        table["columns"].append("sample_epsilon")
-        for o, row in zip(strategy.outcomes, table["data"]):
-            row.append(o.sample_epsilon)
-    client.log_dict(run_id, table, "clients.json")
-    client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in trace.points]},
-                    tracking.TRACE_FILE)
-    if cfg.tracking.log_plots:
-        tracking.log_figure(client, run_id, tracking.matrix_figure(matrix, labels, label), "accuracy_matrix.png")
-        points = [(p.iteration, p.experience, p.accuracies) for p in trace.points]
-        tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, label, xlabel="round"),
-                            "continual_eval.png")
-    weights = public_state(cfg, stream, to_state_dict(arrays), n_exp - 1)
-    model_uri = None
-    if cfg.tracking.log_model:
-        model.load_state_dict(weights)
-        model_uri = tracking.log_torch_model(run_id, model, uri)
-    registry.register_from_config(cfg, client, run_id, model_uri, flow="federated", stream=stream.name,
-                                  strategy=strategy_label(cfg.strategies[0]), metrics=summary)
-    return FederatedResult(run_id, uri, label, matrix, summary, n_exp * fed.rounds,
-                           list(strategy.skipped_rounds),
-                           sum(o.status != "ok" for o in strategy.outcomes), weights=dict(weights))
+    def _client_table(self) -> dict:
+        """Every sampled client's outcome in every round (``clients.json``)."""
+        outcomes = self.strategy.outcomes
+        table = {"columns": ["round", "node_id", "partition_id", "status", "num_examples", "train_loss", "reason"],
+                 "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
+                           None if np.isnan(o.train_loss) else o.train_loss, o.reason] for o in outcomes]}
+        if self.cfg.privacy.sample is not None:  # each reply's epsilon (None: failed or lost)
+            table["columns"].append("sample_epsilon")
+            for o, row in zip(outcomes, table["data"]):
+                row.append(o.sample_epsilon)
+        return table
 
 
 # --------------------------------------------------------------------------- MLflow run
@@ -376,15 +415,10 @@ def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = 
         run_id, state = resume, load_round(checkpoint_file(resume), cfg)
         client.update_run(run_id, status="RUNNING")
         tracking.set_tags(client, run_id, tags or {})  # the Flower run that goes on with it
-    try:
+    with tracking.terminated(client, run_id):
         if resume is None:
             log_split(cfg, run_id, uri, hists)
-        result = serve(grid, cfg, run_id, uri, checkpoint=checkpoint_file(run_id), resume=state)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return result
+        return serve(grid, cfg, run_id, uri, checkpoint=checkpoint_file(run_id), resume=state)
 
 
 # --------------------------------------------------------------------------- Flower ServerApp
@@ -493,12 +527,8 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
         client.update_run(run_id, status="RUNNING")
     print(f"[lifelong] MLflow run {run_id}; if interrupted: lifelong clients launch --resume {run_id}",
           file=sys.stderr, flush=True)
-    try:
+    with tracking.terminated(client, run_id):
         result = rounds_step.with_options(retries=cfg.training.retries)(cfg, run_id, uri, client_app)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     result.timings["flow_s"] = time.perf_counter() - t0
     return result
 

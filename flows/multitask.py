@@ -92,17 +92,12 @@ def train_combiner(cfg: Config, index: int, parent_run_id: str, uri: str) -> Com
     run_id = tracking.open_run(client, label, params, {"lifelong.flow": "multitask", "lifelong.combiner": spec.name},
                                parent_run_id=parent_run_id)
     logger = tracking.MLflowLogger(run_id, client)
-    try:
+    with tracking.terminated(client, run_id, cleanup=logger.flush):
         summary = _train(cfg, spec, logger)
         logger.log_values({f"final/{k}": v for k, v in summary.items() if k != "_model"}, 0)
         logger.flush()
         model = summary.pop("_model")
         model_uri = tracking.log_torch_model(run_id, model, uri) if cfg.tracking.log_model else None
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        logger.flush()
-        client.set_terminated(run_id, "FAILED")
-        raise
     registry.register_from_config(cfg, client, run_id, model_uri, flow="multitask", stream=cfg.multitask.problem,
                                   strategy=label, metrics=summary)
     return CombinerResult(label, run_id, summary)
@@ -187,11 +182,7 @@ def multitask_flow(config: dict) -> MultiTaskResult:
     parent_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "multitask"},
                                   experiment=cfg.tracking.experiment)
     result = MultiTaskResult(parent_id, uri)
-    try:
+    with tracking.terminated(client, parent_id):
         for i in range(len(cfg.multitask.combiners)):
             result.results.append(train_combiner(cfg, i, parent_id, uri))
-    except BaseException:
-        client.set_terminated(parent_id, "FAILED")
-        raise
-    client.set_terminated(parent_id, "FINISHED")
     return result

@@ -23,6 +23,13 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
 
 
+def prefect_home(home: Path) -> dict[str, str]:
+    """The variables that put all of Prefect's files under ``home``. Prefect 3.7 derives its memo
+    store's path from ``~/.prefect`` whatever ``PREFECT_HOME`` says (the server settings' default
+    does not see the home setting), and warns at every server start where that is not writable."""
+    return {"PREFECT_HOME": str(home), "PREFECT_SERVER_MEMO_STORE_PATH": str(Path(home) / "memo_store.toml")}
+
+
 def configure_environment() -> None:
     """Set defaults that the user has not set: they always win over ours."""
     home = state_dir()
@@ -30,6 +37,8 @@ def configure_environment() -> None:
     # SQLite cannot create the database in a folder that does not exist.
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    for key, value in prefect_home(Path(os.environ["PREFECT_HOME"])).items():
+        os.environ.setdefault(key, value)
     # No network here but package registries: no telemetry, no update checks.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "true")

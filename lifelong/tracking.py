@@ -14,6 +14,8 @@ import math
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,22 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     if exp:
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+
+
+@contextmanager
+def terminated(client: MlflowClient, run_id: str, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """The run ends FINISHED when the block does, FAILED when it raises (the error goes on);
+    ``cleanup`` (flush buffered metrics, close a progress bar) runs first either way."""
+    try:
+        yield
+    except BaseException:
+        if cleanup is not None:
+            cleanup()
+        client.set_terminated(run_id, "FAILED")
+        raise
+    if cleanup is not None:
+        cleanup()
+    client.set_terminated(run_id, "FINISHED")
 
 
 def artifact_root(uri: str) -> str | None:

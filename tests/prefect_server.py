@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from lifelong.cli.supervisor import Process, free_port, group_members, http_ok
+from lifelong.env import prefect_home
 
 __all__ = ["Background", "PrefectServer", "group_members"]
 
@@ -56,7 +57,7 @@ class PrefectServer:
         env = {k: v for k, v in os.environ.items()
                if k not in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")}
         env.update({
-            "PREFECT_HOME": str(self.home),
+            **prefect_home(self.home),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",  # no static files to build or serve

@@ -180,7 +180,7 @@ def test_bad_federated_input_is_refused_before_any_round(tmp_path, args, message
 def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
     import torch as _torch
 
-    from lifelong.flows.federated_checkpoint import checkpoint_file
+    from lifelong.flows.checkpoints import checkpoint_file
 
     cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false",
                      'strategies=[{name="replay", mem_size=30, plugins=[{name="ewc", lam=5.0}]}]')

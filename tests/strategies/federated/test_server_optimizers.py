@@ -137,7 +137,7 @@ def test_keys_the_optimizer_does_not_use_are_refused_in_the_config():
 @pytest.mark.parametrize("name", ["fedadam", "lamb"])
 def test_a_short_federated_run_checkpoints_the_optimizer_state(tmp_path, monkeypatch, name):
     from lifelong.flows.federated import run_federated
-    from lifelong.flows.federated_checkpoint import checkpoint_file
+    from lifelong.flows.checkpoints import checkpoint_file
     from lifelong.config import load_config
 
     monkeypatch.setenv("LIFELONG_HOME", str(tmp_path / "home"))

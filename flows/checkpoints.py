@@ -1,6 +1,12 @@
-"""A federated run's checkpoint after every round, and going on from it.
+"""A run's checkpoints, and going on from them: a continual strategy's after every experience,
+a federated run's after every round. The file format (atomic write, checked read) is
+``lifelong/checkpoints.py``'s; what a learner holds, ``bridges/avalanche/checkpoint.py``'s.
 
-Everything the next round depends on: the global model, the model the previous experience ended
+A continual strategy's: its learner's state (model, optimizer, clock, RNG, regularisers, replay
+memory, plugins that checkpoint themselves), the accuracy-matrix rows and the evaluation trace, and
+the next experience to train.
+
+A federated run's: everything the next round depends on: the global model, the model the previous experience ended
 with (``boundary``), the strategy's records (client outcomes, skipped rounds, which node holds
 which partition), the evaluation trace and the accuracy-matrix rows, and the server's own state
 (``server_state()`` of the strategy): the server optimizer's moments and, with user-level DP, the
@@ -15,8 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ArrayRecord
+from typing import TYPE_CHECKING
 
+from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, learner_state
 from lifelong.checkpoints import (
     ResumeError,
     checkpoint_dir,
@@ -25,10 +32,44 @@ from lifelong.checkpoints import (
     write_checkpoint,
 )
 from lifelong.config import Config
-from lifelong.bridges.flower.fedavg import ClientOutcome
-from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
-VERSION = 3  # 2: the clients' state is theirs (clients/state_store.py); 3: the server's state
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+    from lifelong.flows.continual import Learner
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_VERSION = 2  # 2: plugins that checkpoint themselves (OnePrompt, GCond arbitration)
+
+
+def checkpoint_path(parent_run_id: str, index: int) -> Path:
+    return checkpoint_dir(parent_run_id) / f"strategy{index}.pt"
+
+
+def save_checkpoint(learner: Learner, experience: int, path: Path) -> None:
+    """After experience ``experience`` (trained and evaluated): everything to go on from the next."""
+    try:
+        state = learner_state(learner.strategy)
+    except NotCheckpointable:
+        return  # said once, when the learner was built
+    state.update({"version": CHECKPOINT_VERSION, "config": config_fingerprint(learner.cfg),
+                  "run_id": learner.run_id, "label": learner.label, "next_experience": experience + 1,
+                  "rows": learner.rows, "trace": [(p.iteration, p.experience, p.accuracies)
+                                                  for p in learner.trace.points]})
+    write_checkpoint(state, path)
+
+
+def load_checkpoint(cfg: Config, path: Path) -> dict:
+    return read_checkpoint(path, cfg, CHECKPOINT_VERSION, "Lifelong",
+                           "; delete it to restart that strategy from its first experience")
+
+
+
+# --------------------------------------------------------------------------- federated rounds
+
+
+FEDERATED_VERSION = 3  # 2: the clients' state is theirs (clients/state_store.py); 3: the server's state
 
 
 def checkpoint_file(run_id: str) -> Path:
@@ -38,8 +79,10 @@ def checkpoint_file(run_id: str) -> Path:
 def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayRecord, strategy, trace,
                rows, pending: list | None = None) -> None:
     """``pending``: metric values not yet sent to MLflow (``MLflowLogger.pending``)."""
+    from lifelong.bridges.flower.records import to_state_dict  # Flower's import only for federated runs
+
     state = {
-        "version": VERSION, "config": config_fingerprint(cfg), "run_id": run_id, "round": rnd,
+        "version": FEDERATED_VERSION, "config": config_fingerprint(cfg), "run_id": run_id, "round": rnd,
         "arrays": dict(to_state_dict(arrays)),
         "boundary": dict(to_state_dict(strategy.boundary)) if strategy.boundary is not None else None,
         "outcomes": [vars(o) for o in strategy.outcomes], "skipped": list(strategy.skipped_rounds),
@@ -57,13 +100,16 @@ def load_round(path: Path, cfg: Config) -> dict:
         raise ResumeError(f"no checkpoint at {path}: the run stopped before its first round ended, "
                           "or it ran where this machine's checkpoints are not (a deployment's ServerApp "
                           "keeps them under its own LIFELONG_HOME)")
-    return read_checkpoint(path, cfg, VERSION, "Lifelong federated")
+    return read_checkpoint(path, cfg, FEDERATED_VERSION, "Lifelong federated")
 
 
 def restore_server(state: dict, strategy, trace, rows, rounds_per_experience: int,
                    consolidates: bool) -> tuple[ArrayRecord, int]:
     """Load a checkpoint into the strategy, trace and rows; returns the global model and the
     number of rounds done."""
+    from lifelong.bridges.flower.fedavg import ClientOutcome
+    from lifelong.bridges.flower.records import from_state_dict
+
     # The records live on the FedAvg strategy, also when a DP wrapper reads them through to it.
     base = getattr(strategy, "inner", strategy)
     base.outcomes = [ClientOutcome(**o) for o in state["outcomes"]]
