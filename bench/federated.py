@@ -46,10 +46,10 @@ OVERRIDES = ['flow="federated"', "stream.n_experiences=5", "federated.clients=10
 
 
 def bare_loop(cfg) -> float:
-    from lifelong.clients.learner import client_indices
-    from lifelong.flows.federated import initial_weights
     from lifelong.bridges.avalanche.learners import make_optimizer
+    from lifelong.flows.federated import initial_weights
     from lifelong.tasks.models import build_model
+    from lifelong.tasks.partition import client_indices
     from lifelong.tasks.streams import build_stream
 
     t0 = time.perf_counter()
@@ -93,8 +93,8 @@ def bare_loop(cfg) -> float:
 def run(out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
     import lifelong  # noqa: F401
-    from lifelong.flows.federated import run_federated
     from lifelong.config import load_config
+    from lifelong.flows.federated import run_federated
     from lifelong.tracking import client_for
     imports_s = time.perf_counter() - t
 
@@ -168,8 +168,8 @@ def codec(cfg) -> dict:
 
     from flwr.app import ArrayRecord
 
-    from lifelong.flows.federated import initial_weights
     from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+    from lifelong.flows.federated import initial_weights
 
     weights = initial_weights(cfg)
     record = ArrayRecord(weights)
@@ -208,8 +208,8 @@ def memory(out_dir: Path) -> dict:
 def _memory_child(n: int, out_dir: Path) -> dict:
     import lifelong  # noqa: F401
     from lifelong.clients.launch import inprocess_grid
-    from lifelong.flows.federated import open_federated_run, serve
     from lifelong.config import load_config
+    from lifelong.flows.federated import open_federated_run, serve
 
     uri = f"sqlite:///{(out_dir / f'memory{n}.db').resolve()}"
     cfg = load_config("configs/federated.toml", [*MEMORY_OVERRIDES, f"federated.clients={n}",

@@ -38,8 +38,8 @@ def start_prefect_api() -> float:
 
 def bare_loop(cfg) -> dict:
     """Naive / replay / joint as plain PyTorch, with the pipeline's evaluations."""
-    from lifelong.config import JointSpec, ReplaySpec
     from lifelong.bridges.avalanche.learners import make_optimizer
+    from lifelong.config import JointSpec, ReplaySpec
     from lifelong.tasks.data import load_digits
     from lifelong.tasks.models import build_model
 
@@ -129,10 +129,10 @@ def prefect_share(cfg) -> dict:
 def run(config_path: str = "configs/default.toml", out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
     import lifelong  # noqa: F401
-    from lifelong.flows.continual import run_continual
     from lifelong.config import load_config
-    from lifelong.tracking import client_for
+    from lifelong.flows.continual import run_continual
     from lifelong.tasks.streams import _build_stream_cached
+    from lifelong.tracking import client_for
     imports_s = time.perf_counter() - t
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-"))

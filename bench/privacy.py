@@ -27,8 +27,8 @@ COMMON = ["privacy.clip=1.0", "privacy.noise_multiplier=0.5", "privacy.delta=1e-
 def federated_rounds(out_dir: Path) -> dict:
     import lifelong  # noqa: F401
     from lifelong.clients.launch import inprocess_grid
-    from lifelong.flows.federated import open_federated_run, privacy_plan, serve
     from lifelong.config import load_config
+    from lifelong.flows.federated import open_federated_run, privacy_plan, serve
 
     uri = f"sqlite:///{(out_dir / 'privacy.db').resolve()}"
     base = ['tracking.log_model=false', 'tracking.log_plots=false', f'tracking.uri="{uri}"']

@@ -20,8 +20,8 @@ def check_before_work(cfg) -> None:
 
         load_data(cfg)
         return
-    from lifelong.flows.continual import pretraining_data
     from lifelong.bridges.avalanche.learners import resolve_device
+    from lifelong.flows.continual import pretraining_data
     from lifelong.tasks.models import build_model
     from lifelong.tasks.streams import build_stream
 

@@ -43,9 +43,16 @@ from pathlib import Path
 from typing import Self
 
 from lifelong.cli.deploy import CONNECTION, DeploymentError, LocalDeployment
+from lifelong.cli.supervisor import (
+    Supervisor,
+    create_mlflow_schema,
+    free_port,
+    http_ok,
+    kill,
+    port_free,
+    processes,
+)
 from lifelong.env import prefect_home
-from lifelong.cli.supervisor import (Supervisor, create_mlflow_schema, free_port, http_ok, kill,
-                                     port_free, processes)
 
 BIN = Path(sys.executable).parent
 STACK_ID_VAR = "LIFELONG_STACK_ID"

@@ -67,10 +67,10 @@ def resume_config(run_id: str, config: Path | None, overrides: list[str], uri: s
     import json
     import tempfile
 
-    from lifelong.flows.continual import check_resumable, config_fingerprint
     from lifelong import tracking
     from lifelong.config import validate_config
     from lifelong.env import default_tracking_uri
+    from lifelong.flows.continual import check_resumable, config_fingerprint
 
     uri = uri or default_tracking_uri()
     client = tracking.client_for(uri)
@@ -103,8 +103,8 @@ def _run_exists(client, run_id: str) -> bool:
 
 
 def resume_run(cfg, run_id: str) -> None:
-    from lifelong.flows.continual import run_continual
     from lifelong.checkpoints import ResumeError
+    from lifelong.flows.continual import run_continual
 
     try:
         if cfg.flow == "federated":
@@ -212,8 +212,8 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
     run_config = {"config": str(config.resolve()) if config else "", "set": ";".join(overrides),
                   "tracking-uri": uri}
     if resume is not None:
-        from lifelong.flows.checkpoints import checkpoint_file, load_round
         from lifelong.checkpoints import ResumeError
+        from lifelong.flows.checkpoints import checkpoint_file, load_round
 
         try:  # refused here, before any service starts, rather than in the ServerApp's log
             load_round(checkpoint_file(resume), cfg)
@@ -231,8 +231,8 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
         fail(str(exc), code=1)
     if run["status"] != "finished:completed":
         fail(f"Flower run {run['run-id']} {run['status']}: {run.get('status-details')} (log: {run['log']})", 1)
-    from lifelong.flows.federated import FLOWER_RUN_TAG
     from lifelong import tracking
+    from lifelong.flows.federated import FLOWER_RUN_TAG
 
     client = tracking.client_for(uri)
     found = client.search_runs([tracking.experiment_id(client, cfg.tracking.experiment)],

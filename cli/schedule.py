@@ -76,8 +76,8 @@ def schedule(
 
 
 def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_) -> None:
-    from lifelong.flows import schedules as sched
     from lifelong.config import ConfigError, load_config
+    from lifelong.flows import schedules as sched
 
     try:
         when = sched.build_schedule(cron=cron, interval=interval, rrule=rrule, timezone=timezone)

@@ -24,19 +24,11 @@ from functools import lru_cache
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 from lifelong.clients import state_store
 from lifelong.clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
-from lifelong.bridges.flower.records import from_state_dict, to_state_dict
-
-#: Keys of the train message's config record (set by the server, ``flows/federated.py``).
-CONFIG_KEY = "lifelong-config"
-EXPERIENCE_KEY = "experience"
-#: The global round that ends the message's experience (its last round).
-EXPERIENCE_END_KEY = "experience-end-round"
-ROUND_OFFSET_KEY = "round-offset"
-#: The global model at the end of the previous experience (sent when clients consolidate with it).
-BOUNDARY_KEY = "boundary"
 
 app = ClientApp()
 
@@ -48,26 +40,26 @@ def _config(text: str) -> Config:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    conf = msg.content["config"]
-    cfg = _config(str(conf[CONFIG_KEY]))
-    partition_id = int(context.node_config["partition-id"])
-    if int(context.node_config.get("num-partitions", cfg.federated.clients)) != cfg.federated.clients:
+    conf = msg.content[protocol.CONFIG]
+    cfg = _config(str(conf[protocol.RUN_CONFIG]))
+    partition_id = int(context.node_config[protocol.NODE_PARTITION_ID])
+    if int(context.node_config.get(protocol.NUM_PARTITIONS, cfg.federated.clients)) != cfg.federated.clients:
         raise ValueError(f"node has num-partitions={context.node_config['num-partitions']} but the run "
                          f"splits the data across federated.clients={cfg.federated.clients}")
-    server_round = int(conf[ROUND_OFFSET_KEY]) + int(conf["server-round"])
+    server_round = int(conf[protocol.ROUND_OFFSET]) + int(conf[protocol.SERVER_ROUND])
     learner = ClientLearner(cfg, partition_id, context.state)
     saved = None  # where this client saves its state, in a checkpointed run
-    if state_store.RUN_KEY in conf and learner.keeps_state:
+    if protocol.STATE_RUN in conf and learner.keeps_state:
         saved = state_store.client_dir(state_store.state_root(context.node_config),
-                                       str(conf[state_store.RUN_KEY]), partition_id)
-        if state_store.RESUME_ROUND_KEY in conf and not list(context.state.keys()):
-            state_store.restore(context.state, cfg, saved, int(conf[state_store.RESUME_ROUND_KEY]))
-    boundary = to_state_dict(msg.content[BOUNDARY_KEY]) if BOUNDARY_KEY in msg.content else None
-    ends_experience = EXPERIENCE_END_KEY in conf and server_round == int(conf[EXPERIENCE_END_KEY])
-    weights, metrics = learner.train_round(to_state_dict(msg.content["arrays"]), int(conf[EXPERIENCE_KEY]),
+                                       str(conf[protocol.STATE_RUN]), partition_id)
+        if protocol.RESUME_ROUND in conf and not list(context.state.keys()):
+            state_store.restore(context.state, cfg, saved, int(conf[protocol.RESUME_ROUND]))
+    boundary = to_state_dict(msg.content[protocol.BOUNDARY]) if protocol.BOUNDARY in msg.content else None
+    ends_experience = protocol.EXPERIENCE_END in conf and server_round == int(conf[protocol.EXPERIENCE_END])
+    weights, metrics = learner.train_round(to_state_dict(msg.content[protocol.ARRAYS]), int(conf[protocol.EXPERIENCE]),
                                            server_round, boundary, ends_experience, copy=False)
     arrays = from_state_dict(weights)  # at once: the weights are the worker model's own (copy=False)
     if saved is not None:
-        state_store.save(context.state, cfg, saved, server_round, int(conf[state_store.SAVED_ROUND_KEY]))
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+        state_store.save(context.state, cfg, saved, server_round, int(conf[protocol.SAVED_ROUND]))
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

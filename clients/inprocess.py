@@ -27,6 +27,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from lifelong.bridges.flower import protocol
+
 log = logging.getLogger("lifelong.clients")
 
 
@@ -80,7 +82,7 @@ class InProcessGrid(Grid):
         if node_id not in self.contexts:
             pid = self.partitions[node_id]
             self.contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id,
-                                             node_config={"partition-id": pid, "num-partitions": self.num_nodes},
+                                             node_config={protocol.NODE_PARTITION_ID: pid, protocol.NUM_PARTITIONS: self.num_nodes},
                                              state=RecordDict(), run_config={})
         return self.contexts[node_id]
 

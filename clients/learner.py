@@ -40,65 +40,20 @@ public); its training loss is not, so the client does not send it (NaN). The sha
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from avalanche.core import SupervisedPlugin
-from avalanche.training import Naive
-from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from flwr.app import RecordDict
 
+from lifelong.bridges.avalanche.learners import quiet_avalanche_deprecations, resolve_device
+from lifelong.bridges.avalanche.oneprompt import seen_classes
+from lifelong.bridges.avalanche.plugin import build_regularizer
+from lifelong.bridges.avalanche.worker import ClientReplayBuffer, Worker, seed_round, worker_for, workers
+from lifelong.bridges.flower import protocol
 from lifelong.clients import state as st
 from lifelong.config import Config, ReplaySpec
-from lifelong.bridges.avalanche.learners import build_learner, quiet_avalanche_deprecations, resolve_device
-from lifelong.bridges.avalanche.oneprompt import OnePromptPlugin, seen_classes
-from lifelong.bridges.avalanche.plugin import RegularizerPlugin, build_regularizer
-from lifelong.bridges.avalanche.sample_dp import SampleDPPlugin, sample_dp_config
-from lifelong.tasks.models import build_stream_model
-from lifelong.tasks.partition import experience_labels, experience_seed, partition
-from lifelong.tasks.streams import Stream, build_stream, experience_share
-
-#: Reply metric: the client's sample-level epsilon so far (under ``[privacy.sample]`` only).
-SAMPLE_EPSILON = "sample-epsilon"
-#: Reply metric: 1 when OnePrompt's VOR phase ran in the round, else 0 (``oneprompt`` only).
-VOR_RAN = "vor-ran"
-
-# Read-only data, cached per process: a stream's client split depends only on the config.
-_SHARES: dict[tuple, list[torch.Tensor]] = {}
-# Clients' shares of one experience as Avalanche experiences (read-only too: a training round
-# reads its share, never changes it), built once per process and experience, not every round.
-_SHARE_EXPERIENCES: dict[tuple, tuple[Stream, dict[int, object]]] = {}
-
-
-def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
-    """Every client's sample indices in ``experience`` (the same in every process)."""
-    key = _split_key(cfg, experience)
-    if key not in _SHARES:
-        fed = cfg.federated
-        labels = experience_labels(stream.train_stream[experience])
-        _SHARES[key] = partition(labels, fed.clients, fed.partition, fed.alpha, fed.shards_per_client,
-                                 seed=experience_seed(cfg.seed, experience))
-    return _SHARES[key]
-
-
-def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
-    """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
-    split = (_split_key(cfg, experience), id(stream))
-    if split not in _SHARE_EXPERIENCES:
-        _SHARE_EXPERIENCES.clear()  # one experience's shares at a time
-        _SHARE_EXPERIENCES[split] = (stream, {})  # (the stream kept: its id is not reused meanwhile)
-    shares = _SHARE_EXPERIENCES[split][1]
-    if partition_id not in shares:
-        indices = client_indices(cfg, stream, experience)[partition_id]
-        shares[partition_id] = experience_share(stream, experience, indices)
-    return shares[partition_id]
-
-
-def _split_key(cfg: Config, experience: int) -> tuple:
-    fed = cfg.federated
-    return (cfg.stream, cfg.seed, fed.clients, fed.partition, fed.alpha, fed.shards_per_client, experience)
+from lifelong.tasks.partition import client_indices, client_share
+from lifelong.tasks.streams import Stream, build_stream
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -106,177 +61,10 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0] % 2**31)
 
 
-def seed_round(seed: int) -> None:
-    """Avalanche's ``RNGManager.set_random_seeds``, without its CUDA generators where CUDA is not
-    available: there, torch defers each CUDA seed to an initialisation that never comes and
-    formats a stack trace for it, a sizeable part of a small client round's fixed cost
-    (``python -m bench federated``). Where CUDA is available, every generator is seeded."""
-    for name, generator in RNGManager.random_generators.items():
-        if name != "torch.cuda" or torch.cuda.is_available():
-            generator["seed"](seed)
-
-
 def noise_seed(seed: int, server_round: int, partition_id: int) -> int:
     """The seed of a client's DP-SGD noise in a round: another stream than :func:`round_seed`'s,
     so the noise is not drawn from the same sequence as the Poisson batches."""
     return int(np.random.SeedSequence([seed, server_round, partition_id, 1]).generate_state(1)[0] % 2**31)
-
-
-class _LossMeter(SupervisedPlugin):
-    checkpoint_stateless = True  # nothing of its own to checkpoint (bridges/avalanche/checkpoint.py)
-
-    def __init__(self):
-        super().__init__()
-        self.total, self.count = 0.0, 0
-
-    def after_training_iteration(self, strategy, **kwargs):
-        n = len(strategy.mb_y)
-        self.total += float(strategy.loss.detach()) * n
-        self.count += n
-
-
-class _SilentEvaluator(EvaluationPlugin):
-    """An evaluator that takes no part in training callbacks.
-
-    Avalanche's template needs an ``EvaluationPlugin``, but a client computes no Avalanche metrics
-    (the server evaluates the global model). The stock plugin forwards every ``before_*`` and
-    ``after_*`` callback to its metrics and, even with none, first builds a logging view of the
-    experience: about a tenth of a small client round (measured with cProfile on the bench
-    workload). Here callbacks resolve to a no-op; everything else is the stock plugin.
-    """
-
-    def __getattribute__(self, item: str):
-        if item.startswith(("before_", "after_")):
-            return _no_callback
-        return super().__getattribute__(item)
-
-
-def _no_callback(strategy, **kwargs) -> None:
-    return None
-
-
-class _ShareBatches(SupervisedPlugin):
-    """Feeds the strategy the client's share as tensor minibatches: a permutation from the
-    round's seeded RNG, sliced into batches, as a bare PyTorch loop does.
-
-    Written here because Avalanche has no batched path for in-memory tensors: its loader fetches
-    and collates sample by sample through the dataset's index chain and builds task-balanced
-    iterators every epoch, which on a client's small share costs a sizeable part of the round's
-    training (``python -m bench federated``). Used only when no plugin brings its own loader
-    (replay's, Opacus' Poisson sampling); it takes the place of the loader Avalanche would make
-    (``WorkerNaive`` then makes none).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.tensors: tuple[torch.Tensor, ...] = ()
-
-    def before_training_exp(self, strategy, **kwargs):
-        strategy.dataloader = _TensorBatches(self.tensors, strategy.train_mb_size)
-
-
-class WorkerNaive(Naive):
-    """Avalanche's ``Naive`` for a worker's strategy, which trains one client after another.
-
-    Before every ``train()`` Avalanche adapts the model to the experience (growing dynamic
-    modules for unseen tasks, marking the classes a head has seen), re-maps the optimizer onto
-    the model's parameters, and builds a dataloader. A worker's model has every head of the
-    stream, sized and masked for every task, from the start (``build_stream_model``), and the
-    worker keeps its model, parameters and optimizer for life (Opacus swaps the optimizer only
-    after the check and puts it back after training): once the first round has run those
-    checks, later ones find nothing to add or change (tested: under ``Naive`` every later check
-    leaves weights, masks, parameters and optimizer as they were, and the weights are the same
-    bit for bit), yet cost ~0.5 ms a client round, a twentieth of a small round's training
-    (``python -m bench federated``). So they run again only when the model, its parameters or
-    the optimizer are other objects than last time; and the dataloader is not built when the
-    share comes as tensor batches (``_ShareBatches``), which replace it before it is read.
-
-    The premise holds because every model the server sends carries the stream's full class masks
-    (``active_units_T<t>``, set by ``build_stream_model``; clients return them as received, and
-    FedAvg, user-level DP and the server optimizers keep a non-float tensor every client returned
-    unchanged); a round on a model whose masks were cleared would, under ``Naive``, have them set
-    again, here not.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._checked: tuple = ()  # the model, optimizer and parameters the last check saw
-        self.loader_replaced = any(isinstance(p, _ShareBatches) for p in self.plugins)
-
-    def check_model_and_optimizer(self, **kwargs):
-        current = (self.model, self.optimizer, *self.model.parameters())
-        if len(current) != len(self._checked) or any(a is not b for a, b in zip(current, self._checked)):
-            super().check_model_and_optimizer(**kwargs)
-            self._checked = (self.model, self.optimizer, *self.model.parameters())
-
-    def make_train_dataloader(self, **kwargs):
-        if not self.loader_replaced:
-            super().make_train_dataloader(**kwargs)
-
-
-@dataclass
-class _TensorBatches:
-    tensors: tuple[torch.Tensor, ...]
-    batch_size: int
-
-    def __len__(self) -> int:
-        return -(-len(self.tensors[0]) // self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.tensors[0]))
-        for i in range(0, len(order), self.batch_size):
-            sel = order[i:i + self.batch_size]
-            yield [a[sel] for a in self.tensors]
-
-
-@dataclass
-class _Worker:
-    """The training machinery (model, Avalanche strategy, plugins) for one config.
-
-    Like a pfl-research worker, it is built once per process and lent to each client in turn:
-    every round loads the client's weights, regulariser state and replay memory into it from
-    the client's ``Context.state``, so it holds nothing of any client between rounds. Building
-    an Avalanche strategy per client round would cost more than the round's training.
-    """
-
-    model: torch.nn.Module
-    strategy: object
-    regularizers: list[RegularizerPlugin]
-    replay: ReplayPlugin | None
-    meter: _LossMeter
-    #: Opacus DP-SGD under ``[privacy.sample]``; reset to the client's own accountant every round.
-    dp: SampleDPPlugin | None = None
-    #: OnePrompt (``oneprompt``); readied for each client's round from the round itself.
-    oneprompt: OnePromptPlugin | None = None
-    #: The share as tensor batches (None when replay or Opacus bring their own loader).
-    batches: _ShareBatches | None = None
-
-
-_WORKERS: dict[str, _Worker] = {}
-
-
-def worker_for(cfg: Config, stream: Stream) -> _Worker:
-    key = cfg.model_dump_json()
-    if key not in _WORKERS:
-        spec = cfg.strategies[0]
-        model = build_stream_model(cfg.model, stream)  # the server's keys: every task's head already
-        model.to(resolve_device(cfg.training.device))
-        meter = _LossMeter()
-        with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
-            warnings.simplefilter("ignore", UserWarning)
-            evaluator = _SilentEvaluator(loggers=[])
-        memory = st.ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
-        batches = _ShareBatches() if memory is None and sample_dp_config(cfg) is None else None
-        strategy = build_learner(spec, model, cfg.training, [meter, *([batches] if batches else [])], evaluator,
-                                 stream.n_classes, cfg.seed, consolidate=False, storage_policy=memory,
-                                 sample_dp=sample_dp_config(cfg), template=WorkerNaive)
-        _WORKERS.clear()  # one config at a time per process
-        plugins = strategy.plugins
-        _WORKERS[key] = _Worker(model, strategy, [p for p in plugins if isinstance(p, RegularizerPlugin)],
-                                next((p for p in plugins if isinstance(p, ReplayPlugin)), None), meter,
-                                next((p for p in plugins if isinstance(p, SampleDPPlugin)), None),
-                                next((p for p in plugins if isinstance(p, OnePromptPlugin)), None), batches)
-    return _WORKERS[key]
 
 
 def frozen_keys(cfg: Config, stream: Stream) -> frozenset[str]:
@@ -332,13 +120,13 @@ class ClientLearner:
             new, metrics = self._train_round(worker, weights, experience, server_round, boundary, staged,
                                              ends_experience)
         except BaseException:
-            _WORKERS.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
+            workers.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
             raise
         for key in list(staged.keys()):
             self.state[key] = staged[key]
         return {k: v.clone() if copy else v for k, v in new.items()}, metrics
 
-    def _train_round(self, worker: _Worker, weights, experience: int, server_round: int, boundary,
+    def _train_round(self, worker: Worker, weights, experience: int, server_round: int, boundary,
                      staged: RecordDict, ends_experience: bool):
         cfg, stream, model = self.cfg, self.stream, worker.model
         model.load_state_dict(boundary if boundary is not None else weights)
@@ -354,7 +142,7 @@ class ClientLearner:
             worker.regularizers[i].regularizer = reg
         memory = None
         if worker.replay is not None:
-            memory = st.ClientReplayBuffer(self.spec.mem_size)
+            memory = ClientReplayBuffer(self.spec.mem_size)
             saved = st.read_tensors(self.state, st.REPLAY)
             if saved:
                 memory.load_state_dict(saved)
@@ -394,15 +182,15 @@ class ClientLearner:
         for i, reg in enumerate(regularizers):  # e.g. center loss moves its centers while training
             st.write_tensors(staged, st.reg_key(i), reg.state_dict())
         st.write_progress(staged, experience, progress["consolidated"])
-        metrics = {"num-examples": len(share.dataset),
-                   "train-loss": worker.meter.total / max(worker.meter.count, 1),
-                   "partition-id": self.pid, "experience": experience}
+        metrics = {protocol.NUM_EXAMPLES: len(share.dataset),
+                   protocol.TRAIN_LOSS: worker.meter.total / max(worker.meter.count, 1),
+                   protocol.PARTITION_ID: self.pid, protocol.EXPERIENCE: experience}
         if worker.oneprompt is not None:
-            metrics[VOR_RAN] = int(bool(worker.oneprompt.last_vor))
+            metrics[protocol.VOR_RAN] = int(bool(worker.oneprompt.last_vor))
         if worker.dp is not None:
             st.write_accountant(staged, worker.dp.engine.accountant.history)
-            metrics[SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon
-            metrics["train-loss"] = float("nan")  # computed on the data without noise (docstring)
+            metrics[protocol.SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon
+            metrics[protocol.TRAIN_LOSS] = float("nan")  # computed on the data without noise (docstring)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
     def _consolidate(self, experience: int, model, regularizers, memory, staged: RecordDict) -> None:

@@ -16,10 +16,8 @@ client's continual-learning memory lives there and nowhere else:
 from __future__ import annotations
 
 import torch
-from avalanche.training.storage_policy import ExperienceBalancedBuffer
 from flwr.app import ConfigRecord, RecordDict
 
-from lifelong.bridges.avalanche.checkpoint import buffer_state, load_buffer_state
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
 PROGRESS = "progress"
@@ -66,32 +64,3 @@ def write_accountant(state: RecordDict, history) -> None:
     state[SAMPLE_DP] = ConfigRecord({"noise_multiplier": [float(z) for z, _, _ in history],
                                      "sample_rate": [float(q) for _, q, _ in history],
                                      "steps": [int(n) for _, _, n in history]})
-
-
-class ClientReplayBuffer(ExperienceBalancedBuffer):
-    """Avalanche's experience-balanced reservoir buffer, updated only when the client says so.
-
-    A client trains one experience over several rounds; Avalanche's ``ReplayPlugin`` would add the
-    experience to the memory at the end of every round. The client adds it once, at the boundary.
-    """
-
-    def __init__(self, max_size: int):
-        super().__init__(max_size, adaptive_size=True)
-        self.frozen = True
-
-    def post_adapt(self, agent, exp):
-        if not self.frozen:
-            super().post_adapt(agent, exp)
-
-    def add_experience(self, exp) -> None:
-        self.frozen = False
-        try:
-            super().post_adapt(None, exp)
-        finally:
-            self.frozen = True
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return buffer_state(self)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_buffer_state(self, state)

@@ -5,14 +5,14 @@ that runs the client: our in-process grid, the Ray engine, a SuperNode — possi
 machine. A resumed run is a new Flower run (fresh, empty contexts), so each client persists its
 own records, and the server, which cannot reach them, only says which round they must match:
 
-* every train message of a checkpointed run carries the run key (``RUN_KEY``, the MLflow run id)
-  and the last round the server has durably checkpointed (``SAVED_ROUND_KEY``);
+* every train message of a checkpointed run carries the run key (``protocol.STATE_RUN``, the MLflow run id)
+  and the last round the server has durably checkpointed (``protocol.SAVED_ROUND``);
 * after a successful round r the client (one whose learner keeps state: ``ClientLearner.keeps_state``;
   a plain fine-tuner reads nothing back) writes its records to
   ``<root>/<run>/<partition-id>/round-<r>.pt`` (atomically) and deletes its files older than the
   newest one at or below the server's checkpointed round — at most one file more than needed:
   the server may die after the client's round r and before its own checkpoint of r;
-* a resumed run's messages also carry ``RESUME_ROUND_KEY``; a client whose ``Context.state`` is
+* a resumed run's messages also carry ``protocol.RESUME_ROUND``; a client whose ``Context.state`` is
   empty (every client of the new Flower run, until it trains) loads its newest file at or below
   that round — or starts empty if it had not trained by then — and deletes the newer ones, which
   the resumed run redoes.
@@ -33,17 +33,13 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 from lifelong.checkpoints import ResumeError, config_fingerprint, read_checkpoint, write_checkpoint
 from lifelong.config import Config
 from lifelong.env import state_dir
-from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 
-#: Keys of the train message's config record (set by the server, ``flows/federated.py``).
-RUN_KEY = "state-run"
-SAVED_ROUND_KEY = "checkpointed-round"
-RESUME_ROUND_KEY = "resume-round"
-#: Where a node keeps its state: node config key, then environment variable.
-NODE_CONFIG_KEY = "client-state-dir"
+#: Where a node keeps its state: node config key (protocol.NODE_STATE_DIR), then environment variable.
 ENV_VAR = "LIFELONG_CLIENT_STATE_DIR"
 #: How a client's refusal starts, so that the server recognises it in an error reply.
 REFUSED = "refused client state"
@@ -52,7 +48,7 @@ _FILE = re.compile(r"round-(\d+)\.pt")
 
 
 def state_root(node_config: dict | None = None) -> Path:
-    configured = (node_config or {}).get(NODE_CONFIG_KEY) or os.environ.get(ENV_VAR)
+    configured = (node_config or {}).get(protocol.NODE_STATE_DIR) or os.environ.get(ENV_VAR)
     return Path(str(configured)).resolve() if configured else state_dir() / "client-state"
 
 

@@ -110,9 +110,9 @@ def check_auditable(cfg: Config) -> list[str]:
 
 def target_batch(cfg: Config, samples: int):
     """The global model and client 0's first ``samples`` samples of experience 0."""
-    from lifelong.clients.learner import client_indices
     from lifelong.flows.federated import initial_weights
     from lifelong.tasks.models import build_model
+    from lifelong.tasks.partition import client_indices
     from lifelong.tasks.streams import build_stream
 
     if samples < 1:

@@ -20,7 +20,6 @@ seeded per round, so round r+1 after a resume draws what it would have drawn.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, learner_state

@@ -22,18 +22,18 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from lifelong import registry, tracking
-from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
-from lifelong.config import Config, JointSpec, strategy_label, validate_config
-from lifelong.env import default_tracking_uri
-from lifelong.progress import EpochProgressPlugin, Progress
+from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, load_learner_state
 from lifelong.bridges.avalanche.learners import (
     build_learner,
     quiet_avalanche_deprecations,
     resolve_device,
 )
-from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, load_learner_state
-from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from lifelong.bridges.avalanche.sample_dp import sample_dp_config
+from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
+from lifelong.config import Config, JointSpec, strategy_label, validate_config
+from lifelong.env import default_tracking_uri
+from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
+from lifelong.progress import EpochProgressPlugin, Progress
 from lifelong.tasks.data import load_npz
 from lifelong.tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary

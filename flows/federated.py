@@ -48,31 +48,31 @@ from flwr.serverapp import Grid, ServerApp
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from lifelong import registry, tracking
+from lifelong.bridges.avalanche.learners import resolve_device
+from lifelong.bridges.avalanche.oneprompt import seen_classes
+from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.dp_fedavg import AdaptiveClipping, UserLevelDP
+from lifelong.bridges.flower.fedavg import ContinualFedAvg
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.checkpoints import ResumeError
 from lifelong.clients import state_store
-from lifelong.clients.app import CONFIG_KEY, EXPERIENCE_END_KEY, EXPERIENCE_KEY, ROUND_OFFSET_KEY
-from lifelong.clients.learner import client_indices, frozen_keys
+from lifelong.clients.learner import frozen_keys
+from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
+from lifelong.env import default_tracking_uri
 from lifelong.flows.checkpoints import (
     checkpoint_file,
     load_round,
     restore_server,
     save_round,
 )
-from lifelong import registry, tracking
-from lifelong.checkpoints import ResumeError
-from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
-from lifelong.env import default_tracking_uri
-from lifelong.progress import Progress
-from lifelong.bridges.avalanche.learners import resolve_device
 from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
-from lifelong.bridges.flower.dp_fedavg import AdaptiveClipping, UserLevelDP
-from lifelong.bridges.flower.fedavg import ContinualFedAvg
-from lifelong.bridges.avalanche.oneprompt import seen_classes
-from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.progress import Progress
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 from lifelong.tasks.evaluation import evaluate, evaluated_experiences
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from lifelong.tasks.models import build_stream_model
-from lifelong.tasks.partition import PartitionError, class_histograms, experience_labels
+from lifelong.tasks.partition import PartitionError, class_histograms, client_indices, experience_labels
 from lifelong.tasks.streams import Stream, build_stream
 
 #: Per-client histograms are plotted for at most this many clients (all are in the table).
@@ -250,9 +250,9 @@ class ServerLoop:
                     self.progress.experience_done(e, float(np.mean(row[: e + 1])))
             self.last_evaluated = self.done_rounds
         if self.checkpoint is not None:
-            self.client_keys = {state_store.RUN_KEY: self.run_id, state_store.SAVED_ROUND_KEY: self.done_rounds}
+            self.client_keys = {protocol.STATE_RUN: self.run_id, protocol.SAVED_ROUND: self.done_rounds}
             if resume is not None:
-                self.client_keys[state_store.RESUME_ROUND_KEY] = self.done_rounds
+                self.client_keys[protocol.RESUME_ROUND] = self.done_rounds
 
     def run(self, grid: Grid, resume: dict | None = None) -> FederatedResult:
         self._restore(resume)
@@ -261,8 +261,9 @@ class ServerLoop:
             for e in range(self.done_rounds // fed.rounds, self.n_exp):
                 self.strategy.round_offset = max(e * fed.rounds, self.done_rounds)
                 self.train_config = ConfigRecord({
-                    EXPERIENCE_KEY: e, ROUND_OFFSET_KEY: self.strategy.round_offset, CONFIG_KEY: self.config_json,
-                    **self.client_keys, EXPERIENCE_END_KEY: (e + 1) * fed.rounds})
+                    protocol.EXPERIENCE: e, protocol.ROUND_OFFSET: self.strategy.round_offset,
+                    protocol.RUN_CONFIG: self.config_json, **self.client_keys,
+                    protocol.EXPERIENCE_END: (e + 1) * fed.rounds})
                 result = self.strategy.start(
                     grid, self.arrays, num_rounds=(e + 1) * fed.rounds - self.strategy.round_offset,
                     timeout=fed.round_timeout, train_config=self.train_config,
@@ -307,8 +308,8 @@ class ServerLoop:
             save_round(self.checkpoint, self.cfg, self.run_id, rnd, arrays, self.strategy, self.trace, self.rows,
                        self.logger.pending())
             # From the next round on, clients may drop their state of rounds before this one.
-            self.client_keys[state_store.SAVED_ROUND_KEY] = rnd
-            self.train_config[state_store.SAVED_ROUND_KEY] = rnd  # the record Flower sends every round
+            self.client_keys[protocol.SAVED_ROUND] = rnd
+            self.train_config[protocol.SAVED_ROUND] = rnd  # the record Flower sends every round
         self.logger.flush_if_older(FLUSH_EVERY_S)
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
 

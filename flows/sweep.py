@@ -32,12 +32,20 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
+from lifelong import tracking
+from lifelong.config import (
+    Config,
+    ConfigError,
+    apply_override,
+    load_config,
+    read_toml,
+    strategy_label,
+    validate_config,
+)
+from lifelong.env import default_tracking_uri
 from lifelong.flows.continual import continual_flow
 from lifelong.flows.federated import privacy_plan, run_federated
 from lifelong.flows.multitask import multitask_flow
-from lifelong import tracking
-from lifelong.config import Config, ConfigError, apply_override, load_config, read_toml, strategy_label, validate_config
-from lifelong.env import default_tracking_uri
 
 METRICS = ("avg_accuracy", "avg_forgetting", "min_acc", "wc_acc")
 #: Federated rows; the last two are the same for every seed and shown without ± (n/a without DP).

@@ -357,7 +357,9 @@ class FederatedConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "FederatedConfig":
         if self.server_optimizer != "fedavg" or any(v is not None for v in self.server_hyperparameters.values()):
-            from lifelong.strategies.federated.server_optimizers import resolve_hyperparameters  # imports torch: only when needed
+            from lifelong.strategies.federated.server_optimizers import (
+                resolve_hyperparameters,  # imports torch: only when needed
+            )
 
             resolve_hyperparameters(self.server_optimizer, **self.server_hyperparameters)
         if not self.alpha > 0:

@@ -18,6 +18,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lifelong.config import Config
+from lifelong.tasks.streams import Stream, experience_share
+
 Method = Literal["iid", "dirichlet", "shards"]
 
 
@@ -82,3 +85,40 @@ def experience_seed(seed: int, experience: int) -> int:
 def experience_labels(experience) -> torch.Tensor:
     """An Avalanche experience's labels, without reading its inputs."""
     return torch.as_tensor(list(experience.dataset.targets), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- clients' shares of a stream
+# Read-only data, cached per process: a stream's client split depends only on the config.
+_SHARES: dict[tuple, list[torch.Tensor]] = {}
+# Clients' shares of one experience as Avalanche experiences (read-only too: a training round
+# reads its share, never changes it), built once per process and experience, not every round.
+_SHARE_EXPERIENCES: dict[tuple, tuple[Stream, dict[int, object]]] = {}
+
+
+def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
+    """Every client's sample indices in ``experience`` (the same in every process)."""
+    key = _split_key(cfg, experience)
+    if key not in _SHARES:
+        fed = cfg.federated
+        labels = experience_labels(stream.train_stream[experience])
+        _SHARES[key] = partition(labels, fed.clients, fed.partition, fed.alpha, fed.shards_per_client,
+                                 seed=experience_seed(cfg.seed, experience))
+    return _SHARES[key]
+
+
+def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
+    """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
+    split = (_split_key(cfg, experience), id(stream))
+    if split not in _SHARE_EXPERIENCES:
+        _SHARE_EXPERIENCES.clear()  # one experience's shares at a time
+        _SHARE_EXPERIENCES[split] = (stream, {})  # (the stream kept: its id is not reused meanwhile)
+    shares = _SHARE_EXPERIENCES[split][1]
+    if partition_id not in shares:
+        indices = client_indices(cfg, stream, experience)[partition_id]
+        shares[partition_id] = experience_share(stream, experience, indices)
+    return shares[partition_id]
+
+
+def _split_key(cfg: Config, experience: int) -> tuple:
+    fed = cfg.federated
+    return (cfg.stream, cfg.seed, fed.clients, fed.partition, fed.alpha, fed.shards_per_client, experience)

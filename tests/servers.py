@@ -20,7 +20,14 @@ import sys
 from pathlib import Path
 from typing import Self
 
-from lifelong.cli.supervisor import Process, create_mlflow_schema, free_port, group_members, http_ok, processes
+from lifelong.cli.supervisor import (
+    Process,
+    create_mlflow_schema,
+    free_port,
+    group_members,
+    http_ok,
+    processes,
+)
 
 __all__ = ["MlflowServer", "group_alive", "processes_mentioning"]
 

@@ -18,11 +18,12 @@ from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.plugins.clock import Clock
-from avalanche.training.templates.base_sgd import PeriodicEval
 from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
+from avalanche.training.templates.base_sgd import PeriodicEval
 
 from lifelong.bridges.avalanche.plugin import RegularizerPlugin
 from lifelong.tasks.streams import samples_dataset
+
 
 def _stateless(plugin) -> bool:
     """A plugin with no state of its own across experiences: Avalanche's clock (its state is

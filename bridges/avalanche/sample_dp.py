@@ -74,6 +74,7 @@ from lifelong.bridges.avalanche.plugin import RegularizerPlugin
 from lifelong.privacy.sample_level import ExperienceReport, SampleDPConfig, SampleDPError, per_layer_bounds
 from lifelong.strategies.regularizers.base import Regularizer
 
+
 def check_regularizer(regularizer, name: str | None = None) -> None:
     """Refuse a regulariser whose penalty or state reads data that DP-SGD does not protect: what its
     catalogue entry says (lifelong/catalogue.py, ``sample_dp_refusal``); one not in the catalogue is

@@ -43,8 +43,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from lifelong.privacy.clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
+from lifelong.bridges.flower import protocol
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.privacy.clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class UserLevelDP(Strategy):
         keys = self._private
         clipped, norms, hit = [], [], 0
         for msg in valid:
-            new = to_state_dict(msg.content["arrays"])
+            new = to_state_dict(msg.content[protocol.ARRAYS])
             update = [(new[k] - self._current[k]).float() for k in keys]
             result = clip_update(update, self.clip, self.mode, allocation=self.allocation
                                  if self.mode in ("per_layer", "per_layer_normalize") else None)

@@ -31,7 +31,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from lifelong.bridges.flower.records import from_numpy, from_state_dict, to_numpy, to_state_dict, weighted_mean
+from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.records import (
+    from_numpy,
+    from_state_dict,
+    to_numpy,
+    to_state_dict,
+    weighted_mean,
+)
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 
 log = logging.getLogger("lifelong.federated")
@@ -51,9 +58,10 @@ class ClientOutcome:
 
 
 def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    total = sum(float(r["metrics"][weighted_by_key]) for r in records)
-    loss = sum(float(r["metrics"]["train-loss"]) * float(r["metrics"][weighted_by_key]) for r in records)
-    return MetricRecord({"train-loss": loss / total if total else float("nan")})
+    total = sum(float(r[protocol.METRICS][weighted_by_key]) for r in records)
+    loss = sum(float(r[protocol.METRICS][protocol.TRAIN_LOSS]) * float(r[protocol.METRICS][weighted_by_key])
+               for r in records)
+    return MetricRecord({protocol.TRAIN_LOSS: loss / total if total else float("nan")})
 
 
 class ContinualFedAvg(FedAvg):
@@ -84,10 +92,10 @@ class ContinualFedAvg(FedAvg):
         size = min(max(int(self.min_available_nodes * self.fraction_train), self.min_train_nodes), len(nodes))
         rng = random.Random(f"{self.seed}/{self.round_offset + server_round}")
         self._sent = rng.sample(nodes, size)
-        config["server-round"] = server_round
+        config[protocol.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         if self.boundary is not None:
-            record["boundary"] = self.boundary
+            record[protocol.BOUNDARY] = self.boundary
         return self._construct_messages(record, self._sent, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -102,7 +110,7 @@ class ContinualFedAvg(FedAvg):
         # (``bridges/flower/records.py``): the replies were checked and logged by record_replies.
         contents = [msg.content for msg in valid]
         aggregated = weighted_mean([c[self.arrayrecord_key] for c in contents],
-                                   [c["metrics"][self.weighted_by_key] for c in contents])
+                                   [c[protocol.METRICS][self.weighted_by_key] for c in contents])
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return self.server_step(self.mend_mean(aggregated, valid)), metrics
 
@@ -147,13 +155,13 @@ class ContinualFedAvg(FedAvg):
         rnd = self.round_offset + server_round
         valid, errors = self._check_and_log_replies(replies, is_train=True)
         for msg in valid:
-            m = msg.content["metrics"]
+            m = msg.content[protocol.METRICS]
             node = msg.metadata.src_node_id
-            self._partition_of[node] = int(m["partition-id"])
-            self.outcomes.append(ClientOutcome(rnd, node, int(m["partition-id"]), "ok",
-                                               int(m[self.weighted_by_key]), float(m["train-loss"]),
-                                               sample_epsilon=float(m["sample-epsilon"])
-                                               if "sample-epsilon" in m else None))
+            self._partition_of[node] = int(m[protocol.PARTITION_ID])
+            self.outcomes.append(ClientOutcome(rnd, node, int(m[protocol.PARTITION_ID]), "ok",
+                                               int(m[self.weighted_by_key]), float(m[protocol.TRAIN_LOSS]),
+                                               sample_epsilon=float(m[protocol.SAMPLE_EPSILON])
+                                               if protocol.SAMPLE_EPSILON in m else None))
         for msg in errors:
             node = msg.metadata.src_node_id
             log.warning("round %d: client %d (partition %s) failed: %s", rnd, node,
@@ -174,7 +182,7 @@ class ContinualFedAvg(FedAvg):
             return None
         # In partition order, not arrival order: float sums then do not depend on which client
         # finished first, so every backend (and every rerun) aggregates to the same bits.
-        valid.sort(key=lambda m: int(m.content["metrics"]["partition-id"]))
+        valid.sort(key=lambda m: int(m.content[protocol.METRICS][protocol.PARTITION_ID]))
         return valid
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:

@@ -19,7 +19,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lifelong.strategies.regularizers.base import Batches, Forward, named_params, pack, penalty_sum, plain_forward, unpack
+from lifelong.strategies.regularizers.base import (
+    Batches,
+    Forward,
+    named_params,
+    pack,
+    penalty_sum,
+    plain_forward,
+    unpack,
+)
 
 
 def empirical_fisher(model: nn.Module, batches: Batches, forward: Forward = plain_forward) -> dict[str, Tensor]:

@@ -122,8 +122,8 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     from client_apps import interrupting_app
 
     from lifelong.clients.state_store import saved_rounds, state_root
-    from lifelong.flows.federated import run_federated
     from lifelong.config import load_config
+    from lifelong.flows.federated import run_federated
 
     def config(db: str):
         return load_config(None, ['flow="federated"', "federated.clients=2", "stream.n_experiences=2",

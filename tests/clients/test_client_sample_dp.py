@@ -10,14 +10,15 @@ import math
 
 import pytest
 import torch
+from client_apps import interrupting_app
 from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
+from lifelong.bridges.flower.protocol import SAMPLE_EPSILON
 from lifelong.clients import state as st
-from client_apps import interrupting_app
-from lifelong.clients.learner import SAMPLE_EPSILON, ClientLearner, worker_for
-from lifelong.flows.federated import initial_weights, run_federated
+from lifelong.clients.learner import ClientLearner, worker_for
 from lifelong.config import ConfigError, load_config
+from lifelong.flows.federated import initial_weights, run_federated
 from lifelong.tracking import client_for
 
 Z, DELTA, BATCH = 1.1, 1e-3, 32

@@ -5,11 +5,11 @@ import torch
 from flwr.app import RecordDict
 
 from lifelong.clients import state as st
-from lifelong.clients.learner import ClientLearner, client_indices, frozen_keys
-from lifelong.flows.federated import initial_weights
+from lifelong.clients.learner import ClientLearner, frozen_keys
 from lifelong.config import load_config
+from lifelong.flows.federated import initial_weights
 from lifelong.strategies.regularizers.ewc import EWC
-from lifelong.tasks.partition import experience_labels
+from lifelong.tasks.partition import client_indices, experience_labels
 from lifelong.tasks.streams import build_stream
 
 
@@ -145,10 +145,10 @@ def test_only_learners_that_read_their_state_back_keep_it(strategy, keeps):
 
 
 def test_share_batches_cover_the_share_once_per_epoch_in_a_seeded_order():
-    from lifelong.clients.learner import _TensorBatches
+    from lifelong.bridges.avalanche.worker import TensorBatches
 
     x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
-    batches = _TensorBatches((x, y, torch.zeros(10, dtype=torch.long)), 4)
+    batches = TensorBatches((x, y, torch.zeros(10, dtype=torch.long)), 4)
     torch.manual_seed(0)
     first = list(batches)
     assert len(batches) == len(first) == 3 and [len(b[0]) for b in first] == [4, 4, 2]
@@ -286,7 +286,7 @@ def test_seed_round_draws_what_avalanches_rng_manager_draws():
     import torch
     from avalanche.training.determinism.rng_manager import RNGManager
 
-    from lifelong.clients.learner import seed_round
+    from lifelong.bridges.avalanche.worker import seed_round
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
@@ -316,7 +316,7 @@ def test_weights_returned_are_the_callers_own_unless_copy_is_false():
 
 
 def test_a_clients_share_is_built_once_per_experience():
-    from lifelong.clients.learner import client_share
+    from lifelong.tasks.partition import client_share
 
     cfg = config()
     s = build_stream(cfg.stream, cfg.seed)
@@ -344,7 +344,7 @@ def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
     from avalanche.training import Naive
     from avalanche.training.templates.observation_type.batch_observation import BatchObservation
 
-    from lifelong.clients import learner
+    from lifelong.bridges.avalanche import worker
 
     def snapshot(strategy):
         opt = strategy.optimizer
@@ -368,19 +368,19 @@ def test_the_workers_template_trains_as_avalanches_naive(monkeypatch, extra):
     n_exp = build_stream(cfg.stream, cfg.seed).n_experiences
 
     def rounds():
-        learner._WORKERS.clear()
+        worker.workers.clear()
         states = [RecordDict() for _ in range(2)]
         w, out = initial_weights(cfg), []
         for rnd, (exp, pid) in enumerate([(e, p) for e in range(min(n_exp, 3)) for p in (0, 1)], start=1):
             w, _ = ClientLearner(cfg, pid, states[pid]).train_round(w, exp, rnd, ends_experience=pid == 1)
             out.append(w)
-        return type(learner.worker_for(cfg, build_stream(cfg.stream, cfg.seed)).strategy), out
+        return type(worker.worker_for(cfg, build_stream(cfg.stream, cfg.seed)).strategy), out
 
     template, fast = rounds()
     fast_checks = len(checks)
-    monkeypatch.setattr(learner, "WorkerNaive", Naive)
+    monkeypatch.setattr(worker, "WorkerNaive", Naive)
     plain_template, plain = rounds()
-    learner._WORKERS.clear()
+    worker.workers.clear()
     assert (template.__name__, plain_template) == ("WorkerNaive", Naive)
     assert (fast_checks, len(checks) - fast_checks) == (1, len(fast))  # once, against every round
     assert len(changes) == len(fast) - 1 and not any(changes)  # Naive's later checks: no-ops

@@ -3,6 +3,7 @@
 import torch
 from flwr.app import RecordDict
 
+from lifelong.bridges.avalanche.worker import ClientReplayBuffer
 from lifelong.clients import state as st
 from lifelong.config import StreamConfig
 from lifelong.tasks.streams import build_stream, experience_share
@@ -20,10 +21,10 @@ def samples(buffer):
 def test_replay_memory_round_trip_keeps_samples_and_reservoir_weights():
     s = stream()
     torch.manual_seed(0)
-    mem = st.ClientReplayBuffer(12)
+    mem = ClientReplayBuffer(12)
     mem.add_experience(experience_share(s, 0, torch.arange(20)))
     mem.add_experience(experience_share(s, 1, torch.arange(20)))
-    back = st.ClientReplayBuffer(12)
+    back = ClientReplayBuffer(12)
     back.load_state_dict(mem.state_dict())
     assert sorted(back.buffer_groups) == [0, 1]
     for g in (0, 1):
@@ -36,9 +37,9 @@ def test_replay_memory_round_trip_keeps_samples_and_reservoir_weights():
 def test_restored_memory_evolves_exactly_like_the_original():
     s = stream()
     torch.manual_seed(1)
-    mem = st.ClientReplayBuffer(10)
+    mem = ClientReplayBuffer(10)
     mem.add_experience(experience_share(s, 0, torch.arange(30)))
-    back = st.ClientReplayBuffer(10)
+    back = ClientReplayBuffer(10)
     back.load_state_dict(mem.state_dict())
     for m in (mem, back):  # the same draws for the next experience: the same kept samples
         torch.manual_seed(2)
@@ -49,7 +50,7 @@ def test_restored_memory_evolves_exactly_like_the_original():
 
 def test_memory_is_not_updated_by_training_rounds():
     s = stream()
-    mem = st.ClientReplayBuffer(10)
+    mem = ClientReplayBuffer(10)
     mem.post_adapt(None, experience_share(s, 0, torch.arange(30)))  # what ReplayPlugin calls
     assert len(mem.buffer_groups) == 0
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
+from lifelong.bridges.flower.protocol import NODE_STATE_DIR
+from lifelong.checkpoints import ResumeError
 from lifelong.clients import state as st
 from lifelong.clients import state_store as ss
-from lifelong.checkpoints import ResumeError
 from lifelong.config import load_config
 
 
@@ -69,6 +70,6 @@ def test_the_state_root_is_the_nodes_then_the_environments_then_next_to_the_chec
     assert ss.state_root({}) == tmp_path / "home" / "client-state"
     monkeypatch.setenv(ss.ENV_VAR, str(tmp_path / "env"))
     assert ss.state_root({"partition-id": 0}) == tmp_path / "env"
-    assert ss.state_root({ss.NODE_CONFIG_KEY: str(tmp_path / "node")}) == tmp_path / "node"
+    assert ss.state_root({NODE_STATE_DIR: str(tmp_path / "node")}) == tmp_path / "node"
     with pytest.raises(ValueError, match="not a plain name"):
         ss.client_dir(tmp_path, "../elsewhere", 0)

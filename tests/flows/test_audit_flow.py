@@ -10,9 +10,16 @@ from flwr.app import RecordDict
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from lifelong.flows.audit import AttackSettings, AuditError, attack_cases, check_auditable, run_audit, target_batch
 from lifelong.cli.audit import audit
 from lifelong.config import load_config
+from lifelong.flows.audit import (
+    AttackSettings,
+    AuditError,
+    attack_cases,
+    check_auditable,
+    run_audit,
+    target_batch,
+)
 from lifelong.privacy.gradient_inversion import sgd_update
 
 app = typer.Typer(pretty_exceptions_enable=False)
@@ -72,8 +79,9 @@ def test_without_privacy_only_the_no_dp_case_is_audited(tmp_path):
 def test_the_attacked_update_is_what_a_one_step_client_sends(tmp_path):
     """With one plain SGD step on a share that fits one batch, ClientLearner's real update equals
     the audit's ``-lr * grad`` on that share (the attacker's model of the client is exact)."""
-    from lifelong.clients.learner import ClientLearner, client_indices
+    from lifelong.clients.learner import ClientLearner
     from lifelong.flows.federated import initial_weights
+    from lifelong.tasks.partition import client_indices
 
     cfg = load_config(_config(tmp_path), ["federated.clients=100", "training.epochs=1", "training.batch_size=16",
                                           'training.optimizer="sgd"', "training.momentum=0.0"])

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from client_apps import failing_client_app, interrupting_app, recording_app
 from typer.testing import CliRunner
 
-from client_apps import failing_client_app, interrupting_app, recording_app
-from lifelong.flows.federated import initial_weights, run_federated
 from lifelong.cli.main import app as cli
 from lifelong.config import load_config
+from lifelong.flows.federated import initial_weights, run_federated
 from lifelong.tracking import client_for, read_results
 
 pytestmark = pytest.mark.integration

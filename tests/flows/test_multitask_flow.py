@@ -88,8 +88,8 @@ def test_sequential_gcond_has_no_divisibility_constraint():
 def test_results_command_prints_a_multitask_runs_final_metrics(tmp_path):
     from typer.testing import CliRunner
 
-    from lifelong.flows.multitask import multitask_flow
     from lifelong.cli.main import app
+    from lifelong.flows.multitask import multitask_flow
 
     cfg, uri = tiny(tmp_path, "tracking.log_model=false", 'multitask.combiners=[{name="sum"}]')
     result = multitask_flow(cfg)

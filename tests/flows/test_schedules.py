@@ -16,9 +16,9 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
-from lifelong.flows import schedules as sched
 from lifelong.cli.schedule import app
 from lifelong.config import load_config, validate_config
+from lifelong.flows import schedules as sched
 from lifelong.tracking import client_for, read_results
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,9 +4,9 @@ epsilon and noise multiplier in the table, the accuracy-vs-epsilon plot in MLflo
 import pytest
 from typer.testing import CliRunner
 
-from lifelong.flows.sweep import _toml_value, read_variants, sweep_flow, variant_configs
 from lifelong.cli.main import app as cli
 from lifelong.config import ConfigError
+from lifelong.flows.sweep import _toml_value, read_variants, sweep_flow, variant_configs
 from lifelong.tracking import client_for, metric_key
 
 TINY = """# A tiny federated DP sweep

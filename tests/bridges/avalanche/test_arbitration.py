@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lifelong.config import ConfigError, load_config
 from lifelong.bridges.avalanche.arbitration import GCondArbitrationPlugin
+from lifelong.config import ConfigError, load_config
 from lifelong.strategies.combiners.gcond import GCond
 
 

@@ -12,6 +12,8 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, LwFPlugin, ReplayPlugin
 from torch import nn
 
+from lifelong.bridges.avalanche.learners import build_learner, quiet_avalanche_deprecations
+from lifelong.bridges.avalanche.plugin import RegularizerPlugin, avalanche_forward_fn, build_regularizer
 from lifelong.config import (
     CenterLossSpec,
     ConfigError,
@@ -23,11 +25,9 @@ from lifelong.config import (
     TrainingConfig,
     validate_config,
 )
-from lifelong.bridges.avalanche.learners import build_learner, quiet_avalanche_deprecations
 from lifelong.strategies.regularizers.center_loss import CenterLoss
 from lifelong.strategies.regularizers.ewc import EWC
 from lifelong.strategies.regularizers.l2 import L2
-from lifelong.bridges.avalanche.plugin import RegularizerPlugin, avalanche_forward_fn, build_regularizer
 from lifelong.tasks.models import build_model
 from lifelong.tasks.streams import build_stream
 

@@ -16,13 +16,8 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from torch import nn
 
-from lifelong.config import ModelConfig, StreamConfig
 from lifelong.bridges.avalanche.learners import quiet_avalanche_deprecations
-from lifelong.strategies.regularizers.center_loss import CenterLoss
-from lifelong.strategies.regularizers.ewc import EWC
-from lifelong.strategies.regularizers.l2 import L2
 from lifelong.bridges.avalanche.plugin import RegularizerPlugin
-from lifelong.strategies.regularizers.base import named_params
 from lifelong.bridges.avalanche.sample_dp import (
     PostNoiseRegularizerPlugin,
     SampleDPPlugin,
@@ -30,7 +25,12 @@ from lifelong.bridges.avalanche.sample_dp import (
     check_compatible,
     epsilon_for,
 )
+from lifelong.config import ModelConfig, StreamConfig
 from lifelong.privacy.sample_level import SampleDPConfig, SampleDPError, per_layer_bounds
+from lifelong.strategies.regularizers.base import named_params
+from lifelong.strategies.regularizers.center_loss import CenterLoss
+from lifelong.strategies.regularizers.ewc import EWC
+from lifelong.strategies.regularizers.l2 import L2
 from lifelong.tasks.models import build_model
 from lifelong.tasks.streams import build_stream
 

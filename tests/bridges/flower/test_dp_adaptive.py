@@ -7,10 +7,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from lifelong.clients.inprocess import InProcessGrid
-from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
 from lifelong.bridges.flower.dp_fedavg import AdaptiveClipping, UserLevelDP
 from lifelong.bridges.flower.fedavg import ContinualFedAvg
+from lifelong.clients.inprocess import InProcessGrid
+from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 
 
@@ -114,8 +114,8 @@ def test_bad_adaptive_clipping_keys_are_refused(extra, message):
 
 
 def test_a_count_noise_too_small_for_z_is_refused_before_the_run():
-    from lifelong.flows.federated import privacy_plan
     from lifelong.config import load_config
+    from lifelong.flows.federated import privacy_plan
 
     adaptive = ['privacy.clipping="flat"', "privacy.adaptive_clipping=true"]
     # Default sigma_b = 4 sampled / 20 = 0.2: 2 sigma_b = 0.4 must exceed z.

@@ -6,8 +6,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 
-from lifelong.clients.inprocess import InProcessGrid  # sets the task identity Messages are built with
 from lifelong.bridges.flower.fedavg import ContinualFedAvg
+from lifelong.clients.inprocess import InProcessGrid  # sets the task identity Messages are built with
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 
 

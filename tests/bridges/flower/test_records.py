@@ -11,7 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lifelong.bridges.flower.records import from_numpy, from_state_dict, to_numpy, to_state_dict, weighted_mean
+from lifelong.bridges.flower.records import (
+    from_numpy,
+    from_state_dict,
+    to_numpy,
+    to_state_dict,
+    weighted_mean,
+)
 
 DTYPES = st.sampled_from([np.float16, np.float32, np.float64, np.int8, np.int32, np.int64, np.uint8,
                           np.bool_, np.complex64, np.dtype(">f4"), np.dtype(">i8")])

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from lifelong.strategies.combiners.gradients import GradientCombiner, WeightedSum, flat_grad, task_gradients, write_grad
+from lifelong.strategies.combiners.gradients import (
+    GradientCombiner,
+    WeightedSum,
+    flat_grad,
+    task_gradients,
+    write_grad,
+)
 from lifelong.strategies.combiners.pcgrad import PCGrad
 
 D = torch.float64

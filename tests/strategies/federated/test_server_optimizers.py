@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from lifelong.strategies.federated.server_optimizers import ServerOptimizer, resolve_hyperparameters, trust_ratio
+from lifelong.strategies.federated.server_optimizers import (
+    ServerOptimizer,
+    resolve_hyperparameters,
+    trust_ratio,
+)
 
 T = torch.tensor
 
@@ -136,9 +140,9 @@ def test_keys_the_optimizer_does_not_use_are_refused_in_the_config():
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["fedadam", "lamb"])
 def test_a_short_federated_run_checkpoints_the_optimizer_state(tmp_path, monkeypatch, name):
-    from lifelong.flows.federated import run_federated
-    from lifelong.flows.checkpoints import checkpoint_file
     from lifelong.config import load_config
+    from lifelong.flows.checkpoints import checkpoint_file
+    from lifelong.flows.federated import run_federated
 
     monkeypatch.setenv("LIFELONG_HOME", str(tmp_path / "home"))
     cfg = load_config(None, [

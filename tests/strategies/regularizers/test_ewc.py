@@ -12,10 +12,10 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin, EWCPlugin
 from torch import nn
 
-from lifelong.config import ModelConfig, StreamConfig
 from lifelong.bridges.avalanche.learners import quiet_avalanche_deprecations
-from lifelong.strategies.regularizers.ewc import EWC, empirical_fisher
 from lifelong.bridges.avalanche.plugin import RegularizerPlugin, avalanche_forward_fn
+from lifelong.config import ModelConfig, StreamConfig
+from lifelong.strategies.regularizers.ewc import EWC, empirical_fisher
 from lifelong.tasks.evaluation import evaluate
 from lifelong.tasks.models import build_model
 from lifelong.tasks.streams import build_stream

@@ -1,0 +1,46 @@
+"""Every key of the messages between the ServerApp and the ClientApp, in one place.
+
+A train message carries the global model (``ARRAYS``), a config record (``CONFIG``) and, when
+clients consolidate with it, the model the previous experience ended with (``BOUNDARY``). The
+reply carries the client's model (``ARRAYS``) and a metric record (``METRICS``). Flower's own
+FedAvg names ``arrays``, ``config``, ``metrics``, ``server-round`` and the weighting key; the rest
+are Lifelong's.
+"""
+
+# --------------------------------------------------------------------------- records of a message
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+#: The global model at the end of the previous experience (sent when clients consolidate with it).
+BOUNDARY = "boundary"
+
+# --------------------------------------------------------------------------- the train config record
+#: The round within this ``strategy.start`` (Flower's FedAvg sets it; 1-based).
+SERVER_ROUND = "server-round"
+#: The run's whole config, as JSON (a client builds its learner from it).
+RUN_CONFIG = "lifelong-config"
+EXPERIENCE = "experience"
+#: The global round that ends the message's experience (its last round).
+EXPERIENCE_END = "experience-end-round"
+#: Rounds before this ``strategy.start``: the global round is ``ROUND_OFFSET + SERVER_ROUND``.
+ROUND_OFFSET = "round-offset"
+#: Checkpointed runs: the MLflow run id the client's saved state belongs to, the last round the
+#: server has durably checkpointed, and (a resumed run) the round to go on from.
+STATE_RUN = "state-run"
+SAVED_ROUND = "checkpointed-round"
+RESUME_ROUND = "resume-round"
+
+# --------------------------------------------------------------------------- the reply's metric record
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+TRAIN_LOSS = "train-loss"
+PARTITION_ID = "partition-id"
+#: The client's sample-level epsilon so far (under ``[privacy.sample]`` only).
+SAMPLE_EPSILON = "sample-epsilon"
+#: 1 when OnePrompt's VOR phase ran in the round, else 0 (``oneprompt`` only).
+VOR_RAN = "vor-ran"
+
+# --------------------------------------------------------------------------- a SuperNode's node config
+NODE_PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+#: Where a node keeps its clients' state.
+NODE_STATE_DIR = "client-state-dir"
