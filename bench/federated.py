@@ -30,13 +30,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.overhead import COUNT, count_step, start_prefect_api
+from bench.overhead import COUNT, count_step
+from bench.setup import bench_config, create_store, out_folder, start_prefect_api, store
 
 #: Bare and in-process runs, alternating: the pairs whose ratios' median is the figure.
 PAIRS = 21
@@ -93,19 +93,14 @@ def bare_loop(cfg) -> float:
 def run(out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
     import lifelong  # noqa: F401
-    from lifelong.config import load_config
     from lifelong.flows.federated import run_federated
-    from lifelong.tracking import client_for
     imports_s = time.perf_counter() - t
 
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-fed-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(out_dir / 'bench.db').resolve()}"
-    cfg = load_config("configs/federated.toml", [*OVERRIDES, f'tracking.uri="{uri}"',
-                                                 'tracking.experiment="bench-federated"'])
-
+    out_dir = out_folder(out_dir, "lifelong-bench-fed-")
+    uri = store(out_dir)
+    cfg = bench_config("configs/federated.toml", OVERRIDES, uri, "bench-federated")
     prefect_start_s = start_prefect_api()
-    client_for(uri).search_experiments()
+    create_store(uri)
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -208,12 +203,11 @@ def memory(out_dir: Path) -> dict:
 def _memory_child(n: int, out_dir: Path) -> dict:
     import lifelong  # noqa: F401
     from lifelong.clients.launch import inprocess_grid
-    from lifelong.config import load_config
     from lifelong.flows.federated import open_federated_run, serve
 
-    uri = f"sqlite:///{(out_dir / f'memory{n}.db').resolve()}"
-    cfg = load_config("configs/federated.toml", [*MEMORY_OVERRIDES, f"federated.clients={n}",
-                                                 f"federated.fraction={10 / n}", f'tracking.uri="{uri}"'])
+    uri = store(out_dir, f"memory{n}.db")
+    cfg = bench_config("configs/federated.toml", [*MEMORY_OVERRIDES, f"federated.clients={n}",
+                                                  f"federated.fraction={10 / n}"], uri)
     grid = inprocess_grid(cfg)
     run_id = open_federated_run(cfg, uri)
     before = _rss_mb("VmRSS")

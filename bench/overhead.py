@@ -10,30 +10,18 @@ the accuracy matrix after each experience). The bare loop has no Prefect, no Ava
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.setup import bench_config, create_store, out_folder, start_prefect_api, store
 
 COUNT = {"steps": 0}
 
 
 def count_step(optimizer, args, kwargs) -> None:
     COUNT["steps"] += 1
-
-
-def start_prefect_api() -> float:
-    """Run a no-op flow so Prefect's ephemeral API is up before anything is timed; its seconds."""
-    from prefect import flow
-
-    @flow(name="noop")
-    def noop() -> int:
-        return 1
-
-    t = time.perf_counter()
-    noop()
-    return time.perf_counter() - t
 
 
 def bare_loop(cfg) -> dict:
@@ -129,21 +117,15 @@ def prefect_share(cfg) -> dict:
 def run(config_path: str = "configs/default.toml", out_dir: Path | None = None) -> dict:
     t = time.perf_counter()
     import lifelong  # noqa: F401
-    from lifelong.config import load_config
     from lifelong.flows.continual import run_continual
     from lifelong.tasks.streams import _build_stream_cached
-    from lifelong.tracking import client_for
     imports_s = time.perf_counter() - t
 
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(out_dir / 'bench.db').resolve()}"
-    cfg = load_config(config_path, [f'tracking.uri="{uri}"', 'tracking.experiment="bench"'])
-
+    out_dir = out_folder(out_dir, "lifelong-bench-")
+    uri = store(out_dir)
+    cfg = bench_config(config_path, [], uri, "bench")
     prefect_start_s = start_prefect_api()
-    t = time.perf_counter()
-    client_for(uri).search_experiments()  # creates the SQLite store's tables
-    store_init_s = time.perf_counter() - t
+    store_init_s = create_store(uri)
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from bench.setup import bench_config, out_folder, store
 
 PRIVATE = {"flat": ['privacy.clipping="flat"'], "per_layer": ['privacy.clipping="per_layer"']}
 COMMON = ["privacy.clip=1.0", "privacy.noise_multiplier=0.5", "privacy.delta=1e-3"]
@@ -27,14 +28,13 @@ COMMON = ["privacy.clip=1.0", "privacy.noise_multiplier=0.5", "privacy.delta=1e-
 def federated_rounds(out_dir: Path) -> dict:
     import lifelong  # noqa: F401
     from lifelong.clients.launch import inprocess_grid
-    from lifelong.config import load_config
     from lifelong.flows.federated import open_federated_run, privacy_plan, serve
 
-    uri = f"sqlite:///{(out_dir / 'privacy.db').resolve()}"
-    base = ['tracking.log_model=false', 'tracking.log_plots=false', f'tracking.uri="{uri}"']
-    cfgs = {"off": load_config("configs/federated.toml", base)}
+    uri = store(out_dir, "privacy.db")
+    base = ['tracking.log_model=false', 'tracking.log_plots=false']
+    cfgs = {"off": bench_config("configs/federated.toml", base, uri)}
     for name, keys in PRIVATE.items():
-        cfgs[name] = load_config("configs/federated.toml", [*base, *keys, *COMMON])
+        cfgs[name] = bench_config("configs/federated.toml", [*base, *keys, *COMMON], uri)
 
     def rounds(cfg) -> float:
         run_id = open_federated_run(cfg, uri)
@@ -63,8 +63,7 @@ def federated_rounds(out_dir: Path) -> dict:
 
 def run(out_dir: Path | None = None) -> dict:
 
-    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="lifelong-bench-privacy-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_folder(out_dir, "lifelong-bench-privacy-")
     sample = {m: opacus_steps(model=m) for m in ("mlp", "cnn")}
     return {"user_level": federated_rounds(out_dir),
             "sample_level_s_per_step": sample,

@@ -33,9 +33,10 @@ Kind = Literal["strategy", "regularizer", "combiner", "server_optimizer", "clipp
 
 
 class Section(BaseModel):
-    """A config section: unknown keys refused, values frozen."""
+    """A config section: unknown keys refused, values frozen; a key with an alias (``lambda``, a
+    Python keyword, for ``lam``) is accepted under either name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,6 @@ class Component:
 class EWCSpec(Section):
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["ewc"]
     lam: float = Field(10000.0, ge=0, alias="lambda")
     mode: Literal["separate", "online"] = "separate"
@@ -81,7 +81,6 @@ class L2Spec(Section):
 class CenterLossSpec(Section):
     """Center loss on penultimate features, centers and classifier frozen after learning."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["center_loss"]
     lam: float = Field(1.0, ge=0, alias="lambda")
     alpha: float = Field(0.5, gt=0, le=1)
@@ -178,7 +177,6 @@ class JointSpec(LearnerSpec):
 class OnePromptSpec(LearnerSpec):
     """OnePrompt (+ virtual outlier regularisation): OVOR, Huang et al., ICLR 2024. Needs model.name='vit'."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["oneprompt"]
     #: Run the VOR phase (head-only training with virtual outliers) after each experience.
     vor: bool = True
