@@ -24,7 +24,7 @@ PROBLEMS = {2: "digits_recon", 3: "digits_attributes", 4: "digits_all"}
 
 
 def _setup(n_tasks: int, hidden: int, seed: int = 0):
-    from lifelong.tasks.multitask import MultiTaskNet, load_problem, task_loss
+    from lifelong.tasks.multitask_problems import MultiTaskNet, load_problem, task_loss
 
     data = load_problem(PROBLEMS[n_tasks], 0.25, seed)
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""``lifelong audit CONFIG.toml``: the privacy audit of a federated config (see flows/audit.py).
+"""``lifelong audit CONFIG.toml``: the privacy audit of a federated config (see flows/privacy_audit.py).
 
 A command of its own file so the main command stays small; ``cli/main.py`` registers it with
 ``app.command("audit")(audit)``. Torch, MLflow and the flow are imported inside the command, so
@@ -34,12 +34,12 @@ def audit(
             fail(f"{name}: {value!r} is not one of {', '.join(allowed)}")
     try:
         cfg = load_config(config, set_)
-        from lifelong.flows.audit import AttackSettings, check_auditable
+        from lifelong.flows.privacy_audit import AttackSettings, check_auditable
 
         check_auditable(cfg)
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
-    from lifelong.flows.audit import run_audit
+    from lifelong.flows.privacy_audit import run_audit
 
     try:
         result = run_audit(cfg, AttackSettings(samples, iterations, labels, distance, optimizer))

@@ -24,7 +24,13 @@ from lifelong.env import default_tracking_uri
 from lifelong.strategies.combiners.gcond import GCond, GCondTrainer
 from lifelong.strategies.combiners.gradients import task_gradients, write_grad
 from lifelong.strategies.combiners.pcgrad import PCGrad
-from lifelong.tasks.multitask import MultiTaskData, MultiTaskNet, evaluate_tasks, load_problem, task_loss
+from lifelong.tasks.multitask_problems import (
+    MultiTaskData,
+    MultiTaskNet,
+    evaluate_tasks,
+    load_problem,
+    task_loss,
+)
 
 
 @dataclass

@@ -23,7 +23,7 @@ gradient is ``mean_b(p_b) - k/N`` (``k`` the label counts), so ``k ≈ N (p̄ - 
 estimated from the model's predictions on random inputs; a clipped update only scales ``g``, and
 the scale is estimated from the classes whose entry is positive (absent classes, ``g = s p̄``).
 
-Plain PyTorch: no MLflow, Prefect or Flower here (``flows/audit.py`` runs and logs an audit).
+Plain PyTorch: no MLflow, Prefect or Flower here (``flows/privacy_audit.py`` runs and logs an audit).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from lifelong.cli.audit import audit
 from lifelong.config import load_config
-from lifelong.flows.audit import (
+from lifelong.flows.privacy_audit import (
     AttackSettings,
     AuditError,
     attack_cases,

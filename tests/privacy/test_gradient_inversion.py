@@ -1,7 +1,7 @@
 """Gradient inversion (privacy/gradient_inversion.py): the closed forms by hand, then the attack on a real digit.
 
 Thresholds: the PSNR of the mean training image against a digit ("knowing only the data") is
-about 8-12 dB on the embedded digits (``flows/audit.py`` reports it as the reference). A
+about 8-12 dB on the embedded digits (``flows/privacy_audit.py`` reports it as the reference). A
 reconstruction counts as a leak above 20 dB (measured: 1 sample, no DP, 60-130 dB — the MLP's
 first layer gives the input almost exactly; CNN 1 sample 100+ dB) and as a failure below 10 dB
 (measured with z = 1: 4-6 dB, worse than the mean image: the dummy fits the noise).
