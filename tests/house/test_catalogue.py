@@ -182,3 +182,13 @@ def test_a_constructor_that_does_not_take_a_spec_key_is_named():
             catalogue.build(Spec(name="l2"))
     finally:
         catalogue.REGULARIZERS[:] = original
+
+
+def test_the_catalogue_names_what_the_algorithms_implement():
+    """The names a config may give are the ones the code can run (no entry without an
+    implementation, no implementation a config cannot reach)."""
+    from lifelong.privacy.clipping import MODES
+    from lifelong.strategies.federated.server_optimizers import OPTIMIZERS
+
+    assert catalogue.names("server_optimizer") == list(OPTIMIZERS)
+    assert catalogue.names("clipping") == list(MODES)
