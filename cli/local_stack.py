@@ -15,7 +15,7 @@ service            command                                         healthy when
 ``prefect-worker`` ``prefect worker start --type process`` on the   its health server answers 200
                    work pool ``lifelong`` (created if missing)
 ``superlink``,     Flower's SuperLink and N SuperNodes, started by  ``/health`` answers, then N nodes online
-``supernodeI``     :class:`clients.deploy.LocalDeployment`
+``supernodeI``     :class:`lifelong.cli.deploy.LocalDeployment`
 =================  ==============================================  =======================================
 
 Every process gets ``LIFELONG_STACK_ID=<id>`` in its environment, and so does everything it starts
@@ -238,13 +238,17 @@ class Stack:
 
     def down(self) -> None:
         """Stop every service of this stack and whatever they started; returns when none is left."""
-        if self.flower is not None:
-            self.flower.stop()
-            self.flower = None
-        self.supervisor.stop(grace=15)
-        self.health_urls.clear()
-        stop_stack_processes(self.stack_id)
-        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        try:
+            if self.flower is not None:
+                flower, self.flower = self.flower, None
+                flower.stop()
+        finally:  # whatever Flower's stop raised, the other services stop too
+            try:
+                self.supervisor.stop(grace=15)
+            finally:
+                self.health_urls.clear()
+                stop_stack_processes(self.stack_id)
+                (self.workdir / STATE_FILE).unlink(missing_ok=True)
 
     def running_from_state(self) -> bool:
         try:

@@ -1,7 +1,7 @@
 """``lifelong registry``: list, show, promote and compare registered models (see lifelong/registry.py).
 
 A typer sub-app of its own file so the main command stays small; ``cli/main.py`` mounts it.
-MLflow is imported inside the commands, as in ``cli.py``, so ``lifelong --help`` stays fast.
+MLflow is imported inside the commands, as in ``cli/main.py``, so ``lifelong --help`` stays fast.
 Every command makes one attempt at a tracking server (:func:`lifelong.registry.fail_fast`) and
 turns registry errors into one red line: exit 1 when the store cannot be reached, 2 for bad input
 (a malformed reference or alias, an unknown model, version or alias — as ``lifelong results``

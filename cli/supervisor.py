@@ -90,7 +90,8 @@ class Process:
         code and raises if a process survives SIGKILL."""
         family = descendants(self.pid)
         if leader_only:
-            kill(self.pid, sig)
+            if self.alive():  # (a reaped leader's pid may belong to another process by now)
+                kill(self.pid, sig)
         else:
             self.send(sig)
         code = self.finish(grace)
@@ -124,14 +125,25 @@ class Supervisor:
         return next((p for p in self.processes if not p.alive()), None)
 
     def stop(self, grace: float = 15.0) -> None:
+        """Every process is finished, and every straggler ended, even when one of them fails to
+        stop; then the first failure is raised."""
         family = [d for p in self.processes for d in descendants(p.pid)]
         for process in self.processes:
             process.send(signal.SIGTERM)
+        errors: list[Exception] = []
         for process in self.processes:
-            process.finish(grace)
+            try:
+                process.finish(grace)
+            except Exception as exc:  # (a process left behind: the others still get stopped)
+                errors.append(exc)
         names = ", ".join(p.name for p in self.processes)
         self.processes.clear()
-        end_all(family, self.error, names)
+        try:
+            end_all(family, self.error, names)
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 # ---------------------------------------------------------------------- processes, ports, health

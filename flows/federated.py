@@ -10,7 +10,7 @@ round. Each client trains its own continual learner on its private share of the 
 Task-incremental streams (``stream.scenario = "task"``): the model is multi-head and FedAvg
 needs one key set on the server and every client in every round, so the server's and the
 clients' models are built with every task's head from the start
-(``tasks.models.build_stream_model``). Clients train with their share's task labels; the server
+(``lifelong.tasks.models.build_stream_model``). Clients train with their share's task labels; the server
 evaluates with the test splits' task labels, on the tasks seen so far only (a later task's head
 is untrained: its accuracy-matrix cells are NaN, as in the continual flow).
 
@@ -19,7 +19,7 @@ One loop, :class:`ServerLoop` (:func:`serve`), drives the rounds over whatever `
 * ``inprocess``: our grid that runs the ClientApp in this process (``clients/inprocess.py``);
 * ``ray``: Flower's simulation engine (``clients/launch.py``);
 * a deployment: ``flwr run .`` submits ``app`` below to a SuperLink, whose SuperNodes run
-  ``clients.app:app`` (see the README); the ServerApp then opens its own MLflow run.
+  ``lifelong.clients.app:app`` (see the README); the ServerApp then opens its own MLflow run.
 
 MLflow: one run per federated run, with the server's metrics per round (``round/*``, step = the
 global round) and per experience (``matrix/*``, step = the experience), the accuracy matrix,
@@ -536,7 +536,7 @@ def federated_flow(config: dict, client_app=None, resume: str | None = None) -> 
 
 def run_federated(cfg: Config, client_app=None, resume: str | None = None) -> FederatedResult:
     """Entry point for Python users and the CLI (``client_app``: a ClientApp to use instead of
-    ``clients.app.app``, e.g. one made to fail in a test; ``resume``: an interrupted run's id)."""
+    ``lifelong.clients.app.app``, e.g. one made to fail in a test; ``resume``: an interrupted run's id)."""
     if cfg.flow != "federated":
         cfg = validate_config({**cfg.model_dump(mode="json"), "flow": "federated"})
     return federated_flow(cfg, client_app, resume)

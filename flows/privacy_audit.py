@@ -2,7 +2,7 @@
 
 ``run_audit(cfg)`` takes the first client's (partition 0) first ``samples`` training samples of
 the first experience, in the order of its share, and the global model the federation starts
-from (``flows.federated.initial_weights``: the seeded initial model, pretrained if the config
+from (``lifelong.flows.federated.initial_weights``: the seeded initial model, pretrained if the config
 pretrains). The client's update is one step of plain SGD with the config's ``training.lr`` on
 that batch — DLG's regime, in which the attack is known to work; the config's own local training
 (``training.epochs``, ``batch_size``, momentum, Adam) is not replayed. A config whose clients do

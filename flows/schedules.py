@@ -210,7 +210,7 @@ def _short(exc: BaseException) -> str:
 def make_deployment(cfg: Config, name: str, schedule: SCHEDULE_TYPES, source: str | None = None):
     """The runner deployment for ``cfg``: its flow, the schedule, the config as its parameter.
 
-    The entrypoint is the flow's module path (``flows.continual.continual_flow``), importable
+    The entrypoint is the flow's module path (``lifelong.flows.continual.continual_flow``), importable
     wherever the package is installed, rather than a file path relative to today's directory.
     """
     from prefect.exceptions import InvalidNameError

@@ -193,7 +193,8 @@ STRATEGIES: list[Component] = [
     Component("replay", "strategy", "experience replay from a fixed-size, experience-balanced memory",
               "Chaudhry et al., On Tiny Episodic Memories in Continual Learning, 2019",
               "avalanche.training.Naive + avalanche.training.plugins.ReplayPlugin", spec=ReplaySpec,
-              sample_dp_refusal="replayed samples are drawn outside Poisson sampling and reused"),
+              sample_dp_refusal="replayed samples are drawn outside Poisson sampling and reused; "
+                                "use naive or joint"),
     Component("joint", "strategy", "train on all experiences at once (upper bound; not continual)",
               "—", "avalanche.training.JointTraining", spec=JointSpec),
     Component("oneprompt", "strategy",
@@ -303,8 +304,9 @@ def build(spec: Section, **context: Any) -> Any:
 
 
 def entry_of(obj: Any, kind: Kind = "regularizer") -> Component | None:
-    """The catalogue entry whose build target ``obj`` is an instance of, if any."""
+    """The catalogue entry whose build target is ``obj``'s own class, if any. Exactly that class: a
+    subclass may keep state its parent does not (what sample-level DP's check relies on)."""
     for c in of_kind(kind):
-        if c.build is not None and isinstance(obj, target(c)):
+        if c.build is not None and type(obj) is target(c):
             return c
     return None

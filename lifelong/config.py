@@ -383,7 +383,7 @@ class FederatedConfig(_Section):
 
     @property
     def server_hyperparameters(self) -> dict[str, float | None]:
-        """The ``server_*`` keys as :class:`strategies.server_optimizer.ServerOptimizer` takes them."""
+        """The ``server_*`` keys as :class:`lifelong.strategies.federated.server_optimizers.ServerOptimizer` takes them."""
         return {"lr": self.server_lr, "momentum": self.server_momentum, "beta2": self.server_beta2,
                 "eps": self.server_eps, "weight_decay": self.server_weight_decay}
 

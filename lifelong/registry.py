@@ -530,10 +530,14 @@ def load(ref: str, uri: str | None = None):
 
 #: Top-level package names before the one namespace (the old name's prefix -> today's).
 RENAMED_MODULES = {old: f"lifelong.{old}" for old in ("tasks", "strategies", "flows", "clients")}
+#: Modules of model classes that were renamed, not only moved under ``lifelong.``.
+RENAMED_MODEL_MODULES = {"tasks.multitask": "lifelong.tasks.multitask_problems"}
 
 
 def current_module(name: str) -> str:
     """Today's module path of a class pickled under an older one."""
+    if name in RENAMED_MODEL_MODULES:
+        return RENAMED_MODEL_MODULES[name]
     top, dot, rest = name.partition(".")
     return RENAMED_MODULES[top] + dot + rest if top in RENAMED_MODULES else name
 

@@ -9,14 +9,22 @@ import tempfile
 os.environ.setdefault("LIFELONG_HOME", tempfile.mkdtemp(prefix="lifelong-test-home-"))
 os.environ.pop("PREFECT_API_URL", None)  # tests start their own API (ephemeral or a real server)
 
-
+# Prefect and MLflow configure logging with dictConfig when first imported, which closes every
+# handler that exists then. absl's (imported with dp_accounting) closes the stream it was made
+# with unless that stream is sys.stderr *now*: a test importing dp_accounting under pytest's
+# capture, then a CliRunner test importing Prefect first, closed pytest's own capture stream and
+# every later test in that worker failed. Configured here, once, before any test runs.
 # --------------------------------------------------------------------------- the working tree stays clean
 # Tests write only into temporary folders: a suite that leaves a file in the checkout (an MLflow
 # store, artifacts, state) fails, naming what it left. Checked once, by the process that runs the
 # session (xdist's controller, or the only process).
-
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import mlflow  # noqa: E402, F401
+import prefect.main  # noqa: E402, F401  (prefect's own __init__ defers its logging set-up to this)
+
+import lifelong  # noqa: E402, F401  (first: it sets Prefect's environment from LIFELONG_HOME)
 
 _ROOT = Path(__file__).resolve().parents[1]
 #: Tool caches that a test run legitimately writes (and the venv the suite runs from).

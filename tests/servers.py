@@ -63,6 +63,10 @@ class MlflowServer:
         self.pgid = self.process.pgid
         try:
             self.process.wait_until(lambda: http_ok(f"{self.uri}/health", timeout=1), self.startup_timeout)
+        except RuntimeError as exc:  # the log is in a temporary folder: its tail goes with the error
+            tail = self.process.log_tail()
+            self.stop()
+            raise RuntimeError(f"{exc}\n{tail}") from None
         except BaseException:
             self.stop()
             raise

@@ -88,7 +88,8 @@ def check_regularizer(regularizer, name: str | None = None) -> None:
         return
     else:
         why = entry.sample_dp_refusal
-    raise SampleDPError(f"plugin {name or entry.name!r}{f' ({entry.name})' if entry else ''} cannot be combined "
+    label = name or (entry.name if entry else type(regularizer).__qualname__)
+    raise SampleDPError(f"plugin {label!r}{f' ({entry.name})' if entry else ''} cannot be combined "
                         f"with sample-level DP: {why}; regularisers that can: {', '.join(allowed)}")
 
 

@@ -5,7 +5,7 @@ After Pelikan et al., "Enabling Differentially Private Federated Learning for Sp
 ``DifferentialPrivacyServerSideFixedClipping`` (flwr 1.42, ``serverapp/strategy/
 dp_fixed_clipping.py``), which offers flat clipping only: the wrapper keeps the global model each
 round is sent with, clips every reply's *update* (reply − global) with any mode of
-:func:`strategies.dp_clipping.clip_update`, and adds Gaussian noise once to the sum.
+:func:`lifelong.privacy.clipping.clip_update`, and adds Gaussian noise once to the sum.
 
 Two departures from wrapping FedAvg's weighted mean, both required by the DP analysis: clients
 weigh equally (a weight by sample count would give a big client more than one clip bound of
@@ -20,7 +20,7 @@ trains and the float buffers (BatchNorm's running statistics follow the data). P
 learner never trains (``frozen``: a linear probe's backbone, OnePrompt's pretrained ViT) are left
 out, and so are non-float entries (counters, masks), which cannot be clipped and noised: both keep
 the global model's value, bit for bit, whatever a client sends. Which parameters are frozen follows
-from the config alone (``clients.learner.frozen_keys``), never from data, so leaving them out costs
+from the config alone (``lifelong.clients.learner.frozen_keys``), never from data, so leaving them out costs
 no privacy; their update is identically zero anyway, and noising them would move a backbone meant
 to stay fixed, while per-layer clipping would spend part of the bound on layers that never move.
 

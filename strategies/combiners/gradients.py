@@ -1,8 +1,8 @@
 """Per-task gradients and the combiners that merge them into one update.
 
 A multi-task step computes one flattened gradient per task (``task_gradients``), hands the list to a
-``GradientCombiner`` (plain/weighted sum here, PCGrad in ``strategies.pcgrad``, GCond in
-``strategies.gcond``) and writes the merged vector back into ``p.grad`` (``write_grad``) so that any
+``GradientCombiner`` (plain/weighted sum here, PCGrad in ``strategies/combiners/pcgrad.py``, GCond in
+``strategies/combiners/gcond.py``) and writes the merged vector back into ``p.grad`` (``write_grad``) so that any
 ``torch.optim`` optimizer can apply it.
 """
 

@@ -58,3 +58,23 @@ def test_the_flower_app_components_name_the_namespaced_apps():
         assert module.startswith("lifelong."), ref
         loaded[key] = getattr(__import__(module, fromlist=[attr]), attr)
     assert isinstance(loaded["serverapp"], ServerApp) and isinstance(loaded["clientapp"], ClientApp)
+
+
+def test_a_source_tree_imports_as_the_package_it_holds(tmp_path):
+    """Where a source tree comes first on sys.path — a Flower app folder a SuperNode unpacked, a
+    Docker image's working directory, any checkout — ``lifelong`` and every ``lifelong.<folder>``
+    come from that tree, with or without the editable install's finder (a wheel install has none)."""
+    import shutil
+
+    app = tmp_path / "app"
+    for folder in set(SETUPTOOLS["package-dir"].values()):
+        shutil.copytree(ROOT / folder, app / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)];"
+            "import lifelong.tasks.data, lifelong.privacy.clipping, lifelong.bridges.flower.protocol as p;"
+            "print(lifelong.__file__, lifelong.tasks.data.__file__, p.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=app, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    files = out.stdout.split()
+    assert len(files) == 3 and all(f.startswith(str(app)) for f in files), files

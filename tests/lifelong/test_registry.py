@@ -203,6 +203,11 @@ def test_a_model_pickled_under_an_old_top_level_name_loads_as_todays_class(store
     assert registry.current_module("tasks.models") == "lifelong.tasks.models"
     assert registry.current_module("torch.nn.modules.linear") == "torch.nn.modules.linear"
     assert registry.current_module("tasksets.x") == "tasksets.x"
+    # renamed, not only moved: the multi-task model's module
+    from lifelong.tasks.multitask_problems import MultiTaskNet
+
+    module = registry.current_module("tasks.multitask")
+    assert getattr(__import__(module, fromlist=["MultiTaskNet"]), "MultiTaskNet") is MultiTaskNet
 
 
 def test_automatic_promotion_both_ways(store, name):

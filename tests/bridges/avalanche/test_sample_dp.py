@@ -267,6 +267,24 @@ def test_plain_regularizer_plugin_and_replay_are_refused():
         check_compatible([ReplayPlugin(mem_size=10)])
 
 
+def test_a_regulariser_outside_the_catalogue_and_a_subclass_are_refused():
+    """Only a catalogue entry's own class is known to read the weights only: a subclass may keep
+    state of its own; an unnamed regulariser from elsewhere is named by its class."""
+
+    class MyL2(L2):
+        pass
+
+    class Elsewhere:
+        def penalty(self, *args):
+            return torch.zeros(())
+
+    with pytest.raises(SampleDPError, match=r"MyL2' cannot be combined with sample-level DP: \S*MyL2 is not in the catalogue"):
+        PostNoiseRegularizerPlugin(MyL2(1.0))
+    with pytest.raises(SampleDPError, match=r"Elsewhere' cannot be combined .*Elsewhere is not in the catalogue.*regularisers that can: l2"):
+        PostNoiseRegularizerPlugin(Elsewhere())
+    PostNoiseRegularizerPlugin(L2(1.0))  # the entry's own class is accepted
+
+
 def _unchecked(reg):
     """A PostNoiseRegularizerPlugin built around the constructor's check (as a restored one could be)."""
     p = PostNoiseRegularizerPlugin(L2(1.0), "cl")
