@@ -113,12 +113,7 @@ class LocalDeployment:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.timeout
-        while not self._superlink_up():
-            self.supervisor.check_running()
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"superlink: not healthy after {self.timeout:.0f} s; "
-                                      f"see {self.log_file('superlink')}")
-            time.sleep(0.1)
+        self.supervisor["superlink"].wait_until(self._superlink_up, self.timeout)
         while (online := self.online_nodes()) < self.num_nodes:
             self.supervisor.check_running()
             if time.monotonic() > deadline:

@@ -164,10 +164,21 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _stat(proc: Path) -> tuple[str, int]:
+    """A process's state and process group: fields of ``/proc/PID/stat`` after the command, which
+    is in parentheses and may hold spaces."""
+    state, _ppid, pgrp = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+    return state, int(pgrp)
+
+
+def _cmdline(proc: Path) -> str:
+    return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        state, _ = _stat(Path(f"/proc/{pid}"))
+    except (OSError, ValueError, IndexError):
         return False
     return state != "Z"  # a zombie has exited; its parent (or init) reaps it
 
@@ -202,11 +213,10 @@ def processes(match: Callable[[str, bytes], bool]) -> list[tuple[int, str]]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            if _stat(entry)[0] == "Z":
                 continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            env = (entry / "environ").read_bytes()
-        except (OSError, IndexError):
+            cmd, env = _cmdline(entry), (entry / "environ").read_bytes()
+        except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
         if match(cmd, env):
             found.append((int(entry.name), cmd))
@@ -220,11 +230,10 @@ def group_members(pgid: int) -> list[str]:
         if not entry.name.isdigit():
             continue
         try:
-            # the fields after the command, which is in parentheses and may hold spaces
-            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            if int(pgrp) != pgid or state == "Z":
+            state, pgrp = _stat(entry)
+            if pgrp != pgid or state == "Z":
                 continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            cmd = _cmdline(entry)
         except (OSError, ValueError, IndexError):
             continue
         found.append(f"{entry.name} {cmd}")

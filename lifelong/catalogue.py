@@ -295,7 +295,7 @@ def build(spec: Section, **context: Any) -> Any:
                          f"{type(spec).__qualname__} is the spec of no catalogue entry")
     factory = target(entry)
     accepted = inspect.signature(factory).parameters
-    values = {k: v for k, v in spec.model_dump(exclude={"name"}).items()}
+    values = spec.model_dump(exclude={"name"})
     unknown = sorted(set(values) - set(accepted))
     if unknown:
         raise TypeError(f"{spec.name}: {factory.__qualname__} takes no {', '.join(unknown)} "
