@@ -39,6 +39,9 @@ BUILTIN_STREAMS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "split_digits": ("digits", ("class", "task"), "class"),
     "permuted_digits": ("digits", ("domain",), "domain"),
     "rotated_digits": ("digits", ("domain",), "domain"),
+    "split_digits28": ("digits28", ("class", "task"), "class"),
+    "rotated_digits28": ("digits28", ("domain",), "domain"),
+    "split_digits32c": ("digits32c", ("class", "task"), "class"),
     "split_mnist": ("mnist", ("class", "task"), "class"),
     "permuted_mnist": ("mnist", ("domain",), "domain"),
     "rotated_mnist": ("mnist", ("domain",), "domain"),
@@ -47,10 +50,11 @@ BUILTIN_STREAMS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "npz": ("npz", ("class", "task", "domain"), "class"),
 }
 #: Number of classes of the built-in datasets (for checks before any data is read).
-DATASET_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+DATASET_CLASSES = {"digits": 10, "digits28": 10, "digits32c": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
 
 StreamName = Literal[
-    "split_digits", "permuted_digits", "rotated_digits", "split_mnist", "permuted_mnist",
+    "split_digits", "permuted_digits", "rotated_digits", "split_digits28", "rotated_digits28",
+    "split_digits32c", "split_mnist", "permuted_mnist",
     "rotated_mnist", "split_cifar10", "split_cifar100", "npz",
 ]
 

@@ -19,12 +19,16 @@ from avalanche.benchmarks.utils.classification_dataset import (
 
 from lifelong.config import BUILTIN_STREAMS, StreamConfig, _check_class_split
 from lifelong.tasks.data import Arrays, DatasetError, load_cifar, load_digits, load_mnist, load_npz
+from lifelong.tasks.distorted_digits import load_distorted_digits
 
 #: What ``lifelong streams`` shows.
 STREAM_DESCRIPTIONS = {
     "split_digits": "8×8 digits (embedded), 10 classes split into experiences (class- or task-incremental)",
     "permuted_digits": "8×8 digits (embedded), all classes, a fixed pixel permutation per experience (domain)",
     "rotated_digits": "8×8 digits (embedded), all classes, a growing rotation per experience (domain)",
+    "split_digits28": "28×28 distorted digits (generated offline from the embedded ones), classes split",
+    "rotated_digits28": "28×28 distorted digits (generated offline), a growing rotation per experience",
+    "split_digits32c": "32×32 colour distorted digits (generated offline), classes split",
     "split_mnist": "MNIST from stream.data_dir, classes split into experiences",
     "permuted_mnist": "MNIST from stream.data_dir, a pixel permutation per experience (domain)",
     "rotated_mnist": "MNIST from stream.data_dir, a rotation per experience (domain)",
@@ -88,6 +92,8 @@ def load_arrays(cfg: StreamConfig, seed: int) -> Arrays:
     dataset = cfg.dataset
     if dataset == "digits":
         return load_digits(cfg.test_fraction, seed)
+    if dataset in ("digits28", "digits32c"):
+        return load_distorted_digits(cfg.test_fraction, seed, colour=dataset == "digits32c")
     if dataset == "npz":
         return load_npz(cfg.path, cfg.test_fraction, seed)
     if dataset == "mnist":
