@@ -58,7 +58,8 @@ def bare_loop(cfg) -> float:
     train = [stream.train_tensors(e) for e in range(n_exp)]
     test = [stream.test_tensors(e) for e in range(n_exp)]
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False,
+                        input_stats=stream.input_stats)
     weights = initial_weights(cfg)
 
     @torch.no_grad()

@@ -311,6 +311,7 @@ def results(
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default: ./mlruns.db)")] = None,
 ) -> None:
     """Print the accuracy matrix and summary of a finished run (and of each strategy in it)."""
+    from lifelong.flows.health import HEALTH_TAG, PROBLEMS_TAG
     from lifelong.tracking import read_results
 
     try:
@@ -329,6 +330,10 @@ def results(
             for label, row in zip(r.rows, r.matrix):
                 typer.echo(f"{label:<14}" + "".join(f"{v:>8.3f}" for v in row))
         typer.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(finals.items())))
+        if r.tags.get(HEALTH_TAG) == "unhealthy":
+            typer.echo("  UNHEALTHY — the model stopped learning; these figures are not forgetting:")
+            for problem in r.tags.get(PROBLEMS_TAG, "").split("; "):
+                typer.echo(f"    {problem}")
 
 
 def main() -> None:  # pragma: no cover

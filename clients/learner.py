@@ -53,6 +53,7 @@ from lifelong.bridges.flower import protocol
 from lifelong.clients import state as st
 from lifelong.config import Config, ReplaySpec
 from lifelong.tasks.partition import client_indices, client_share
+from lifelong.tasks.standardize import Standardize
 from lifelong.tasks.streams import Stream, build_stream
 
 
@@ -73,12 +74,18 @@ def frozen_keys(cfg: Config, stream: Stream) -> frozenset[str]:
 
     Read from the ``requires_grad`` of the very model the clients train (``worker_for``), so it
     cannot disagree with them; it depends on the config alone, never on data, so the server may
-    use it freely (user-level DP leaves these keys out of the private update). Buffers are never
-    listed: BatchNorm's running statistics move with the data even under a frozen backbone.
+    use it freely (user-level DP leaves these keys out of the private update). Of the buffers, only
+    the input standardisation's are listed (constants of the stream, ``tasks/standardize.py``):
+    noise added to them would rescale every client's input; BatchNorm's running statistics move
+    with the data even under a frozen backbone.
     """
     model = worker_for(cfg, stream).model
     # (remove_duplicate=False: a tied parameter is frozen under each of its state-dict names)
-    return frozenset(k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+    frozen = {k for k, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    for name, module in model.named_modules():
+        if isinstance(module, Standardize):
+            frozen.update(f"{name}.{b}" for b, _ in module.named_buffers())
+    return frozenset(frozen)
 
 
 class ClientLearner:

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lifelong import registry, tracking
 from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, load_learner_state
+from lifelong.bridges.avalanche.health import GradientNormPlugin
 from lifelong.bridges.avalanche.learners import (
     build_learner,
     quiet_avalanche_deprecations,
@@ -32,13 +33,16 @@ from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
+from lifelong.flows import health
 from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from lifelong.progress import EpochProgressPlugin, Progress
 from lifelong.tasks.data import load_npz
 from lifelong.tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
+from lifelong.tasks.health import PROBE_SAMPLES, probe
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from lifelong.tasks.models import build_model
 from lifelong.tasks.pretrain import pretrain
+from lifelong.tasks.standardize import stats_params
 from lifelong.tasks.streams import Stream, build_stream
 
 
@@ -69,7 +73,7 @@ class Learner:
         self.device = resolve_device(cfg.training.device)
         RNGManager.set_random_seeds(cfg.seed)  # every strategy starts from the same weights
         self.model = build_model(cfg.model, stream.input_shape, stream.n_classes,
-                                 multi_head=stream.scenario == "task")
+                                 multi_head=stream.scenario == "task", input_stats=stream.input_stats)
         if cfg.pretrain.epochs:  # the same pretrained backbone for every strategy
             self.model.load_state_dict(pretrained_state(cfg, stream))
             # Pretraining (done by the first learner only) draws from the global RNG: reseed, so
@@ -78,6 +82,7 @@ class Learner:
         self.logger = tracking.MLflowLogger(run_id, client)
         self.trace = ContinualTrace()
         self.rows: list[list[float]] = []
+        self.gradients = GradientNormPlugin()
         self.progress = Progress(self.label, 1 if self.joint else stream.n_experiences,
                                  cfg.training.epochs)
         # Joint training sees the whole stream as one experience: report it as the last one.
@@ -87,6 +92,7 @@ class Learner:
             ContinualEvalPlugin(stream, cfg.training.eval_every, self.trace, cfg.training.eval_batch_size,
                                 on_point=self._log_point, experience_index=index),
             EpochProgressPlugin(self.progress, index),
+            self.gradients,
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
                                       EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed,
@@ -126,7 +132,8 @@ def pretrained_state(cfg: Config, stream: Stream) -> dict:
     key = repr((cfg.model, cfg.pretrain, cfg.stream, cfg.seed))
     if key not in _PRETRAINED:
         RNGManager.set_random_seeds(cfg.seed)
-        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+        model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False,
+                            input_stats=stream.input_stats)
         x, y = pretraining_data(cfg, stream)
         pretrain(model, x, y, cfg.pretrain, cfg.seed, resolve_device(cfg.training.device))
         _PRETRAINED[key] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -158,8 +165,10 @@ def check_resumable(client, run_id: str, uri: str):
 def build_stream_step(cfg: Config) -> dict:
     """Build (and cache in-process) the stream; return a summary, not tensors."""
     stream = build_stream(cfg.stream, cfg.seed)
+    stats = stream.input_stats if cfg.model.standardize_input else None
     return {"name": stream.name, "scenario": stream.scenario, "n_experiences": stream.n_experiences,
-            "classes": stream.classes_per_experience, "input_shape": list(stream.input_shape)}
+            "classes": stream.classes_per_experience, "input_shape": list(stream.input_shape),
+            "input_stats": stats_params(stats)}
 
 
 @task(cache_policy=NO_CACHE)
@@ -213,7 +222,25 @@ def evaluate_experience(learner: Learner, index: int) -> list[float]:
         values["privacy/sample_epsilon_experience"] = dp.reports[-1].epsilon_experience
     learner.logger.log_values(values, step)  # sent with the next experience's batch, or on failure
     learner.progress.experience_done(step, values["avg_acc_seen"])
+    health.report(learner.logger.client, learner.run_id, learner.logger, learner.label,
+                  probe_health(learner, index), step, cfg.training.health_check)
     return row
+
+
+def probe_health(learner: Learner, index: int):
+    """Did the learner learn what it just trained on: experience ``index`` (joint: every one)?"""
+    from avalanche.models.utils import avalanche_forward
+
+    stream = learner.stream
+    if learner.joint:  # a share of every experience, judged over all classes
+        share = max(1, PROBE_SAMPLES // stream.n_experiences)
+        parts = [[a[:share] for a in stream.train_tensors(i)] for i in range(stream.n_experiences)]
+        x, y, t = (torch.cat(p) for p in zip(*parts))
+        classes, where = sorted({c for cs in stream.classes_per_experience for c in cs}), "all experiences"
+    else:
+        (x, y, t), classes, where = stream.train_tensors(index), stream.classes_per_experience[index], f"exp{index}"
+    return probe(learner.model, avalanche_forward, x, y, t, classes, where, learner.gradients.mean_norm,
+                 learner.device)
 
 
 @task(cache_policy=NO_CACHE)
@@ -238,8 +265,12 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
         tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, learner.label),
                             "continual_eval.png")
     model_uri = tracking.log_torch_model(run_id, learner.model, uri) if cfg.tracking.log_model else None
+    healthy = health.conclude(client, run_id, cfg.training.health_check)
     client.set_terminated(run_id, "FINISHED")
-    if not learner.joint:  # joint training is the upper-bound baseline, not a model to promote
+    if not healthy and not learner.joint and model_uri is not None and cfg.tracking.register_model:
+        print(f"[{learner.label}] not registered: the model was unhealthy (`lifelong results {run_id}`)",
+              file=sys.stderr, flush=True)
+    elif not learner.joint:  # joint training is the upper-bound baseline, not a model to promote
         registry.register_from_config(cfg, client, run_id, model_uri, flow="continual", stream=learner.stream.name,
                                       strategy=learner.label, metrics=summary)
     learner.progress.close()
@@ -303,8 +334,8 @@ def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
     children: dict[str, object] = {}
     if resume is None:
         name = cfg.tracking.run_name or f"{info['name']}-{'-vs-'.join(strategy_label(s) for s in cfg.strategies)}"
-        parent_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "continual",
-                                                                 "lifelong.stream": info["name"]},
+        parent_id = tracking.open_run(client, name, {**cfg.flat(), **info["input_stats"]},
+                                      {"lifelong.flow": "continual", "lifelong.stream": info["name"]},
                                       experiment=cfg.tracking.experiment)
         client.log_dict(parent_id, cfg.model_dump(mode="json"), "config.json")
     else:

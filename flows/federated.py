@@ -60,6 +60,7 @@ from lifelong.clients import state_store
 from lifelong.clients.learner import frozen_keys
 from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
+from lifelong.flows import health
 from lifelong.flows.checkpoints import (
     checkpoint_file,
     load_round,
@@ -70,9 +71,11 @@ from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
 from lifelong.progress import Progress
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 from lifelong.tasks.evaluation import evaluate, evaluated_experiences
+from lifelong.tasks.health import probe
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from lifelong.tasks.models import build_stream_model
 from lifelong.tasks.partition import PartitionError, class_histograms, client_indices, experience_labels
+from lifelong.tasks.standardize import stats_params
 from lifelong.tasks.streams import Stream, build_stream
 
 #: Per-client histograms are plotted for at most this many clients (all are in the table).
@@ -216,6 +219,8 @@ class ServerLoop:
         self.arrays = from_state_dict(initial_weights(cfg))
         self.done_rounds = 0
         self.last_evaluated = -1
+        self.previous_state: dict[str, torch.Tensor] | None = None  # the last evaluated global model
+        self.label = f"federated {strategy_label(cfg.strategies[0])}"
         #: What clients need to save and restore their own state (sent in every train message).
         self.client_keys: dict[str, object] = {}
         self.train_config: ConfigRecord | None = None  # the current experience's, sent every round
@@ -290,7 +295,8 @@ class ServerLoop:
         if refused:  # a client's saved state is corrupt or foreign: stop, never train on without it
             reason = refused[0][refused[0].index(state_store.REFUSED):]
             raise ResumeError(reason.removesuffix("'>"))
-        self.model.load_state_dict(public_state(self.cfg, self.stream, to_state_dict(arrays), experience))
+        state = public_state(self.cfg, self.stream, to_state_dict(arrays), experience)
+        self.model.load_state_dict(state)
         accs = evaluate(self.model, self.stream, evaluated_experiences(self.stream, experience),
                         self.cfg.training.eval_batch_size, self.device)
         seen = {i: accs[i] for i in range(experience + 1)}
@@ -299,6 +305,9 @@ class ServerLoop:
         self.logger.log_values(values, rnd)
         if self.progress is not None and server_round:
             self.progress.epoch(experience, rnd - experience * self.fed.rounds - 1)
+        if server_round:
+            self._check_health(experience, rnd, state)
+        self.previous_state = {k: v.detach().clone() for k, v in state.items()}
         if rnd == (experience + 1) * self.fed.rounds:  # the experience's last round: a matrix row
             self.rows.append([accs.get(i, float("nan")) for i in range(self.n_exp)])  # (NaN: untrained head)
             self.logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(self.rows[-1])},
@@ -312,6 +321,26 @@ class ServerLoop:
             self.train_config[protocol.SAVED_ROUND] = rnd  # the record Flower sends every round
         self.logger.flush_if_older(FLUSH_EVERY_S)
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
+
+    def _check_health(self, experience: int, rnd: int, state: dict[str, torch.Tensor]) -> None:
+        """Probe the global model on the experience being learned (the server holds its test
+        split, not the clients' training data) every round; report a problem at the experience's
+        last round — earlier rounds may still be on their way — or at once for non-finite weights."""
+        from avalanche.models.utils import avalanche_forward
+
+        update = None
+        if self.previous_state is not None:
+            diffs = [(state[k].float() - self.previous_state[k].float()).norm() for k in state
+                     if state[k].is_floating_point()]
+            update = float(torch.linalg.vector_norm(torch.stack(diffs))) if diffs else None
+        x, y, t = self.stream.test_tensors(experience)
+        found = probe(self.model, avalanche_forward, x, y, t, self.stream.classes_per_experience[experience],
+                      f"exp{experience}, round {rnd}", update, self.device)
+        mode = self.cfg.training.health_check
+        if rnd == (experience + 1) * self.fed.rounds or found.nonfinite:
+            health.report(self.client, self.run_id, self.logger, self.label, found, rnd, mode)
+        elif mode != "off":
+            self.logger.log_values(found.metrics(), rnd)
 
     def _round_values(self, rnd: int, server_round: int, accs: dict, seen: dict) -> dict[str, float]:
         values = {f"round/acc_exp{i}": a for i, a in accs.items()}
@@ -341,7 +370,7 @@ class ServerLoop:
         self.logger.log_values({f"final/{k}": v for k, v in summary.items()}, n_exp - 1)
         self.logger.flush()
         labels = [f"exp{i}" for i in range(n_exp)]
-        label = f"federated {strategy_label(cfg.strategies[0])}"
+        label = self.label
         tracking.log_matrix(client, run_id, matrix, labels)
         client.log_dict(run_id, self._client_table(), "clients.json")
         client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in self.trace.points]},
@@ -356,8 +385,13 @@ class ServerLoop:
         if cfg.tracking.log_model:
             self.model.load_state_dict(weights)
             model_uri = tracking.log_torch_model(run_id, self.model, self.uri)
-        registry.register_from_config(cfg, client, run_id, model_uri, flow="federated", stream=self.stream.name,
-                                      strategy=strategy_label(cfg.strategies[0]), metrics=summary)
+        if health.conclude(client, run_id, cfg.training.health_check):
+            registry.register_from_config(cfg, client, run_id, model_uri, flow="federated",
+                                          stream=self.stream.name, strategy=strategy_label(cfg.strategies[0]),
+                                          metrics=summary)
+        elif model_uri is not None and cfg.tracking.register_model:
+            print(f"[{label}] not registered: the model was unhealthy (`lifelong results {run_id}`)",
+                  file=sys.stderr, flush=True)
         return FederatedResult(run_id, self.uri, label, matrix, summary, n_exp * self.fed.rounds,
                                list(strategy.skipped_rounds),
                                sum(o.status != "ok" for o in strategy.outcomes), weights=dict(weights))
@@ -383,7 +417,8 @@ def open_federated_run(cfg: Config, uri: str, tags: dict[str, str] | None = None
     stream = build_stream(cfg.stream, cfg.seed)
     name = cfg.tracking.run_name or (
         f"{stream.name}-federated-{strategy_label(cfg.strategies[0])}-{cfg.federated.clients}clients")
-    run_id = tracking.open_run(client, name, cfg.flat(), {"lifelong.flow": "federated",
+    params = {**cfg.flat(), **stats_params(stream.input_stats if cfg.model.standardize_input else None)}
+    run_id = tracking.open_run(client, name, params, {"lifelong.flow": "federated",
                                                           "lifelong.stream": stream.name,
                                                           "lifelong.backend": cfg.federated.backend,
                                                           **(tags or {})},

@@ -118,7 +118,8 @@ def target_batch(cfg: Config, samples: int):
     if samples < 1:
         raise AuditError(f"--samples: at least 1 sample to reconstruct, got {samples}")
     stream = build_stream(cfg.stream, cfg.seed)
-    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False,
+                        input_stats=stream.input_stats)
     model.load_state_dict(initial_weights(cfg))
     model.eval()  # dropout off: the attacker's best case (it cannot know the client's masks)
     indices = client_indices(cfg, stream, 0)[0]

@@ -133,8 +133,11 @@ class ModelConfig(_Section):
 
     name: Literal["mlp", "cnn", "vit"] = "cnn"
     hidden: int = Field(256, ge=1)
-    #: Channels of the CNN's two convolution blocks.
-    channels: tuple[int, int] = (32, 64)
+    #: Widths of the CNN's convolution stages (stage i gets channels[i], the last one repeats);
+    #: the image size sets how many stages there are (tasks/models.py, ``conv_stages``).
+    channels: tuple[int, ...] = Field((32, 64, 64), min_length=1)
+    #: Standardise the input by the training split's per-channel mean and std (the model's first layer).
+    standardize_input: bool = True
     dropout: float = Field(0.0, ge=0, lt=1)
     #: ViT: embedding width, blocks, attention heads, patch size (8×8 digits with patch 2: 16 patches).
     vit_dim: int = Field(64, ge=8)
@@ -177,6 +180,10 @@ class TrainingConfig(_Section):
     #: Evaluate on the experiences seen so far every this many iterations (0: only after each experience).
     eval_every: int = Field(10, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    #: After each experience (and federated round) check that the model learned it and did not
+    #: die (tasks/health.py): ``warn`` reports a problem loudly and does not register the model,
+    #: ``fail`` also stops the run, ``off`` skips the check.
+    health_check: Literal["warn", "fail", "off"] = "warn"
     #: Prefect retries of a failed experience step (continual) or of the rounds (federated); each
     #: retry starts again from the last checkpoint (the end of the previous experience, or of the
     #: last round), so a retried run ends as an unbroken one.

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +289,7 @@ class RunResults:
     columns: list[str]
     metrics: dict[str, float]
     children: list["RunResults"]
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def child_runs(client: MlflowClient, run_id: str) -> list:
@@ -313,4 +314,4 @@ def read_results(run_id: str, uri: str | None = None) -> RunResults:
             pass
     children = [read_results(child.info.run_id, uri) for child in child_runs(client, run_id)]
     return RunResults(run_id, run.info.run_name, run.info.status, matrix, rows, cols,
-                      dict(run.data.metrics), children)
+                      dict(run.data.metrics), children, dict(run.data.tags))

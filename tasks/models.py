@@ -16,32 +16,60 @@ from avalanche.models.dynamic_modules import avalanche_model_adaptation
 from torch import nn
 
 from lifelong.config import ModelConfig
+from lifelong.tasks.standardize import Standardize
 
 if TYPE_CHECKING:
     from lifelong.tasks.streams import Stream
 
 
-def mlp_backbone(input_shape: tuple[int, ...], hidden: int, dropout: float) -> nn.Sequential:
+def feature_layer(in_features: int, hidden: int, dropout: float) -> list[nn.Module]:
+    """The features the head reads: linear, then LayerNorm — no ReLU.
+
+    A ReLU here died: in a class-incremental stream the new classes' loss pushes the shared
+    features of the old ones below zero, and on the 28×28 digits 86-98% of 256 ReLU features never
+    fired again — the model then predicted one class of the experience it had just trained on
+    (0.49 on two classes). Linear + LayerNorm features cannot die, and keep one scale across
+    experiences for the head and for feature-space methods (center loss).
+    """
+    return [nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.Dropout(dropout)]
+
+
+def mlp_backbone(input_shape: tuple[int, ...], hidden: int, dropout: float,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Sequential:
     return nn.Sequential(
-        nn.Flatten(),
+        Standardize(input_shape, stats), nn.Flatten(),
         nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
+        *feature_layer(hidden, hidden, dropout),
     )
 
 
-def cnn_backbone(input_shape: tuple[int, ...], channels: tuple[int, int], hidden: int, dropout: float):
+def conv_stages(side: int) -> int:
+    """How many 2× poolings bring an image side down to 4 pixels or fewer (8 → 1, 28 → 3, 32 → 3)."""
+    stages = 0
+    while side > 4:
+        side //= 2
+        stages += 1
+    return stages
+
+
+def cnn_backbone(input_shape: tuple[int, ...], channels: tuple[int, ...], hidden: int, dropout: float,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Sequential:
+    """Convolution stages scaled to the image: each is conv 3×3 → GroupNorm → ReLU → max-pool 2×,
+    repeated until the map is 4×4 or smaller, so every image size ends in the same few pixels
+    (the old fixed two convolutions at full resolution pooled a 28×28 image's 5×5-pixel features
+    to 4×4, and cost 5× more). ``channels[i]`` is stage i's width (the last one repeats).
+    GroupNorm, not BatchNorm: it keeps no running statistics to drift between experiences or
+    between federated clients, and Opacus' per-sample gradients support it."""
     if len(input_shape) != 3:
         raise ValueError(f"model.name='cnn' needs image input (C×H×W), the stream gives {input_shape}; use 'mlp'")
-    c1, c2 = channels
-    return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2),
-        # 8×8 inputs are 4×4 here already; larger images are pooled to the same size.
-        nn.AdaptiveAvgPool2d(4),
-        nn.Flatten(),
-        nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Dropout(dropout),
-    )
+    layers: list[nn.Module] = [Standardize(input_shape, stats)]
+    c, side = input_shape[0], min(input_shape[1:])
+    height, width = input_shape[1:]
+    for i in range(max(1, conv_stages(side))):
+        out = channels[min(i, len(channels) - 1)]
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.GroupNorm(math.gcd(8, out), out), nn.ReLU(), nn.MaxPool2d(2)]
+        c, height, width = out, height // 2, width // 2
+    return nn.Sequential(*layers, nn.Flatten(), *feature_layer(c * height * width, hidden, dropout))
 
 
 class Classifier(nn.Module):
@@ -97,7 +125,13 @@ class MultiHeadNet(MultiTaskModule):
         return self.head(self.backbone(x), task_label)
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, multi_head: bool) -> nn.Module:
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, multi_head: bool,
+                input_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """The configured network; ``input_stats`` (per-channel mean, std of the training split) set its
+    first layer's standardisation — without them (or with ``model.standardize_input = false``) the
+    model sees its input as it is."""
+    if not cfg.standardize_input:
+        input_stats = None
     if cfg.name == "vit":
         if multi_head or len(input_shape) != 3:
             raise ValueError("model.name='vit' needs image input (C×H×W) and a single head (class/domain stream)")
@@ -107,12 +141,12 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_classes: int, 
 
         depth = cfg.vit_depth  # OVOR's layout: general prompt in blocks 0-1, expert prompt in 2-4
         return PromptedViT(input_shape, n_classes, dim=cfg.vit_dim, depth=depth, heads=cfg.vit_heads,
-                           patch=cfg.vit_patch, general_layers=tuple(i for i in (0, 1) if i < depth),
+                           input_stats=input_stats, patch=cfg.vit_patch, general_layers=tuple(i for i in (0, 1) if i < depth),
                            expert_layers=tuple(i for i in (2, 3, 4) if i < depth))
     if cfg.name == "mlp":
-        backbone = mlp_backbone(input_shape, cfg.hidden, cfg.dropout)
+        backbone = mlp_backbone(input_shape, cfg.hidden, cfg.dropout, input_stats)
     elif cfg.name == "cnn":
-        backbone = cnn_backbone(input_shape, cfg.channels, cfg.hidden, cfg.dropout)
+        backbone = cnn_backbone(input_shape, cfg.channels, cfg.hidden, cfg.dropout, input_stats)
     else:  # the config only admits known names; this guards direct Python use
         raise ValueError(f"model.name: unknown model {cfg.name!r}; allowed: 'mlp', 'cnn', 'vit'")
     if multi_head:
@@ -132,7 +166,8 @@ def build_stream_model(cfg: ModelConfig, stream: Stream) -> nn.Module:
     adaptation in a client's later rounds then finds nothing to add. Class and domain streams get
     the single-head model unchanged. Draws the new heads' weights from torch's global RNG.
     """
-    model = build_model(cfg, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task")
+    model = build_model(cfg, stream.input_shape, stream.n_classes, multi_head=stream.scenario == "task",
+                        input_stats=stream.input_stats)
     if isinstance(model, MultiTaskModule):
         model.train()  # Avalanche records a task's classes in its mask only in training mode
         for experience in stream.train_stream:

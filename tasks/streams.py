@@ -20,6 +20,7 @@ from avalanche.benchmarks.utils.classification_dataset import (
 from lifelong.config import BUILTIN_STREAMS, StreamConfig, _check_class_split
 from lifelong.tasks.data import Arrays, DatasetError, load_cifar, load_digits, load_mnist, load_npz
 from lifelong.tasks.distorted_digits import load_distorted_digits
+from lifelong.tasks.standardize import channel_stats
 
 #: What ``lifelong streams`` shows.
 STREAM_DESCRIPTIONS = {
@@ -50,6 +51,8 @@ class Stream:
     classes_per_experience: list[list[int]]
     #: Training data held apart from the stream for pretraining (``stream.holdout_fraction``).
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Per-channel mean and standard deviation of the training split (``tasks/standardize.py``).
+    input_stats: tuple[torch.Tensor, torch.Tensor] | None = None
     _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _train: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
@@ -121,6 +124,7 @@ def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = 
     else:
         stream = _domain_stream(cfg, arrays, seed)
     stream.holdout = holdout
+    stream.input_stats = channel_stats(arrays.x_train)
     return stream
 
 

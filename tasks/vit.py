@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong.tasks.standardize import Standardize
+
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (P, dim)
 
 
@@ -136,8 +138,10 @@ class PromptedViT(nn.Module):
     def __init__(self, input_shape: tuple[int, int, int], n_classes: int, dim: int = 64, depth: int = 5,
                  heads: int = 4, patch: int = 2, mlp_ratio: float = 2, general_len: int = 4,
                  general_layers: tuple[int, ...] = (0, 1), expert_len: int = 8,
-                 expert_layers: tuple[int, ...] = (2, 3, 4)):
+                 expert_layers: tuple[int, ...] = (2, 3, 4),
+                 input_stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
+        self.standardize = Standardize(tuple(input_shape), input_stats)
         self.backbone = ViTBackbone(tuple(input_shape), dim, depth, heads, patch, mlp_ratio)
         self.prompt = OnePrompt(dim, depth, general_len, tuple(general_layers), expert_len,
                                 tuple(expert_layers))
@@ -149,7 +153,7 @@ class PromptedViT(nn.Module):
         self.register_buffer("active", torch.ones(n_classes, dtype=torch.bool))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x, self.prompt if self.use_prompt else None)
+        return self.backbone(self.standardize(x), self.prompt if self.use_prompt else None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.tokens(x)[:, 0]

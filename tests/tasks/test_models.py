@@ -124,3 +124,24 @@ def test_multi_head_output_masks_everything_but_the_tasks_own_classes():
     assert masked[t == 0].tolist() == [[False, False, True, True, True, True]] * 2  # head 0: 2 columns
     assert masked[t == 1].tolist() == [[True, True, True, True, False, False]] * 2
     assert torch.allclose(model(x[:1], 0), out[:1])  # a single task label: the same columns
+
+
+@pytest.mark.parametrize(("side", "stages"), [(8, 1), (28, 3), (32, 3), (64, 4), (4, 0)])
+def test_conv_stages_bring_every_image_size_down_to_four_pixels(side, stages):
+    from lifelong.tasks.models import conv_stages
+
+    assert conv_stages(side) == stages
+
+
+@pytest.mark.parametrize(("shape", "pools"), [((1, 8, 8), 1), ((1, 28, 28), 3), ((3, 32, 32), 3)])
+def test_cnn_scales_with_the_input_and_ends_in_linear_normalised_features(shape, pools):
+    model = build_model(ModelConfig(channels=(8, 16)), shape, 10, multi_head=False)
+    layers = list(model.backbone)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in layers) == pools
+    assert sum(isinstance(m, nn.GroupNorm) for m in layers) == pools
+    widths = [m.out_channels for m in layers if isinstance(m, nn.Conv2d)]
+    assert widths == [8, 16, 16][:pools]  # the last width repeats
+    # the head reads Linear → LayerNorm features: no ReLU there to die
+    assert [type(m) for m in layers[-3:]] == [nn.Linear, nn.LayerNorm, nn.Dropout]
+    features = model.features(torch.rand(4, *shape))
+    assert features.shape == (4, 256) and (features < 0).any()

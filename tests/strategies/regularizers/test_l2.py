@@ -155,7 +155,7 @@ def test_real_models_exclude_their_head():
         model.head.weight.add_(5.0)
     assert pen(reg, model) == 0.0
     with torch.no_grad():
-        model.backbone[1].bias.add_(1.0)
+        model.backbone[2].bias.add_(1.0)  # (backbone[0] standardises, [1] flattens)
     assert pen(reg, model) == pytest.approx(8.0)  # 8 hidden units moved by 1
 
 
