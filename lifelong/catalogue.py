@@ -78,6 +78,13 @@ class L2Spec(Section):
     scope: Literal["backbone", "head", "all"] = "backbone"
 
 
+class FeatureDistillationSpec(Section):
+    """Feature distillation toward the previous model's penultimate features (Smith et al. 2022)."""
+
+    name: Literal["feature_distillation"]
+    mu: float = Field(1.0, ge=0)
+
+
 class CenterLossSpec(Section):
     """Center loss on penultimate features, centers and classifier frozen after learning."""
 
@@ -101,6 +108,16 @@ REGULARIZERS: list[Component] = [
         "Smith et al., A Closer Look at Rehearsal-Free Continual Learning, 2022",
         "strategies/regularizers/l2.py + bridges/avalanche/plugin.py",
         spec=L2Spec, build="lifelong.strategies.regularizers.l2:L2",
+    ),
+    Component(
+        "feature_distillation", "regularizer",
+        "feature distillation: mu * mean (f(x) - f_previous(x))^2 on the penultimate features, current data only",
+        "Smith et al., A Closer Look at Rehearsal-Free Continual Learning, 2022 (FeatKD)",
+        "strategies/regularizers/feature_distillation.py + bridges/avalanche/plugin.py",
+        spec=FeatureDistillationSpec,
+        build="lifelong.strategies.regularizers.feature_distillation:FeatureDistillation",
+        sample_dp_refusal="its penalty reads every sample's features, and would need its own per-sample "
+                          "clipping under DP-SGD (not implemented)",
     ),
     Component(
         "center_loss", "regularizer",
