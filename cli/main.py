@@ -246,18 +246,20 @@ def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path
 @app.command()
 def sweep(
     configs: Annotated[list[Path], typer.Argument(help="One or more TOML configs (e.g. configs/sweeps/*.toml)")],
-    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0..N-1 per config")] = 3,
+    seeds: Annotated[int, typer.Option(help="Seeds 0..N-1 per config (at least 2: each row gets a 95% interval)")] = 5,
     out: Annotated[Optional[Path], typer.Option(help="Markdown file to write the tables into")] = Path(
         "docs/results.md"),
     set_: Annotated[list[str], typer.Option("--set", help="Override a key in every config")] = [],
 ) -> None:
     """Run every config (and each of its [[variants]]) with several seeds; write mean ± std tables
     to MLflow and a Markdown file."""
-    from lifelong.flows.sweep import sweep_flow, variant_configs
+    from lifelong.flows.sweep import check_sweep, sweep_flow
 
-    try:
-        for path in configs:  # every variant of every config is checked before the first run starts
-            for _, cfg in variant_configs(path, set_):
+    path = configs[0]
+    try:  # every variant of every config, its protocol and the seed count, before the first run starts
+        planned = check_sweep([str(p) for p in configs], seeds, set_)
+        for path in configs:
+            for _, cfg in planned[str(path)]:
                 check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
         fail(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))

@@ -98,6 +98,7 @@ class Learner:
                                       EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed,
                                       sample_dp=sample_dp_config(cfg))
         self.start = 0  # the first experience to train (later than 0 when resumed)
+        self.t0 = time.perf_counter()  # the cost row of a sweep: wall time since this process took over
         self.checkpoint: Path | None = None  # where this learner's checkpoints go
         self.attempting: Path | None = None  # set while an experience trains: the checkpoint to go back to
         try:
@@ -253,6 +254,9 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
     if not learner.joint:
         summary.update(continual_summary(learner.trace, last))
     learner.logger.log_values({f"final/{k}": v for k, v in summary.items()}, last)
+    # What the result cost, beside (not among) the final metrics, which a resumed run reproduces exactly.
+    learner.logger.log_values({"cost/updates": learner.strategy.clock.train_iterations,
+                               "cost/wall_s": time.perf_counter() - learner.t0}, last)
     learner.logger.flush()
     labels = [f"exp{i}" for i in range(learner.stream.n_experiences)]
     tracking.log_matrix(client, run_id, matrix, labels)

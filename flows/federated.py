@@ -220,6 +220,7 @@ class ServerLoop:
         self.done_rounds = 0
         self.last_evaluated = -1
         self.previous_state: dict[str, torch.Tensor] | None = None  # the last evaluated global model
+        self.t0 = time.perf_counter()
         self.label = f"federated {strategy_label(cfg.strategies[0])}"
         #: What clients need to save and restore their own state (sent in every train message).
         self.client_keys: dict[str, object] = {}
@@ -368,6 +369,10 @@ class ServerLoop:
         summary = matrix_summary(matrix)
         summary.update(continual_summary(self.trace, n_exp - 1))
         self.logger.log_values({f"final/{k}": v for k, v in summary.items()}, n_exp - 1)
+        # What the result cost, beside the final metrics (a resumed run reproduces those exactly):
+        # server updates (rounds that aggregated) and the wall time since this process took over.
+        self.logger.log_values({"cost/updates": n_exp * self.fed.rounds - len(strategy.skipped_rounds),
+                                "cost/wall_s": time.perf_counter() - self.t0}, n_exp - 1)
         self.logger.flush()
         labels = [f"exp{i}" for i in range(n_exp)]
         label = self.label

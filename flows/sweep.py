@@ -23,6 +23,7 @@ variant of every config is validated before the first run starts.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import numpy as np
 from prefect import flow
 
 from lifelong import tracking
+from lifelong.checkpoints import config_fingerprint
 from lifelong.config import (
     Config,
     ConfigError,
@@ -46,12 +48,19 @@ from lifelong.env import default_tracking_uri
 from lifelong.flows.continual import continual_flow
 from lifelong.flows.federated import privacy_plan, run_federated
 from lifelong.flows.multitask import multitask_flow
+from lifelong.flows.sweep_protocol import Claim, Protocol, Tuned, read_protocol, tuning_config
+from lifelong.tasks.comparison import interval95, paired_difference, verdict
+from lifelong.tasks.streams import build_stream
 
 METRICS = ("avg_accuracy", "avg_forgetting", "min_acc", "wc_acc")
 #: Federated rows; the last two are the same for every seed and shown without ± (n/a without DP).
 FEDERATED_METRICS = ("avg_accuracy", "avg_forgetting", "epsilon", "noise_multiplier")
 EXACT = ("epsilon", "noise_multiplier")
 VARIANT_KEYS = {"label", "set"}
+#: Each row's cost, shown as a mean: optimiser updates (federated: server rounds) and wall time.
+COSTS = ("updates", "wall_s")
+#: A finished cell's tag: the hash of everything that determines its result (resume cell by cell).
+CELL_TAG = "lifelong.sweep_cell"
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,12 @@ class SweepTable:
     clipping: dict[str, str] = field(default_factory=dict)
     delta: float | None = None
     wall_s: float = 0.0
+    #: label -> cost -> values over seeds (``COSTS``)
+    costs: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: what ``[protocol]`` chose on validation data, and the claims' verdicts
+    metric_tuned: str = "avg_accuracy"
+    tuning: list[Tuned] = field(default_factory=list)
+    verdicts: list[tuple[Claim, str, str]] = field(default_factory=list)  # claim, difference, verdict
 
     def cell(self, label: str, metric: str) -> str:
         vals = self.values[label].get(metric, [])
@@ -83,14 +98,31 @@ class SweepTable:
             return "n/a"
         if metric in EXACT:  # determined by the config (calibrated before the run), not by the seed
             return f"{np.mean(vals):.3g}"
-        return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
+        text = f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.3f}"
+        if len(vals) > 1:
+            ci = interval95(vals)
+            text += f" [{ci.low:.3f}, {ci.high:.3f}]"
+        return text
+
+    def cost_cell(self, label: str, cost: str) -> str:
+        vals = self.costs.get(label, {}).get(cost, [])
+        return "n/a" if not vals else (f"{np.mean(vals):.0f}" if cost == "updates" else f"{np.mean(vals):.1f}")
 
     def markdown(self) -> str:
-        head = f"| {'variant' if self.clipping else 'strategy'} | " + " | ".join(self.metrics) + " |"
-        rule = "|---|" + "---|" * len(self.metrics)
-        rows = [f"| {label} | " + " | ".join(self.cell(label, m) for m in self.metrics) + " |"
-                for label in self.values]
-        return "\n".join([head, rule, *rows])
+        head = (f"| {'variant' if self.clipping else 'strategy'} | " + " | ".join(self.metrics)
+                + " | updates | wall (s) |")
+        rule = "|---|" + "---|" * (len(self.metrics) + len(COSTS))
+        rows = [f"| {label} | " + " | ".join(self.cell(label, m) for m in self.metrics) + " | "
+                + " | ".join(self.cost_cell(label, c) for c in COSTS) + " |" for label in self.values]
+        lines = [head, rule, *rows]
+        if self.tuning:
+            lines = [*(f"Chosen on validation data: {t.describe(self.metric_tuned)}." for t in self.tuning),
+                     "", *lines]
+        if self.verdicts:
+            lines += ["", "| claim | better − baseline, mean [95% CI] | verdict |", "|---|---|---|",
+                      *(f"| {c.claim} ({c.better} vs {c.baseline}, {c.metric}) | {d} | **{v}** |"
+                        for c, d, v in self.verdicts)]
+        return "\n".join(lines)
 
     @property
     def plot_name(self) -> str | None:
@@ -155,6 +187,7 @@ def variant_configs(path: str | Path, overrides: list[str] | None = None,
     ``overrides``, then the variant's own, then ``extra`` (the seed). A bad key names its variant."""
     path = Path(path)
     data = read_toml(path)
+    data.pop("protocol", None)  # (read_protocol's)
     variants = read_variants(data.pop("variants", None), path)
     out = []
     for v in variants:
@@ -174,11 +207,56 @@ def variant_configs(path: str | Path, overrides: list[str] | None = None,
 # --------------------------------------------------------------------------- the flow
 
 
+def protocol_of(path: str | Path) -> Protocol | None:
+    return read_protocol(read_toml(Path(path)).get("protocol"), Path(path))
+
+
+def row_labels(vcs: list[tuple[Variant, Config]]) -> set[str]:
+    """The rows a config's runs will produce (what claims may name), known before any run."""
+    labels = set()
+    for v, cfg in vcs:
+        if cfg.flow == "federated":
+            labels.add(v.label or f"federated {strategy_label(cfg.strategies[0])}")
+        elif cfg.flow == "continual":
+            labels.update(strategy_label(s) if v.label is None else f"{v.label}: {strategy_label(s)}"
+                          for s in cfg.strategies)
+    return labels
+
+
+def check_sweep(configs: list[str], seeds: int, overrides: list[str] | None = None) -> dict:
+    """Everything a sweep needs, checked before its first run: seeds for an interval, every
+    variant, the protocol's grids and claims. Returns the planned variants per config."""
+    if seeds < 2:
+        raise ConfigError(f"--seeds: {seeds} seed(s) give no interval; a sweep needs at least 2 (docs use 5)")
+    planned = {}
+    for path in configs:
+        planned[path] = variant_configs(path, overrides)
+        protocol = protocol_of(path)
+        if protocol is None:
+            continue
+        known = row_labels(planned[path])
+        for c in protocol.claims:
+            for side in (c.better, c.baseline):
+                if known and side not in known:
+                    raise ConfigError(f"{path}: protocol.claims: no row {side!r} in this sweep; rows: "
+                                      f"{', '.join(sorted(known))}")
+        data = read_toml(Path(path))
+        data.pop("protocol"), data.pop("variants", None)
+        for g in protocol.grids:  # every tuning config validates (keys, values, the validation split)
+            for value in g.values:
+                cfg = tuning_config(data, g, value, [], protocol, protocol.tune_seeds[0], list(overrides or []),
+                                    _toml_value)
+            if cfg.flow != "multitask":
+                build_stream(cfg.stream, cfg.seed)  # a validation split too small for a class is refused here
+    return planned
+
+
 @flow(name="sweep", validate_parameters=False)
 def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = None,
                out: str | None = None) -> list[SweepTable]:
-    # Every variant of every config is read (and its privacy budget calibrated) before any run.
-    planned = {path: variant_configs(path, overrides) for path in configs}
+    """Every config × variant × seed; a cell a previous sweep finished (same config, same seed) is
+    read back from MLflow instead of run again, so an interrupted sweep resumes cell by cell."""
+    planned = check_sweep(configs, seeds, overrides)
     noise = {(path, v.label): _noise_multiplier(cfg) for path, vcs in planned.items() for v, cfg in vcs
              if cfg.flow == "federated"}
     tables = []
@@ -189,12 +267,15 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
         if base.flow == "federated":
             table.metrics, table.delta = FEDERATED_METRICS, base.privacy.delta
         t0 = time.perf_counter()
+        chosen = _tune(table, path, protocol_of(path), list(overrides or []))
         for seed in range(seeds):
-            for v, cfg in variant_configs(path, overrides, [f"seed={seed}", 'tracking.experiment="sweep"']):
+            for v, cfg in variant_configs(path, [*(overrides or []), *chosen],
+                                          [f"seed={seed}", 'tracking.experiment="sweep"']):
                 if cfg.flow == "federated":
                     _run_federated(table, v, cfg, noise[(str(path), v.label)])
                 else:
                     _run_local(table, v, cfg)
+        _judge(table, protocol_of(path))
         table.wall_s = time.perf_counter() - t0
         tables.append(table)
     _log_sweep(tables, seeds, overrides)
@@ -203,19 +284,113 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
     return tables
 
 
+def _tune(table: SweepTable, path: Path, protocol: Protocol | None, overrides: list[str]) -> list[str]:
+    """Choose each grid's value on the validation split (coordinate-wise, in the order given);
+    returns the chosen values as overrides for the reported runs."""
+    if protocol is None or not protocol.grids:
+        return []
+    data = read_toml(path)
+    data.pop("protocol"), data.pop("variants", None)
+    table.metric_tuned = protocol.metric
+    chosen: list[str] = []
+    for g in protocol.grids:
+        scores: dict[str, float] = {}
+        for value in g.values:
+            runs = []
+            for seed in protocol.tune_seeds:
+                cfg = tuning_config(data, g, value, chosen, protocol, seed, overrides, _toml_value)
+                rows = _local_rows(cfg) if cfg.flow != "federated" else [_federated_row(cfg)]
+                runs.append(rows[0][1].get(protocol.metric, float("nan")))
+            scores[_toml_value(value)] = float(np.mean(runs))
+        best = next(iter(scores))
+        for value, score in scores.items():
+            if protocol.better(score, scores[best]):
+                best = value
+        table.tuning.append(Tuned(g.key, scores, best))
+        chosen.append(f"{g.key}={best}")
+        print(f"[sweep] {path.stem}: {table.tuning[-1].describe(protocol.metric)}", flush=True)
+    return chosen
+
+
+def _judge(table: SweepTable, protocol: Protocol | None) -> None:
+    for c in protocol.claims if protocol is not None else []:
+        a, b = table.values[c.better].get(c.metric, []), table.values[c.baseline].get(c.metric, [])
+        diff = paired_difference(a, b)
+        table.verdicts.append((c, str(diff), verdict(diff, c.direction)))
+
+
+# ----------------------------------------------------------------- cells: run, or read back
+
+
+def cell_key(cfg: Config) -> str:
+    """What determines a cell's result: the whole config but where it is logged."""
+    return hashlib.sha256(config_fingerprint(cfg).encode()).hexdigest()[:32]
+
+
+def _finished_cell(cfg: Config):
+    """The run of a previous sweep with this cell's key, if it finished."""
+    client = tracking.client_for(cfg.tracking.uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return client, None
+    runs = client.search_runs([exp.experiment_id], f"tags.`{CELL_TAG}` = '{cell_key(cfg)}' "
+                              "and attributes.status = 'FINISHED'", max_results=1)
+    return client, (runs[0] if runs else None)
+
+
+def _row_values(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    summary = {k.removeprefix("final/"): v for k, v in metrics.items() if k.startswith("final/")}
+    costs = {k.removeprefix("cost/"): v for k, v in metrics.items() if k.startswith("cost/")}
+    return summary, costs
+
+
+def _local_rows(cfg: Config) -> list[tuple[str, dict[str, float], dict[str, float], str]]:
+    """(label, summary, costs, parent run id) per strategy or combiner of one continual/multi-task cell."""
+    client, done = _finished_cell(cfg)
+    if done is not None:
+        children = tracking.child_runs(client, done.info.run_id)
+        return [(c.info.run_name, *_row_values(c.data.metrics), done.info.run_id) for c in children]
+    result = multitask_flow(cfg) if cfg.flow == "multitask" else continual_flow(cfg)
+    client.set_tag(result.parent_run_id, CELL_TAG, cell_key(cfg))
+    rows = []
+    for r in result.results:
+        metrics = client.get_run(r.run_id).data.metrics
+        rows.append((r.label, r.summary, _row_values(metrics)[1], result.parent_run_id))
+    return rows
+
+
+def _federated_row(cfg: Config) -> tuple[str, dict[str, float], dict[str, float], str, float | None]:
+    """(label, summary, costs, run id, final epsilon) of one federated cell."""
+    client, done = _finished_cell(cfg)
+    if done is None:
+        result = run_federated(cfg)
+        client.set_tag(result.run_id, CELL_TAG, cell_key(cfg))
+        done = client.get_run(result.run_id)
+    summary, costs = _row_values(done.data.metrics)
+    # The epsilon the run itself logged after its last round (privacy/epsilon), not a recomputation.
+    return (f"federated {strategy_label(cfg.strategies[0])}", summary, costs, done.info.run_id,
+            done.data.metrics.get("privacy/epsilon"))
+
+
+def _add(table: SweepTable, label: str, summary: dict[str, float], costs: dict[str, float]) -> None:
+    row = table.values.setdefault(label, {})
+    for m in table.metrics:
+        if m in summary:
+            row.setdefault(m, []).append(summary[m])
+    cost_row = table.costs.setdefault(label, {})
+    for c in COSTS:
+        if c in costs:
+            cost_row.setdefault(c, []).append(costs[c])
+
+
 def _run_local(table: SweepTable, v: Variant, cfg: Config) -> None:
     """Continual or multi-task: one row per strategy (or combiner), prefixed by the variant."""
-    multitask = cfg.flow == "multitask"
-    result = multitask_flow(cfg) if multitask else continual_flow(cfg)
-    table.run_ids.append(result.parent_run_id)
-    if multitask:  # throughput is measured side by side by `make bench`, not across runs
-        table.metrics = tuple(sorted(k for k in result.results[0].summary if k != "samples_per_s"))
-    for r in result.results:
-        label = r.label if v.label is None else f"{v.label}: {r.label}"
-        row = table.values.setdefault(label, {})
-        for m in table.metrics:
-            if m in r.summary:
-                row.setdefault(m, []).append(r.summary[m])
+    rows = _local_rows(cfg)
+    table.run_ids.append(rows[0][3])
+    if cfg.flow == "multitask":  # throughput is measured side by side by `make bench`, not across runs
+        table.metrics = tuple(sorted(k for k in rows[0][1] if k != "samples_per_s"))
+    for label, summary, costs, _ in rows:
+        _add(table, label if v.label is None else f"{v.label}: {label}", summary, costs)
 
 
 def _noise_multiplier(cfg: Config) -> float | None:
@@ -226,17 +401,13 @@ def _noise_multiplier(cfg: Config) -> float | None:
 
 
 def _run_federated(table: SweepTable, v: Variant, cfg: Config, z: float | None) -> None:
-    result = run_federated(cfg)
-    table.run_ids.append(result.run_id)
-    label = v.label or f"federated {strategy_label(cfg.strategies[0])}"
-    row = table.values.setdefault(label, {})
+    default_label, summary, costs, run_id, eps = _federated_row(cfg)
+    table.run_ids.append(run_id)
+    label = v.label or default_label
     table.clipping[label] = cfg.privacy.clipping
-    for m in ("avg_accuracy", "avg_forgetting"):
-        if m in result.summary:
-            row.setdefault(m, []).append(result.summary[m])
+    _add(table, label, {m: summary[m] for m in ("avg_accuracy", "avg_forgetting") if m in summary}, costs)
     if z is not None:
-        # The epsilon the run itself logged after its last round (privacy/epsilon), not a recomputation.
-        eps = tracking.client_for(result.tracking_uri).get_run(result.run_id).data.metrics.get("privacy/epsilon")
+        row = table.values[label]
         if eps is not None:
             row.setdefault("epsilon", []).append(eps)
         row.setdefault("noise_multiplier", []).append(z)
@@ -301,8 +472,9 @@ def write_markdown(tables: list[SweepTable], out: Path, seeds: int) -> None:
     sweeps of other configs keep their own sections in the same file."""
     key = "+".join(t.name for t in tables)
     begin, end = f"<!-- sweep:begin {key} -->", f"<!-- sweep:end {key} -->"
-    body = [begin, f"_Generated by `lifelong sweep ... --seeds {seeds}`; mean ± std over seeds "
-                   f"{', '.join(map(str, range(seeds)))}._", ""]
+    note = (f"_Generated by `lifelong sweep ... --seeds {seeds}`; mean ± std [95% interval] over seeds "
+            f"{', '.join(map(str, range(seeds)))}; updates and wall time per run, mean._")
+    body = [begin, note, ""]
     for t in tables:
         body += [f"### {t.title}", "", f"Config: `configs/sweeps/{t.name}.toml` (`{t.stream}`).", "",
                  t.markdown(), ""]

@@ -81,6 +81,10 @@ class StreamConfig(_Section):
     class_order: Literal["natural", "shuffled"] = "natural"
     #: Share of the training split held apart from the stream (stratified, seeded) to pretrain on.
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
+    #: Share of the (remaining) training split carved out, stratified and seeded, as a validation
+    #: split that the run evaluates on *instead of* the test split: for choosing hyperparameters
+    #: (``lifelong sweep``'s ``[protocol]``) without ever reading the test split.
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
 
     @property
     def dataset(self) -> str:

@@ -118,6 +118,8 @@ def build_stream(cfg: StreamConfig, seed: int) -> Stream:
 @lru_cache(maxsize=4)
 def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = None) -> Stream:
     arrays, holdout = _hold_out(load_arrays(cfg, seed), cfg.holdout_fraction, seed)
+    if cfg.validation_fraction:
+        arrays = _validation_split(arrays, cfg.validation_fraction, seed)
     scenario = cfg.resolved_scenario
     if scenario in ("class", "task"):
         stream = _class_split(cfg, arrays, seed, task_labels=scenario == "task")
@@ -141,6 +143,23 @@ def _hold_out(a: Arrays, fraction: float, seed: int):
     d = None if a.d_train is None else a.d_train[keep]
     rest = Arrays(a.x_train[keep], a.y_train[keep], a.x_test, a.y_test, d, a.d_test)
     return rest, (a.x_train[held], a.y_train[held])
+
+
+def _validation_split(a: Arrays, fraction: float, seed: int) -> Arrays:
+    """Train on the rest of the training split, evaluate on a stratified, seeded share of it: the
+    test split is dropped, so a run that chooses hyperparameters cannot read it."""
+    from sklearn.model_selection import train_test_split
+
+    counts = torch.bincount(a.y_train, minlength=a.n_classes)
+    thin = [c for c, n in enumerate(counts.tolist()) if 0 < n and (n < 2 or round(n * fraction) < 1)]
+    if thin:
+        raise DatasetError(f"stream.validation_fraction: {fraction} of the training split leaves class(es) "
+                           f"{thin} with no validation sample (or no training sample); use a larger fraction")
+    idx = torch.arange(len(a.y_train)).numpy()
+    keep, val = train_test_split(idx, test_size=fraction, random_state=seed + 7919, stratify=a.y_train.numpy())
+    keep, val = torch.from_numpy(keep), torch.from_numpy(val)
+    domains = (None, None) if a.d_train is None else (a.d_train[keep], a.d_train[val])
+    return Arrays(a.x_train[keep], a.y_train[keep], a.x_train[val], a.y_train[val], *domains)
 
 
 def _class_split(cfg: StreamConfig, a: Arrays, seed: int, task_labels: bool) -> Stream:

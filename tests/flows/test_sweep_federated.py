@@ -85,11 +85,11 @@ def test_a_bad_variant_is_refused_before_any_run(tmp_path, variants, message):
     good = write(tmp_path, TINY + VARIANTS, "good.toml")
     bad = write(tmp_path, TINY + variants, "bad.toml")
     with pytest.raises(ConfigError) as err:
-        sweep_flow([str(good), str(bad)], 1, [f'tracking.uri="{uri}"'], None)  # the good one runs first
+        sweep_flow([str(good), str(bad)], 2, [f'tracking.uri="{uri}"'], None)  # the good one runs first
     assert all(m in str(err.value) for m in message), str(err.value)
     assert client_for(uri).search_experiments(filter_string="name = 'sweep'") == []  # nothing ran
     # The CLI says the same, as a one-line error, and exits 2.
-    res = CliRunner().invoke(cli, ["sweep", str(good), str(bad), "--seeds", "1", "--set", f'tracking.uri="{uri}"'])
+    res = CliRunner().invoke(cli, ["sweep", str(good), str(bad), "--seeds", "2", "--set", f'tracking.uri="{uri}"'])
     assert res.exit_code == 2 and message[0] in res.output
 
 
@@ -103,21 +103,22 @@ def test_tiny_federated_sweep_fills_epsilon_and_logs_the_plot(tmp_path):
     uri = f"sqlite:///{tmp_path / 'sweep.db'}"
     path = write(tmp_path, TINY + VARIANTS)
     out = tmp_path / "results.md"
-    (t,) = sweep_flow([str(path)], 1, [f'tracking.uri="{uri}"'], str(out))
-    assert list(t.values) == ["no DP", "flat z=1"] and len(t.run_ids) == 2
+    (t,) = sweep_flow([str(path)], 2, [f'tracking.uri="{uri}"'], str(out))
+    assert list(t.values) == ["no DP", "flat z=1"] and len(t.run_ids) == 4  # 2 variants × 2 seeds
     assert t.clipping == {"no DP": "off", "flat z=1": "flat"}
     assert t.cell("no DP", "epsilon") == "n/a" and t.cell("no DP", "noise_multiplier") == "n/a"
-    assert t.values["flat z=1"]["noise_multiplier"] == [1.0]
+    assert t.values["flat z=1"]["noise_multiplier"] == [1.0, 1.0]
+    assert t.costs["flat z=1"]["updates"] == [2, 2]  # 2 experiences × 1 round, each seed
     client = client_for(uri)
     # The table's epsilon is the DP run's own last logged privacy/epsilon.
     dp_run = t.run_ids[1]
     logged = client.get_metric_history(dp_run, "privacy/epsilon")
-    assert len(logged) == 2 and t.values["flat z=1"]["epsilon"] == [max(m.value for m in logged)]
+    assert len(logged) == 2 and t.values["flat z=1"]["epsilon"][0] == max(m.value for m in logged)
     assert 0 < t.values["flat z=1"]["epsilon"][0] < float("inf")
     text = out.read_text()
-    assert "| variant | avg_accuracy | avg_forgetting | epsilon | noise_multiplier |" in text
+    assert "| variant | avg_accuracy | avg_forgetting | epsilon | noise_multiplier | updates | wall (s) |" in text
     assert f"| flat z=1 | {t.cell('flat z=1', 'avg_accuracy')} | " in text
-    assert "tiny_fed_accuracy_vs_epsilon.png" in text and "2 runs in" in text
+    assert "tiny_fed_accuracy_vs_epsilon.png" in text and "4 runs in" in text
     (sweep_run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
                                       "tags.`lifelong.flow` = 'sweep'")
     assert {a.path for a in client.list_artifacts(sweep_run.info.run_id)} >= {

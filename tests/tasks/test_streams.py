@@ -296,3 +296,28 @@ def test_permuted_other_seed_other_permutation():
     xb = load_digits(0.25, 1).x_test.reshape(-1, 64)
     pb = _recover_permutation(xb, b.test_tensors(1)[0].reshape(-1, 64))
     assert not torch.equal(xa[:, pa], xa[:, pb])
+
+
+def test_a_validation_split_replaces_the_test_split_and_comes_from_training_data():
+    from lifelong.tasks.data import load_digits
+
+    full = build_stream(StreamConfig(name="split_digits"), 0)
+    val = build_stream(StreamConfig(name="split_digits", validation_fraction=0.2), 0)
+    original = load_digits(0.25, 0)
+    rows = lambda x: {tuple(r) for r in x.flatten(1).tolist()}
+    train_rows, test_rows = rows(original.x_train), rows(original.x_test)
+    val_x = torch.cat([val.test_tensors(i)[0] for i in range(val.n_experiences)])
+    fit_x = torch.cat([val.train_tensors(i)[0] for i in range(val.n_experiences)])
+    assert rows(val_x) <= train_rows and not rows(val_x) & test_rows  # never the test split
+    assert not rows(val_x) & rows(fit_x)  # carved out of training, not shared with it
+    assert len(val_x) == pytest.approx(0.2 * len(original.x_train), abs=2)
+    assert len(fit_x) + len(val_x) == sum(len(full.train_tensors(i)[0]) for i in range(full.n_experiences))
+    # every experience's classes are in its validation share (stratified)
+    assert all(set(val.test_tensors(i)[1].tolist()) == set(c) for i, c in enumerate(val.classes_per_experience))
+
+
+def test_a_validation_split_too_small_for_a_class_is_refused():
+    from lifelong.tasks.data import DatasetError
+
+    with pytest.raises(DatasetError, match=r"stream.validation_fraction: 0.001 of the training split leaves class"):
+        build_stream(StreamConfig(name="split_digits", validation_fraction=0.001), 0)
