@@ -91,6 +91,8 @@ class SweepTable:
     metric_tuned: str = "avg_accuracy"
     tuning: list[Tuned] = field(default_factory=list)
     verdicts: list[tuple[Claim, str, str]] = field(default_factory=list)  # claim, difference, verdict
+    #: the configs' continual evaluation period: min-ACC and WC-ACC are upper bounds unless it is 1
+    eval_every: int = 1
 
     def cell(self, label: str, metric: str) -> str:
         vals = self.values[label].get(metric, [])
@@ -266,6 +268,7 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
         table = SweepTable(path.stem, _title(path), source, list(range(seeds)))
         if base.flow == "federated":
             table.metrics, table.delta = FEDERATED_METRICS, base.privacy.delta
+        table.eval_every = base.training.eval_every
         t0 = time.perf_counter()
         chosen = _tune(table, path, protocol_of(path), list(overrides or []))
         for seed in range(seeds):
@@ -478,6 +481,9 @@ def write_markdown(tables: list[SweepTable], out: Path, seeds: int) -> None:
     for t in tables:
         body += [f"### {t.title}", "", f"Config: `configs/sweeps/{t.name}.toml` (`{t.stream}`).", "",
                  t.markdown(), ""]
+        if t.eval_every != 1 and {"min_acc", "wc_acc"} & set(t.metrics):
+            when = f"every {t.eval_every} iterations" if t.eval_every else "at experience boundaries only"
+            body += [f"_min_acc and wc_acc are upper bounds: evaluated {when}, not after every update._", ""]
         if t.clipping:  # federated: the wall time, and where the plot is
             note = f"{len(t.run_ids)} runs in {t.wall_s / 60:.1f} min"
             if t.plot_name:

@@ -168,6 +168,10 @@ class NaiveSpec(LearnerSpec):
     """Fine-tuning on each experience in turn: the lower bound that shows forgetting."""
 
     name: Literal["naive"]
+    #: Train each experience's loss on its own classes' logits only, the others masked to −∞
+    #: (evaluation is unmasked): the class-incremental setting of Smith et al.'s regularisation
+    #: baselines, where the head is not taught to push old classes down.
+    mask_past_logits: bool = False
 
 
 class ReplaySpec(LearnerSpec):

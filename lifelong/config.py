@@ -204,7 +204,8 @@ StrategySpec = catalogue.tagged_union(catalogue.STRATEGIES)
 def strategy_label(spec: Any) -> str:
     if spec.label:
         return spec.label
-    parts = [spec.name, *(["vor"] if getattr(spec, "vor", False) else []), *(p.name for p in spec.plugins),
+    parts = [spec.name, *(["vor"] if getattr(spec, "vor", False) else []),
+             *(["masked"] if getattr(spec, "mask_past_logits", False) else []), *(p.name for p in spec.plugins),
              *([f"{spec.arbitrate}({spec.arbitrate_between})"] if spec.arbitrate else [])]
     return "+".join(parts)
 
@@ -567,6 +568,9 @@ class Config(_Section):
         if spec.arbitrate:
             raise ValueError("strategies.0.arbitrate: GCond arbitration keeps per-learner state that "
                              "federated clients do not persist yet; remove it for a federated run")
+        if getattr(spec, "mask_past_logits", False):
+            raise ValueError("strategies.0.mask_past_logits: not available in the federated flow yet "
+                             "(clients train without it); remove it for a federated run")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "Config":

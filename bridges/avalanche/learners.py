@@ -86,6 +86,10 @@ def build_learner(spec, model: torch.nn.Module, training: TrainingConfig, plugin
         # First: it puts the plain model back before the regularisers consolidate.
         plugins = [SampleDPPlugin(sample_dp), *plugins]
     if isinstance(spec, NaiveSpec):
+        if spec.mask_past_logits:
+            from lifelong.bridges.avalanche.logit_mask import PastLogitMaskPlugin
+
+            plugins = [PastLogitMaskPlugin(), *plugins]
         return template(plugins=plugins, **common)
     if isinstance(spec, ReplaySpec):
         return template(plugins=[replay, *plugins], **common)
