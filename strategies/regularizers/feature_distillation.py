@@ -36,7 +36,7 @@ class FeatureDistillation:
     def _frozen(self, model: nn.Module) -> nn.Module:
         """The teacher: a copy of ``model``'s architecture holding ``teacher_state``, frozen."""
         if self._teacher is None:
-            teacher = copy.deepcopy(_unwrapped(model))
+            teacher = _copy_without_hooks(_unwrapped(model))
             teacher.load_state_dict(self.teacher_state)
             self._teacher = teacher.eval().requires_grad_(False)
         return self._teacher
@@ -67,6 +67,19 @@ class FeatureDistillation:
     def load_state_dict(self, state) -> None:
         self.teacher_state = unpack("teacher", state)
         self._teacher = None
+
+
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose modules have no hooks: a training framework's hooks (the
+    plugin that captures the head's input) would otherwise be copied with whatever they hold —
+    a tensor of the current batch's graph, which cannot be deep-copied. The model is untouched:
+    each hook table is mapped to an empty one in the copy's memo."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for name, table in vars(module).items():
+            if "hooks" in name and isinstance(table, dict):
+                memo[id(table)] = type(table)()
+    return copy.deepcopy(model, memo)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

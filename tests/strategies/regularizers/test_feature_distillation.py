@@ -66,3 +66,29 @@ def test_config_names_it_and_sample_dp_refuses_it():
     with pytest.raises(Exception, match="feature_distillation"):
         load_config(None, ['strategies=[{name="naive", plugins=[{name="feature_distillation"}]}]',
                            "privacy.sample.noise_multiplier=1.0"])
+
+
+def test_it_trains_inside_an_avalanche_learner_whose_head_is_hooked():
+    """The teacher is copied while the plugin's hook on the head holds the batch's features (a
+    tensor of the graph, which deepcopy refuses): the copy leaves hooks out."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from lifelong.bridges.avalanche.learners import build_learner, quiet_avalanche_deprecations
+    from lifelong.config import validate_config
+    from lifelong.tasks.models import build_model
+    from lifelong.tasks.streams import build_stream
+
+    cfg = validate_config({"model": {"name": "mlp", "hidden": 16}, "training": {"epochs": 1},
+                           "strategies": [{"name": "naive", "plugins": [{"name": "feature_distillation"}]}]})
+    stream = build_stream(cfg.stream, 0)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, stream.input_shape, stream.n_classes, multi_head=False)
+    strategy = build_learner(cfg.strategies[0], model, cfg.training, [], EvaluationPlugin(loggers=[]),
+                             stream.n_classes, cfg.seed)
+    with quiet_avalanche_deprecations():
+        for exp in stream.train_stream[:2]:
+            strategy.train(exp, num_workers=0)
+    (plugin,) = [p for p in strategy.plugins if getattr(p, "name", None) == "feature_distillation"]
+    assert plugin.last_penalty > 0 and plugin.regularizer.teacher_state
+    teacher = plugin.regularizer._frozen(model)
+    assert not teacher.head._forward_pre_hooks
