@@ -99,7 +99,10 @@ def train_combiner(cfg: Config, index: int, parent_run_id: str, uri: str) -> Com
                                parent_run_id=parent_run_id)
     logger = tracking.MLflowLogger(run_id, client)
     with tracking.terminated(client, run_id, cleanup=logger.flush):
+        t0 = time.perf_counter()
         summary = _train(cfg, spec, logger)
+        # What the result cost (a sweep's budget columns): optimiser updates and wall time.
+        logger.log_values({"cost/updates": summary.pop("_updates"), "cost/wall_s": time.perf_counter() - t0}, 0)
         logger.log_values({f"final/{k}": v for k, v in summary.items() if k != "_model"}, 0)
         logger.flush()
         model = summary.pop("_model")
@@ -173,7 +176,7 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
     final = evaluate_tasks(model, data)
     summary: dict = {**final, "samples_per_s": samples / max(train_s, 1e-9),
                      "mean_projections": float(np.mean(projections)) if projections else 0.0}
-    summary["_model"] = model
+    summary["_model"], summary["_updates"] = model, total
     return summary
 
 
