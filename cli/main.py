@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -55,11 +56,24 @@ def run(
     if cfg.flow == "federated":
         from lifelong.flows.federated import run_federated
 
-        print_federated(run_federated(cfg))
+        with stopped_if_unhealthy():
+            print_federated(run_federated(cfg))
         return
     from lifelong.flows.continual import run_continual
 
-    print_results_table(run_continual(cfg))
+    with stopped_if_unhealthy():
+        print_results_table(run_continual(cfg))
+
+
+@contextlib.contextmanager
+def stopped_if_unhealthy():
+    """``training.health_check = "fail"``: a one-line error, not a traceback (the run is in MLflow)."""
+    from lifelong.flows.health import UnhealthyModel
+
+    try:
+        yield
+    except UnhealthyModel as exc:
+        fail(f"{exc}; the run is marked FAILED in MLflow (`lifelong results RUN` shows why)")
 
 
 def resume_config(run_id: str, config: Path | None, overrides: list[str], uri: str | None):
@@ -107,12 +121,13 @@ def resume_run(cfg, run_id: str) -> None:
     from lifelong.flows.continual import run_continual
 
     try:
-        if cfg.flow == "federated":
-            from lifelong.flows.federated import run_federated
+        with stopped_if_unhealthy():
+            if cfg.flow == "federated":
+                from lifelong.flows.federated import run_federated
 
-            print_federated(run_federated(cfg, resume=run_id))
-        else:
-            print_results_table(run_continual(cfg, resume=run_id))
+                print_federated(run_federated(cfg, resume=run_id))
+            else:
+                print_results_table(run_continual(cfg, resume=run_id))
     except ResumeError as exc:
         fail(str(exc))
 
@@ -194,7 +209,8 @@ def clients_launch(
         return
     from lifelong.flows.federated import run_federated
 
-    print_federated(run_federated(cfg))
+    with stopped_if_unhealthy():
+        print_federated(run_federated(cfg))
 
 
 def deploy_and_run(cfg, config: Path | None, overrides: list[str], workdir: Path,
