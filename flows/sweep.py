@@ -213,6 +213,18 @@ def protocol_of(path: str | Path) -> Protocol | None:
     return read_protocol(read_toml(Path(path)).get("protocol"), Path(path))
 
 
+def _config_data(path: str | Path) -> dict:
+    """A sweep config's run config: the file without its ``[protocol]`` and ``[[variants]]``."""
+    data = read_toml(Path(path))
+    data.pop("protocol", None), data.pop("variants", None)
+    return data
+
+
+def row_label(v: Variant, label: str) -> str:
+    """A table row's label: the learner's, prefixed by its variant's."""
+    return label if v.label is None else f"{v.label}: {label}"
+
+
 def row_labels(vcs: list[tuple[Variant, Config]]) -> set[str]:
     """The rows a config's runs will produce (what claims may name), known before any run."""
     labels = set()
@@ -220,8 +232,7 @@ def row_labels(vcs: list[tuple[Variant, Config]]) -> set[str]:
         if cfg.flow == "federated":
             labels.add(v.label or f"federated {strategy_label(cfg.strategies[0])}")
         elif cfg.flow == "continual":
-            labels.update(strategy_label(s) if v.label is None else f"{v.label}: {strategy_label(s)}"
-                          for s in cfg.strategies)
+            labels.update(row_label(v, strategy_label(s)) for s in cfg.strategies)
     return labels
 
 
@@ -242,8 +253,7 @@ def check_sweep(configs: list[str], seeds: int, overrides: list[str] | None = No
                 if known and side not in known:
                     raise ConfigError(f"{path}: protocol.claims: no row {side!r} in this sweep; rows: "
                                       f"{', '.join(sorted(known))}")
-        data = read_toml(Path(path))
-        data.pop("protocol"), data.pop("variants", None)
+        data = _config_data(path)
         for g in protocol.grids:  # every tuning config validates (keys, values, the validation split)
             for value in g.values:
                 cfg = tuning_config(data, g, value, [], protocol, protocol.tune_seeds[0], list(overrides or []),
@@ -270,7 +280,8 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
             table.metrics, table.delta = FEDERATED_METRICS, base.privacy.delta
         table.eval_every = base.training.eval_every
         t0 = time.perf_counter()
-        chosen = _tune(table, path, protocol_of(path), list(overrides or []))
+        protocol = protocol_of(path)
+        chosen = _tune(table, path, protocol, list(overrides or []))
         for seed in range(seeds):
             for v, cfg in variant_configs(path, [*(overrides or []), *chosen],
                                           [f"seed={seed}", 'tracking.experiment="sweep"']):
@@ -278,7 +289,7 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
                     _run_federated(table, v, cfg, noise[(str(path), v.label)])
                 else:
                     _run_local(table, v, cfg)
-        _judge(table, protocol_of(path))
+        _judge(table, protocol)
         table.wall_s = time.perf_counter() - t0
         tables.append(table)
     _log_sweep(tables, seeds, overrides)
@@ -292,8 +303,7 @@ def _tune(table: SweepTable, path: Path, protocol: Protocol | None, overrides: l
     returns the chosen values as overrides for the reported runs."""
     if protocol is None or not protocol.grids:
         return []
-    data = read_toml(path)
-    data.pop("protocol"), data.pop("variants", None)
+    data = _config_data(path)
     table.metric_tuned = protocol.metric
     chosen: list[str] = []
     for g in protocol.grids:
@@ -393,7 +403,7 @@ def _run_local(table: SweepTable, v: Variant, cfg: Config) -> None:
     if cfg.flow == "multitask":  # throughput is measured side by side by `make bench`, not across runs
         table.metrics = tuple(sorted(k for k in rows[0][1] if k != "samples_per_s"))
     for label, summary, costs, _ in rows:
-        _add(table, label if v.label is None else f"{v.label}: {label}", summary, costs)
+        _add(table, row_label(v, label), summary, costs)
 
 
 def _noise_multiplier(cfg: Config) -> float | None:
