@@ -1,4 +1,4 @@
-"""`python -m bench [overhead] [multitask] [federated] [privacy]`: run the benchmarks (default: all), print the ratios,
+"""`python -m bench [overhead] [multitask] [federated] [deployed] [privacy]`: run the benchmarks (default: all), print the ratios,
 write bench/out/results.json."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import federated, multitask, overhead, privacy
+from bench import deployed, federated, multitask, overhead, privacy
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["overhead", "multitask", "federated", "privacy"]
+    which = sys.argv[1:] or ["overhead", "multitask", "federated", "deployed", "privacy"]
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -25,6 +25,9 @@ def main() -> None:
     if "federated" in which:
         results["federated"] = federated.run(out / "federated")
         print(federated.report(results["federated"]))
+    if "deployed" in which:
+        results["deployed"] = deployed.run(out / "deployed")
+        print(deployed.report(results["deployed"]))
     if "privacy" in which:
         results["privacy"] = privacy.run(out / "privacy")
         print(privacy.report(results["privacy"]))

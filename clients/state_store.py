@@ -15,7 +15,10 @@ own records, and the server, which cannot reach them, only says which round they
 * a resumed run's messages also carry ``protocol.RESUME_ROUND``; a client whose ``Context.state`` is
   empty (every client of the new Flower run, until it trains) loads its newest file at or below
   that round — or starts empty if it had not trained by then — and deletes the newer ones, which
-  the resumed run redoes.
+  the resumed run redoes;
+* a client whose ``Context.state`` is empty in the middle of a run that is not resumed — its
+  SuperNode died and a new one came back with the same partition — loads its newest file from
+  before the current round, and goes on from the memory it had when it died.
 
 ``<root>``: the node config's ``client-state-dir``
 (``flower-supernode --node-config "partition-id=0 num-partitions=2 client-state-dir='/data/lifelong'"``),

@@ -45,3 +45,20 @@ def recording_app(replies: list) -> ClientApp:
         return reply
 
     return app
+
+
+def rejoining_app(partition: int, at_round: int) -> ClientApp:
+    """Client ``partition`` comes back in global round ``at_round`` with an empty ``Context.state``,
+    as a SuperNode that died and was started again: its memory is only on its disk."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        conf = msg.content["config"]
+        if (int(context.node_config["partition-id"]) == partition
+                and int(conf["round-offset"]) + int(conf["server-round"]) == at_round):
+            for key in list(context.state.keys()):
+                del context.state[key]
+        return client_train(msg, context)
+
+    return app

@@ -54,8 +54,8 @@ def test_a_service_that_dies_at_start_names_its_log(tmp_path, monkeypatch):
     # A SuperNode with a flag it does not know exits at once: the error names it and its log.
     original = dep._spawn
 
-    def spawn(name, args):
-        original(name, [*args, "--no-such-flag"] if name.startswith("supernode") else args)
+    def spawn(name, args, env=None):
+        original(name, [*args, "--no-such-flag"] if name.startswith("supernode") else args, env)
 
     monkeypatch.setattr(dep, "_spawn", spawn)
     with pytest.raises(DeploymentError, match=r"supernode0: exited with code \d+ while starting; see .*supernode0.log"):

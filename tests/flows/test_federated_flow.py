@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from client_apps import failing_client_app, interrupting_app, recording_app
+from client_apps import failing_client_app, interrupting_app, recording_app, rejoining_app
 from typer.testing import CliRunner
 
 from lifelong.cli.main import app as cli
@@ -200,6 +200,18 @@ def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
     history = {k: sorted(m.step for m in client.get_metric_history(run_id, k))
                for k in ("round/avg_acc_seen", "matrix/acc_exp1")}
     assert history == {"round/avg_acc_seen": list(range(7)), "matrix/acc_exp1": [0, 1]}  # once each
+
+
+def test_a_client_that_comes_back_with_no_state_goes_on_from_its_saved_memory(tmp_path):
+    """A node that died and came back (a fresh Context) mid-experience 1 loads the replay memory
+    and EWC state it saved: the run equals the unbroken one bit for bit. Without the saved state
+    it would train experience 1 with no memory of experience 0, and the models would differ."""
+    cfg = fed_config(tmp_path, "federated.rounds=2", "tracking.log_model=false", "tracking.log_plots=false",
+                     'strategies=[{name="replay", mem_size=30, plugins=[{name="ewc", lam=5.0}]}]')
+    full = run_federated(cfg)
+    back = run_federated(cfg, client_app=rejoining_app(partition=1, at_round=4))  # round 2 of experience 1
+    assert np.array_equal(back.matrix, full.matrix)
+    assert back.summary == pytest.approx(full.summary)
 
 
 def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):

@@ -1,0 +1,71 @@
+"""One train message, handled: a client's continual-learning round on the node's private data.
+
+Each train message carries the global model (``arrays``), the model the previous experience
+ended with (``boundary``, when the learner has regularisers to consolidate), and a ``config`` record with the
+experience index, the round, the global round that ends the experience (OnePrompt's VOR phase
+runs in it: a client cannot know otherwise, ``clients/learner.py``) and the run's Lifelong config
+(as JSON: the server is the one source of truth, so the same code runs under the in-process
+backend, Flower's Ray engine and real SuperNodes without a config file on the client's machine).
+The node's ``partition-id`` (from its node config) says which share of each experience is its
+own. The reply holds the new weights and metrics: share size, training loss, partition id,
+experience, under ``[privacy.sample]`` the client's sample-level epsilon so far, and with
+``oneprompt`` whether its VOR phase ran (``clients/learner.py``).
+
+In a checkpointed run the client also saves its state after every successful round, and a
+resumed run's clients load it back (``clients/state_store.py``): Ray actors and SuperNodes keep
+their state where the server cannot reach it.
+
+This module imports the learning stack (PyTorch, Avalanche); ``clients/app.py`` imports it only
+in a process that handles messages itself, never in a deployed SuperNode's per-message process
+(``clients/node_worker.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+
+from flwr.app import MetricRecord, RecordDict
+
+from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.clients import state_store
+from lifelong.clients.learner import ClientLearner
+from lifelong.config import Config, validate_config
+
+
+@lru_cache(maxsize=4)
+def _config(text: str) -> Config:
+    return validate_config(json.loads(text))
+
+
+def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str, object]) -> RecordDict:
+    """The reply's content to a train message with ``content``; ``state`` (the node's
+    ``Context.state``) is read and updated in place."""
+    conf = content[protocol.CONFIG]
+    cfg = _config(str(conf[protocol.RUN_CONFIG]))
+    partition_id = int(node_config[protocol.NODE_PARTITION_ID])
+    if int(node_config.get(protocol.NUM_PARTITIONS, cfg.federated.clients)) != cfg.federated.clients:
+        raise ValueError(f"node has num-partitions={node_config[protocol.NUM_PARTITIONS]} but the run "
+                         f"splits the data across federated.clients={cfg.federated.clients}")
+    server_round = int(conf[protocol.ROUND_OFFSET]) + int(conf[protocol.SERVER_ROUND])
+    learner = ClientLearner(cfg, partition_id, state)
+    saved = None  # where this client saves its state, in a checkpointed run
+    if protocol.STATE_RUN in conf and learner.keeps_state:
+        saved = state_store.client_dir(state_store.state_root(node_config),
+                                       str(conf[protocol.STATE_RUN]), partition_id)
+        if not list(state.keys()):
+            # An empty state in a checkpointed run: a resumed run's first message (the server says
+            # up to which round), or a node that died and came back mid-run (a new SuperNode
+            # process, fresh Context): it goes on from the newest state it saved before this round.
+            upto = int(conf[protocol.RESUME_ROUND]) if protocol.RESUME_ROUND in conf else server_round - 1
+            state_store.restore(state, cfg, saved, upto)
+    boundary = to_state_dict(content[protocol.BOUNDARY]) if protocol.BOUNDARY in content else None
+    ends_experience = protocol.EXPERIENCE_END in conf and server_round == int(conf[protocol.EXPERIENCE_END])
+    weights, metrics = learner.train_round(to_state_dict(content[protocol.ARRAYS]), int(conf[protocol.EXPERIENCE]),
+                                           server_round, boundary, ends_experience, copy=False)
+    arrays = from_state_dict(weights)  # at once: the weights are the worker model's own (copy=False)
+    if saved is not None:
+        state_store.save(state, cfg, saved, server_round, int(conf[protocol.SAVED_ROUND]))
+    return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(metrics)})
