@@ -15,10 +15,13 @@ run: $(STAMP)  ## set up, then run the default pipeline (naive vs replay vs join
 # (--dist loadfile): its module fixtures are built once and its tests keep their order. Tests in
 # different files may run at the same time, so none may assume the machine to itself (a test's
 # process checks look at its own processes only; each Ray simulation starts its own Ray).
+# Files go out in the order tests/conftest.py puts them, the heaviest first, so the two workers
+# finish together (xdist's own order, files with the most tests first, left the few long
+# deployment and training files for last, with one worker idle while the other ran them).
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)  ## set up, then run the whole test suite
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks: ratios measured side by side in one run
 	$(BIN)/python -m bench

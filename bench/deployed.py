@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from bench.setup import bench_config, create_store, out_folder, store
@@ -35,7 +36,7 @@ def round_seconds(uri: str, run_id: str) -> list[float]:
 
     history = sorted(client_for(uri).get_metric_history(run_id, "round/clients_ok"), key=lambda m: m.step)
     stamps = [m.timestamp / 1e3 for m in history]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in pairwise(stamps)]
 
 
 def deployed(out_dir: Path, uri: str, sets: list[str], worker: bool, nodes: int) -> dict:

@@ -34,4 +34,8 @@ def check_before_work(cfg) -> None:
         from lifelong.flows.federated import privacy_plan, split_report
 
         split_report(cfg)  # more clients than samples, too many shards: refused here
+        if cfg.federated.ray_address is not None:
+            from lifelong.clients.launch import check_ray_address
+
+            check_ray_address(cfg.federated.ray_address)  # no cluster there: refused here
         privacy_plan(cfg)  # an unreachable target epsilon or an exceeded budget: refused here

@@ -59,9 +59,10 @@ def _peak_rss_mb() -> float:
     """This process's peak RSS. Linux's VmHWM, not ``ru_maxrss``: a process forked from a larger
     one reports the parent's size as its ``ru_maxrss`` even after ``exec``."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

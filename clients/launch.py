@@ -49,13 +49,9 @@ def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: 
             raise
 
     quiet_flower()
-    cores = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": cfg.federated.ray_cpus_per_client, "num_gpus": 0.0},
-        # address="local": a Ray instance of its own, never one that another process on this
-        # machine started (ray.init looks for the latest one; it would then refuse num_cpus).
-        "init_args": {"address": "local", "num_cpus": cores, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": logging.ERROR},
+        "init_args": ray_init_args(cfg.federated.ray_address),
     }
     # Clients save their state where this process would: its state root resolved here, as an
     # actor's working directory need not be ours (Ray's processes inherit the environment).
@@ -76,6 +72,31 @@ def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: 
     if "result" not in outcome:  # Flower logs the ServerApp's exception and returns
         raise RuntimeError("the Ray simulation ended without a result; see Flower's log above")
     return outcome["result"]
+
+
+def ray_init_args(address: str | None) -> dict:
+    """``ray.init``'s arguments: a running cluster's address, or a Ray instance of this run's own."""
+    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if address is not None:
+        check_ray_address(address)
+        return {"address": address, **common}
+    # address="local": a Ray instance of its own, never one that another process on this
+    # machine started (ray.init looks for the latest one; it would then refuse num_cpus).
+    return {"address": "local", "num_cpus": os.cpu_count() or 1, **common}
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Refuse an address where no Ray cluster answers, before any work starts (``ray.init`` would
+    otherwise retry for a minute and then fail deep in Flower's engine)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        raise ValueError(f"federated.ray_address: no Ray cluster answers at {address} ({exc.strerror or exc}); "
+                         "start one with `ray start --head --port PORT` and give its address") from None
 
 
 def quiet_flower() -> None:

@@ -189,7 +189,7 @@ def serve(node: int, idle_s: float) -> None:
                 conn.send({"content": _encode(content), "state": _encode(state)})
                 print(f"[node worker {os.getpid()}] message answered in {time.perf_counter() - t0:.2f} s "
                       f"({len(request['state']) / 1e6:.1f} MB of client state)", flush=True)
-            except Exception as exc:  # the message fails, the worker goes on
+            except Exception as exc:  # noqa: BLE001  (any failure is the message's; the worker goes on)
                 traceback.print_exc()
                 conn.send({"error": f"{type(exc).__name__}: {exc}"})
             finally:

@@ -355,6 +355,9 @@ class FederatedConfig(_Section):
     backend: Literal["inprocess", "ray"] = "inprocess"
     #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).
     ray_cpus_per_client: float = Field(1.0, gt=0)
+    #: Ray backend: the address (``host:port``) of a running Ray cluster to put the client actors
+    #: on (``ray start --head`` prints it); unset, the run starts a Ray instance of its own.
+    ray_address: str | None = None
     #: The server's step with the round's averaged update as its (negative) gradient
     #: (strategies/federated/server_optimizers.py): ``fedavg`` (lr 1: plain FedAvg), ``fedadam`` (Reddi et
     #: al. 2021), ``lamb`` / ``lars`` (a trust ratio per layer: You et al. 2020 / 2017).
@@ -378,6 +381,14 @@ class FederatedConfig(_Section):
             )
 
             resolve_hyperparameters(self.server_optimizer, **self.server_hyperparameters)
+        if self.ray_address is not None:
+            if self.backend != "ray":
+                raise ValueError(f"federated.ray_address is for backend = \"ray\"; this run's backend is "
+                                 f"{self.backend!r}")
+            host, _, port = self.ray_address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"federated.ray_address: {self.ray_address!r} is not host:port "
+                                 "(the address `ray start --head` prints, e.g. 10.0.0.5:6379)")
         if not self.alpha > 0:
             raise ValueError(f"federated.alpha: Dirichlet concentration must be > 0, got {self.alpha}")
         if int(self.clients * self.fraction) < 1:

@@ -10,7 +10,7 @@ from lifelong.cli.deploy import DeploymentError, LocalDeployment
 from lifelong.cli.main import app as cli
 from lifelong.tracking import client_for, read_results
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 def flower_processes(workdir) -> list[str]:

@@ -18,7 +18,7 @@ from lifelong.cli.deploy import LocalDeployment, app_dir
 from lifelong.cli.local_stack import Stack, StackError, read_state, stack_processes
 from lifelong.tracking import client_for, read_results
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[2]
 

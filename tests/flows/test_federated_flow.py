@@ -13,7 +13,7 @@ from lifelong.config import load_config
 from lifelong.flows.federated import initial_weights, run_federated
 from lifelong.tracking import client_for, read_results
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 def fed_config(tmp_path, *extra):

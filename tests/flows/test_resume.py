@@ -17,7 +17,7 @@ from lifelong.cli.main import app as cli
 from lifelong.config import load_config
 from lifelong.tracking import client_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 STRATEGIES = 'strategies=[{name="naive"}, {name="replay", mem_size=40, plugins=[{name="ewc", lam=5.0}]}]'
 

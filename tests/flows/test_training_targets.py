@@ -24,7 +24,7 @@ from lifelong.flows.federated import run_federated
 from lifelong.flows.health import HEALTH_TAG, PROBLEMS_TAG
 from lifelong.tracking import client_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
