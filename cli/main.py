@@ -337,7 +337,8 @@ def results(
     except LookupError as exc:
         fail(str(exc))
     for r in [res, *res.children]:
-        finals = {k.removeprefix("final/"): v for k, v in r.metrics.items() if k.startswith("final/")}
+        finals = {k.removeprefix("final/"): v for k, v in r.metrics.items()
+                  if k.startswith("final/") and not k.startswith("final/clients_")}
         if r.matrix is None and not finals:
             if r is res and not res.children:
                 typer.echo(f"run {r.run_id} ({r.name}, {r.status}) has no accuracy matrix or final metrics")
@@ -348,10 +349,26 @@ def results(
             for label, row in zip(r.rows, r.matrix):
                 typer.echo(f"{label:<14}" + "".join(f"{v:>8.3f}" for v in row))
         typer.echo("  " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(finals.items())))
+        if r.client_matrix is not None:
+            print_per_client(r)
         if r.tags.get(HEALTH_TAG) == "unhealthy":
             typer.echo("  UNHEALTHY — the model stopped learning; these figures are not forgetting:")
             for problem in r.tags.get(PROBLEMS_TAG, "").split("; "):
                 typer.echo(f"    {problem}")
+
+
+def print_per_client(r) -> None:
+    """The spread of a federated run's clients (accuracy on their own seen data, forgetting) and
+    its five worst clients."""
+    from lifelong.tasks.client_eval import rows_from_table, worst_clients
+
+    stats = ["mean", "p10", "p50", "p90", "worst", "std"]
+    typer.echo("  per client" + " " * 9 + "".join(f"{s:>8}" for s in stats))
+    for what in ("acc", "forgetting"):
+        values = [r.metrics.get(f"final/clients_{what}_{s}", float("nan")) for s in stats]
+        typer.echo(f"  {what:<19}" + "".join(f"{v:>8.3f}" for v in values))
+    worst = worst_clients(rows_from_table(r.client_matrix))
+    typer.echo("  worst clients: " + ", ".join(f"client {c} (acc {a:.3f}, forgetting {f:.3f})" for c, a, f in worst))
 
 
 def main() -> None:  # pragma: no cover

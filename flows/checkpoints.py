@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, learner_state
 from lifelong.checkpoints import (
     ResumeError,
@@ -76,8 +78,9 @@ def checkpoint_file(run_id: str) -> Path:
 
 
 def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayRecord, strategy, trace,
-               rows, pending: list | None = None) -> None:
-    """``pending``: metric values not yet sent to MLflow (``MLflowLogger.pending``)."""
+               rows, pending: list | None = None, client_rows: list | None = None) -> None:
+    """``pending``: metric values not yet sent to MLflow (``MLflowLogger.pending``); ``client_rows``:
+    the per-client accuracy rows so far (clients × experiences arrays)."""
     from lifelong.bridges.flower.records import to_state_dict  # Flower's import only for federated runs
 
     state = {
@@ -89,6 +92,7 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
         "server": strategy.server_state(),
         "trace": [(p.iteration, p.experience, p.accuracies) for p in trace.points],
         "rows": [list(r) for r in rows],
+        "client_rows": [r.tolist() for r in client_rows or []],
         "pending": list(pending or []),
     }
     write_checkpoint(state, path)
@@ -103,9 +107,9 @@ def load_round(path: Path, cfg: Config) -> dict:
 
 
 def restore_server(state: dict, strategy, trace, rows, rounds_per_experience: int,
-                   consolidates: bool) -> tuple[ArrayRecord, int]:
-    """Load a checkpoint into the strategy, trace and rows; returns the global model and the
-    number of rounds done."""
+                   consolidates: bool, client_rows: list | None = None) -> tuple[ArrayRecord, int]:
+    """Load a checkpoint into the strategy, trace, rows and per-client rows; returns the global
+    model and the number of rounds done."""
     from lifelong.bridges.flower.fedavg import ClientOutcome
     from lifelong.bridges.flower.records import from_state_dict
 
@@ -122,6 +126,8 @@ def restore_server(state: dict, strategy, trace, rows, rounds_per_experience: in
         # Saved at an experience's last round, before the server set it as the boundary.
         strategy.boundary = arrays
     rows.extend(state["rows"])
+    if client_rows is not None:  # (a checkpoint from before per-client evaluation has none)
+        client_rows.extend(np.array(r, dtype=float) for r in state.get("client_rows", []))
     for it, exp, accs in state["trace"]:
         trace.add(it, exp, accs)
     return arrays, int(state["round"])

@@ -70,11 +70,18 @@ from lifelong.flows.checkpoints import (
 from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
 from lifelong.progress import Progress
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
-from lifelong.tasks.evaluation import evaluate, evaluated_experiences
+from lifelong.tasks import client_eval
+from lifelong.tasks.evaluation import correct_predictions, evaluate, evaluated_experiences
 from lifelong.tasks.health import probe
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from lifelong.tasks.models import build_stream_model
-from lifelong.tasks.partition import PartitionError, class_histograms, client_indices, experience_labels
+from lifelong.tasks.partition import (
+    PartitionError,
+    class_histograms,
+    client_indices,
+    client_test_indices,
+    experience_labels,
+)
 from lifelong.tasks.standardize import stats_params
 from lifelong.tasks.streams import Stream, build_stream
 
@@ -215,6 +222,10 @@ class ServerLoop:
             self.model.use_prompt = True  # a switch, not a weight: the clients' plugin sets it on theirs
         self.strategy, self.privacy, self.epsilons = self._strategy()
         self.trace, self.rows = ContinualTrace(), []
+        #: Per-client continual evaluation (tasks/client_eval.py): after each experience, every
+        #: client's accuracy on its own test share of each experience (clients × experiences).
+        self.client_rows: list[np.ndarray] = []
+        self.test_shares: dict[int, list[torch.Tensor]] = {}  # each experience's, per client
         self.config_json = json.dumps(cfg.model_dump(mode="json"))
         self.arrays = from_state_dict(initial_weights(cfg))
         self.done_rounds = 0
@@ -249,7 +260,8 @@ class ServerLoop:
     def _restore(self, resume: dict | None) -> None:
         if resume is not None:
             self.arrays, self.done_rounds = restore_server(resume, self.strategy, self.trace, self.rows,
-                                                           self.fed.rounds, bool(self.cfg.strategies[0].plugins))
+                                                           self.fed.rounds, bool(self.cfg.strategies[0].plugins),
+                                                           self.client_rows)
             self.logger.restore(resume.get("pending", []))  # values not yet in MLflow when it was saved
             if self.progress is not None:
                 for e, row in enumerate(self.rows):
@@ -298,8 +310,14 @@ class ServerLoop:
             raise ResumeError(reason.removesuffix("'>"))
         state = public_state(self.cfg, self.stream, to_state_dict(arrays), experience)
         self.model.load_state_dict(state)
-        accs = evaluate(self.model, self.stream, evaluated_experiences(self.stream, experience),
-                        self.cfg.training.eval_batch_size, self.device)
+        ends_experience = rnd == (experience + 1) * self.fed.rounds
+        evaluated = evaluated_experiences(self.stream, experience)
+        if ends_experience:  # per sample, so that every client's accuracy comes from the same pass
+            correct = {i: correct_predictions(self.model, *self.stream.test_tensors(i),
+                                              self.cfg.training.eval_batch_size, self.device) for i in evaluated}
+            accs = {i: int(c.sum()) / max(1, len(c)) for i, c in correct.items()}
+        else:
+            accs = evaluate(self.model, self.stream, evaluated, self.cfg.training.eval_batch_size, self.device)
         seen = {i: accs[i] for i in range(experience + 1)}
         self.trace.add(rnd, experience, seen)
         values = self._round_values(rnd, server_round, accs, seen)
@@ -309,19 +327,34 @@ class ServerLoop:
         if server_round:
             self._check_health(experience, rnd, state)
         self.previous_state = {k: v.detach().clone() for k, v in state.items()}
-        if rnd == (experience + 1) * self.fed.rounds:  # the experience's last round: a matrix row
+        if ends_experience:  # the experience's last round: a matrix row, for the pool and per client
             self.rows.append([accs.get(i, float("nan")) for i in range(self.n_exp)])  # (NaN: untrained head)
             self.logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(self.rows[-1])},
                                     "avg_acc_seen": float(np.mean(self.rows[-1][: experience + 1]))}, experience)
+            self._client_row(experience, correct)
         if self.checkpoint is not None and server_round:
             # What MLflow does not have yet goes into the checkpoint: a resumed run logs it then.
             save_round(self.checkpoint, self.cfg, self.run_id, rnd, arrays, self.strategy, self.trace, self.rows,
-                       self.logger.pending())
+                       self.logger.pending(), self.client_rows)
             # From the next round on, clients may drop their state of rounds before this one.
             self.client_keys[protocol.SAVED_ROUND] = rnd
             self.train_config[protocol.SAVED_ROUND] = rnd  # the record Flower sends every round
         self.logger.flush_if_older(FLUSH_EVERY_S)
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
+
+    def _test_shares(self, experience: int) -> list[torch.Tensor]:
+        if experience not in self.test_shares:
+            self.test_shares[experience] = client_test_indices(self.cfg, self.stream, experience)
+        return self.test_shares[experience]
+
+    def _client_row(self, experience: int, correct: dict[int, torch.Tensor]) -> None:
+        """Every client's accuracy on its own test share of each experience, and their spread."""
+        row = np.full((self.fed.clients, self.n_exp), np.nan)
+        for i, flags in correct.items():
+            row[:, i] = client_eval.client_accuracies(flags, self._test_shares(i))
+        self.client_rows.append(row)
+        spread = client_eval.spread(client_eval.seen_accuracy(row, experience))
+        self.logger.log_values({f"clients/acc_{k}": v for k, v in spread.items()}, experience)
 
     def _check_health(self, experience: int, rnd: int, state: dict[str, torch.Tensor]) -> None:
         """Probe the global model on the experience being learned (the server holds its test
@@ -369,6 +402,12 @@ class ServerLoop:
         summary = matrix_summary(matrix)
         summary.update(continual_summary(self.trace, n_exp - 1))
         self.logger.log_values({f"final/{k}": v for k, v in summary.items()}, n_exp - 1)
+        if len(self.client_rows) == n_exp:
+            rows = self.client_rows
+            accs = client_eval.spread(client_eval.seen_accuracy(rows[-1], n_exp - 1))
+            forgetting = client_eval.spread(client_eval.client_forgetting(rows), worst="max")
+            self.logger.log_values({**{f"final/clients_acc_{k}": v for k, v in accs.items()},
+                                    **{f"final/clients_forgetting_{k}": v for k, v in forgetting.items()}}, n_exp - 1)
         # What the result cost, beside the final metrics (a resumed run reproduces those exactly):
         # server updates (rounds that aggregated) and the wall time since this process took over.
         self.logger.log_values({"cost/updates": n_exp * self.fed.rounds - len(strategy.skipped_rounds),
@@ -378,6 +417,14 @@ class ServerLoop:
         label = self.label
         tracking.log_matrix(client, run_id, matrix, labels)
         client.log_dict(run_id, self._client_table(), "clients.json")
+        if len(self.client_rows) == n_exp:
+            sizes = [[len(idx) for idx in self._test_shares(e)] for e in range(n_exp)]
+            client.log_dict(run_id, client_eval.matrix_table(self.client_rows, sizes), tracking.CLIENT_MATRIX_FILE)
+            if cfg.tracking.log_plots:
+                spreads = [client_eval.spread(client_eval.seen_accuracy(r, e)) for e, r in enumerate(self.client_rows)]
+                tracking.log_figure(client, run_id, tracking.clients_figure(self.client_rows[-1], spreads, labels,
+                                                                            f"{label}: per client"),
+                                    "clients_accuracy.png")
         client.log_dict(run_id, {"points": [[p.iteration, p.experience, p.accuracies] for p in self.trace.points]},
                         tracking.TRACE_FILE)
         if cfg.tracking.log_plots:

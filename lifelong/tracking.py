@@ -37,6 +37,8 @@ from lifelong.env import default_tracking_uri
 MATRIX_FILE = "accuracy_matrix.json"
 SUMMARY_FILE = "summary.json"
 TRACE_FILE = "continual_trace.json"
+#: Per-client continual evaluation: one line per client, experience trained, experience evaluated.
+CLIENT_MATRIX_FILE = "client_matrix.json"
 _BATCH_METRICS, _BATCH_PARAMS = 1000, 100  # MLflow's limits per log_batch call
 
 
@@ -229,6 +231,31 @@ def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[s
     return fig
 
 
+def clients_figure(final: np.ndarray, spreads: list[dict[str, float]], labels: list[str], title: str):
+    """Per-client continual evaluation: left, every client's final accuracy on each experience
+    (clients × experiences; NaN, no data, left blank); right, the spread of the clients' seen
+    accuracy after each experience (mean, p10–p90 band, worst client)."""
+    n_clients = final.shape[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    im = left.imshow(np.ma.masked_invalid(final), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                     interpolation="nearest")
+    left.set_xticks(range(final.shape[1]), labels, rotation=30, ha="right")
+    left.set_ylabel(f"client ({n_clients})")
+    left.set_xlabel("evaluated on (after the last experience)")
+    fig.colorbar(im, ax=left, fraction=0.046)
+    xs = range(len(spreads))
+    right.fill_between(xs, [s["p10"] for s in spreads], [s["p90"] for s in spreads], alpha=0.25, label="p10–p90")
+    right.plot(xs, [s["mean"] for s in spreads], lw=1.6, label="mean")
+    right.plot(xs, [s["worst"] for s in spreads], lw=1.2, ls="--", label="worst client")
+    right.set_xticks(list(xs), [f"after {lab}" for lab in labels[: len(spreads)]], rotation=30, ha="right")
+    right.set_ylim(0, 1.02)
+    right.set_ylabel("client's accuracy on its seen experiences")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def histogram_figure(histograms: list[np.ndarray], title: str):
     """Per-client class counts, one panel per experience (clients × classes, stacked bars)."""
     n = len(histograms)
@@ -290,6 +317,8 @@ class RunResults:
     metrics: dict[str, float]
     children: list["RunResults"]
     tags: dict[str, str] = field(default_factory=dict)
+    #: A federated run's per-client matrices (``CLIENT_MATRIX_FILE``), when it logged them.
+    client_matrix: dict | None = None
 
 
 def child_runs(client: MlflowClient, run_id: str) -> list:
@@ -312,6 +341,10 @@ def read_results(run_id: str, uri: str | None = None) -> RunResults:
             matrix, rows, cols = np.array(data["matrix"]), data["rows"], data["columns"]
         except Exception:  # a parent run, or a run that stopped before its first experience ended
             pass
+        client_matrix = None
+        if any(k.startswith("final/clients_acc_") for k in run.data.metrics):
+            path = client.download_artifacts(run_id, CLIENT_MATRIX_FILE, tmp)
+            client_matrix = json.loads(Path(path).read_text())
     children = [read_results(child.info.run_id, uri) for child in child_runs(client, run_id)]
     return RunResults(run_id, run.info.run_name, run.info.status, matrix, rows, cols,
-                      dict(run.data.metrics), children, dict(run.data.tags))
+                      dict(run.data.metrics), children, dict(run.data.tags), client_matrix)

@@ -19,17 +19,24 @@ from lifelong.tasks.streams import Stream
 
 
 @torch.no_grad()
+def correct_predictions(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                        batch_size: int = 1024, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Whether ``model`` classifies each sample of (x, y) (task labels t) right, as a bool tensor
+    on the CPU; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    hits = []
+    for i in range(0, len(x), batch_size):
+        xb, yb, tb = (a[i : i + batch_size].to(device) for a in (x, y, t))
+        hits.append((avalanche_forward(model, xb, tb).argmax(1) == yb).cpu())
+    model.train(was_training)
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
              batch_size: int = 1024, device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy of ``model`` on (x, y) with task labels t; restores the model's mode."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        xb, yb, tb = (a[i : i + batch_size].to(device) for a in (x, y, t))
-        correct += int((avalanche_forward(model, xb, tb).argmax(1) == yb).sum())
-    model.train(was_training)
-    return correct / max(1, len(x))
+    return int(correct_predictions(model, x, y, t, batch_size, device).sum()) / max(1, len(x))
 
 
 def evaluate(model: torch.nn.Module, stream: Stream, experiences, batch_size: int = 1024,

@@ -106,6 +106,41 @@ def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.T
     return _SHARES[key]
 
 
+def client_test_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
+    """Every client's own test share of ``experience`` (indices into its test split).
+
+    Each class's test samples are dealt out, after a seeded shuffle, in proportion to the
+    clients' training samples of that class (largest remainders): a client is tested on the
+    classes it learned, in the mix it learned them — under label skew its share is as skewed as
+    its data. Disjoint; together they are the test samples of every class some client trained on.
+    """
+    train = client_indices(cfg, stream, experience)
+    train_labels = experience_labels(stream.train_stream[experience])
+    test_labels = stream.test_tensors(experience)[1]
+    gen = torch.Generator().manual_seed(experience_seed(cfg.seed, experience) ^ 0x7E57)
+    shares: list[list[torch.Tensor]] = [[] for _ in train]
+    for c in sorted(test_labels.unique().tolist()):
+        counts = np.array([int((train_labels[idx] == c).sum()) for idx in train])
+        if counts.sum() == 0:
+            continue
+        pool = (test_labels == c).nonzero().flatten()
+        pool = pool[torch.randperm(len(pool), generator=gen)]
+        start = 0
+        for k, n in enumerate(apportion(len(pool), counts)):
+            shares[k].append(pool[start:start + n])
+            start += n
+    return [torch.sort(torch.cat(s)).values if s else torch.zeros(0, dtype=torch.long) for s in shares]
+
+
+def apportion(n: int, weights: np.ndarray) -> np.ndarray:
+    """``n`` items split in proportion to ``weights`` (Hamilton's largest-remainder method)."""
+    exact = n * np.asarray(weights, dtype=float) / float(np.sum(weights))
+    whole = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - whole), kind="stable")
+    whole[order[: n - int(whole.sum())]] += 1
+    return whole
+
+
 def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
     """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
     split = (_split_key(cfg, experience), id(stream))

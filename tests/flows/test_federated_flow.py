@@ -55,6 +55,34 @@ def test_accuracy_matrix_is_the_last_round_of_each_experience(finished):
     assert result.matrix[1, 1] > 0.3 > result.matrix[0, 1]  # the federation learned experience 1
 
 
+def test_every_client_is_evaluated_on_its_own_share_and_the_shares_add_up_to_the_pool(finished, tmp_path):
+    """Per-client continual evaluation: after each experience, each client's accuracy on its own
+    test share of every experience. With IID shares covering the test split, the clients'
+    accuracies weighted by their share sizes are the pooled accuracy — an independent check."""
+    from lifelong.tasks.client_eval import rows_from_table
+
+    cfg, result = finished
+    client = client_for(cfg.tracking.uri)
+    back = read_results(result.run_id, cfg.tracking.uri)
+    table = back.client_matrix
+    assert table["columns"] == ["client", "after_experience", "experience", "accuracy", "test_samples"]
+    rows = rows_from_table(table)
+    assert len(rows) == 2 and rows[0].shape == (3, 2)  # 2 experiences; 3 clients × 2 experiences each
+    sizes = {(c, e): n for c, _, e, _, n in table["data"]}
+    for after, row in enumerate(rows):
+        for e in range(2):
+            n = np.array([sizes[(c, e)] for c in range(3)])
+            assert (row[:, e] * n).sum() / n.sum() == pytest.approx(result.matrix[after, e])
+    mean = [m.value for m in sorted(client.get_metric_history(result.run_id, "clients/acc_mean"), key=lambda m: m.step)]
+    assert mean == pytest.approx([rows[0][:, 0].mean(), rows[1].mean(axis=1).mean()])
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["final/clients_acc_worst"] == pytest.approx(rows[1].mean(axis=1).min())
+    assert metrics["final/clients_forgetting_mean"] == pytest.approx(np.mean(rows[0][:, 0] - rows[1][:, 0]))
+    assert "clients_accuracy.png" in {a.path for a in client.list_artifacts(result.run_id)}
+    out = CliRunner().invoke(cli, ["results", result.run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 0 and "per client" in out.output and "worst clients: client " in out.output
+
+
 def test_split_and_client_table_are_logged(finished, tmp_path):
     cfg, result = finished
     client = client_for(cfg.tracking.uri)
@@ -195,8 +223,11 @@ def test_an_interrupted_run_resumes_from_its_last_round(tmp_path):
     assert out.exit_code == 0, out.output
     back = read_results(run_id, cfg.tracking.uri)
     assert back.status == "FINISHED" and np.array_equal(back.matrix, full.matrix)
-    finals = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("final/")}
-    assert finals == pytest.approx({f"final/{k}": v for k, v in full.summary.items()})
+    def finals(run):
+        return {k: v for k, v in client.get_run(run).data.metrics.items() if k.startswith("final/")}
+
+    assert finals(run_id) == pytest.approx(finals(full.run_id))  # the pool's and every client's
+    assert {k for k in finals(run_id) if not k.startswith("final/clients_")} == {f"final/{k}" for k in full.summary}
     history = {k: sorted(m.step for m in client.get_metric_history(run_id, k))
                for k in ("round/avg_acc_seen", "matrix/acc_exp1")}
     assert history == {"round/avg_acc_seen": list(range(7)), "matrix/acc_exp1": [0, 1]}  # once each

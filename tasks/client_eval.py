@@ -1,0 +1,99 @@
+"""Per-client continual evaluation: how every client of a federation, not just the pooled test
+set, keeps what it learned.
+
+After each experience the global model is evaluated once on the test split of every experience
+seen so far; each client's accuracy is then read off the samples of its own test share
+(``tasks/partition.client_test_indices``: the classes it trained on, in its mix). One pass of the
+model serves every client, so the cost is the global evaluation's whatever the population.
+
+A client's row after experience ``e`` holds its accuracy on each experience (NaN where its share
+of that experience is empty — under label skew a client may hold no sample of a task). From the
+rows come its *seen accuracy* (mean over experiences ``0..e`` it holds data of) and, at the end,
+its *forgetting*: per experience ``j`` before the last, the best accuracy it had on ``j`` after
+learning it minus the final one (Chaudhry et al. 2018's definition, per client), averaged over
+the ``j`` it holds. The spread across clients (mean, p10, p50, p90, worst, std) is what a fleet
+operator reads: a mean can hide clients the model has forgotten entirely.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+def client_accuracies(correct: torch.Tensor, shares: list[torch.Tensor]) -> np.ndarray:
+    """Each client's accuracy from a test split's per-sample ``correct`` flags and the clients'
+    index shares of that split (NaN for an empty share)."""
+    hits = correct.to(torch.float64)
+    return np.array([float(hits[idx].mean()) if len(idx) else np.nan for idx in shares])
+
+
+def seen_accuracy(row: np.ndarray, experience: int) -> np.ndarray:
+    """Each client's mean accuracy over experiences ``0..experience`` (``row``: clients × experiences)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a client with no data seen yet: NaN
+        return np.nanmean(row[:, : experience + 1], axis=1)
+
+
+def client_forgetting(rows: list[np.ndarray]) -> np.ndarray:
+    """Each client's average forgetting over the experiences before the last (``rows[e]``: the
+    clients × experiences accuracies after experience ``e``); NaN for a client with none."""
+    stacked = np.stack(rows)  # after-experience × clients × experiences
+    last = len(rows) - 1
+    if last == 0:
+        return np.full(stacked.shape[1], np.nan)
+    drops = np.full((stacked.shape[1], last), np.nan)
+    for j in range(last):
+        best = np.nanmax(np.where(np.isnan(stacked[j:last, :, j]), -np.inf, stacked[j:last, :, j]), axis=0)
+        drop = best - stacked[last, :, j]
+        drops[:, j] = np.where(np.isfinite(drop), drop, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(drops, axis=1)
+
+
+def spread(values: np.ndarray, worst: str = "min") -> dict[str, float]:
+    """Mean, p10, p50, p90, the worst client and the std across clients (NaNs left out).
+    ``worst``: ``min`` for accuracies, ``max`` for forgetting."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return {}
+    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    return {"mean": float(v.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90),
+            "worst": float(v.min() if worst == "min" else v.max()), "std": float(v.std())}
+
+
+def matrix_table(rows: list[np.ndarray], shares: list[list[int]]) -> dict:
+    """The per-client matrices as one table (``{"columns", "data"}``; ``pandas.DataFrame(t["data"],
+    columns=t["columns"])``): a line per client, experience trained and experience evaluated."""
+    data = []
+    for after, row in enumerate(rows):
+        for client in range(row.shape[0]):
+            for exp in range(row.shape[1]):
+                if not np.isnan(row[client, exp]):
+                    data.append([client, after, exp, float(row[client, exp]), shares[exp][client]])
+    return {"columns": ["client", "after_experience", "experience", "accuracy", "test_samples"], "data": data}
+
+
+def rows_from_table(table: dict) -> list[np.ndarray]:
+    """The rows back from ``matrix_table``'s table (what ``lifelong results`` reads from MLflow)."""
+    cols = {c: i for i, c in enumerate(table["columns"])}
+    data = table["data"]
+    n_clients = 1 + max(line[cols["client"]] for line in data)
+    n_rows = 1 + max(line[cols["after_experience"]] for line in data)
+    n_exp = 1 + max(line[cols["experience"]] for line in data)
+    rows = [np.full((n_clients, n_exp), np.nan) for _ in range(n_rows)]
+    for line in data:
+        rows[line[cols["after_experience"]]][line[cols["client"]], line[cols["experience"]]] = line[cols["accuracy"]]
+    return rows
+
+
+def worst_clients(rows: list[np.ndarray], k: int = 5) -> list[tuple[int, float, float]]:
+    """The ``k`` clients with the lowest final seen accuracy: (client, accuracy, forgetting)."""
+    final = seen_accuracy(rows[-1], len(rows) - 1)
+    forgetting = client_forgetting(rows)
+    order = [c for c in np.argsort(np.where(np.isnan(final), np.inf, final), kind="stable") if not np.isnan(final[c])]
+    return [(int(c), float(final[c]), float(forgetting[c])) for c in order[:k]]
