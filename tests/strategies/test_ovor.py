@@ -166,3 +166,31 @@ def test_train_head_with_vor_is_deterministic_and_checks_classes():
         train_head_with_vor(nn.Linear(16, 5), x, y, CURRENT, [0, 1, 2], VORConfig(**SMALL))
     with pytest.raises(ValueError, match="labels"):
         train_head_with_vor(nn.Linear(16, 5), x, y, [2, 3], SEEN, VORConfig(**SMALL))
+
+
+def test_lambda_zero_is_the_budget_matched_control_head_epochs_without_outliers():
+    """OnePrompt + VOR trains the head for ``vor_epochs`` more than OnePrompt does; the control
+    that separates the outliers' effect from those extra epochs is ``vor_lambda = 0``: the same
+    epochs, batches and optimizer, the loss the cross-entropy alone. Checked against a plain
+    head-only cross-entropy loop over the same batches (same generator draws)."""
+    x, y = spherical_clusters()
+    cfg = VORConfig(lam=0.0, epochs=3, batch_size=32, num_per_class=10)
+    head = nn.Linear(x.shape[1], len(SEEN))
+    control = nn.Linear(x.shape[1], len(SEEN))
+    control.load_state_dict(head.state_dict())
+    train_head_with_vor(head, x, y, CURRENT, SEEN, cfg, generator=torch.Generator().manual_seed(5))
+
+    gen = torch.Generator().manual_seed(5)
+    opt = torch.optim.Adam(control.parameters(), lr=cfg.lr)
+    others = [c for c in range(len(SEEN)) if c not in CURRENT]
+    for _ in range(cfg.epochs):
+        outliers = synthesize_outliers(x, cfg.num_per_class * len(CURRENT), cfg.k, cfg.select, cfg.sample_from,
+                                       cfg.cov, cfg.anchor, gen)  # drawn, as the phase draws them, and unused
+        torch.randperm(len(outliers), generator=gen)
+        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
+            logits = control(x[idx]).index_fill(1, torch.tensor(others), float("-inf"))
+            opt.zero_grad()
+            F.cross_entropy(logits, y[idx]).backward()
+            opt.step()
+    assert torch.allclose(head.weight, control.weight, atol=1e-6)
+    assert torch.allclose(head.bias, control.bias, atol=1e-6)
