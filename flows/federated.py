@@ -71,7 +71,7 @@ from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
 from lifelong.progress import Progress
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 from lifelong.tasks import client_eval
-from lifelong.tasks.evaluation import correct_predictions, evaluate, evaluated_experiences
+from lifelong.tasks.evaluation import correct_predictions, evaluated_experiences
 from lifelong.tasks.health import probe
 from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
 from lifelong.tasks.models import build_stream_model
@@ -311,13 +311,9 @@ class ServerLoop:
         state = public_state(self.cfg, self.stream, to_state_dict(arrays), experience)
         self.model.load_state_dict(state)
         ends_experience = rnd == (experience + 1) * self.fed.rounds
-        evaluated = evaluated_experiences(self.stream, experience)
-        if ends_experience:  # per sample, so that every client's accuracy comes from the same pass
-            correct = {i: correct_predictions(self.model, *self.stream.test_tensors(i),
-                                              self.cfg.training.eval_batch_size, self.device) for i in evaluated}
-            accs = {i: int(c.sum()) / max(1, len(c)) for i, c in correct.items()}
-        else:
-            accs = evaluate(self.model, self.stream, evaluated, self.cfg.training.eval_batch_size, self.device)
+        # Per sample: each client's accuracy (at an experience's end) comes from the same pass.
+        correct = self._predict(evaluated_experiences(self.stream, experience))
+        accs = {i: int(c.sum()) / max(1, len(c)) for i, c in correct.items()}
         seen = {i: accs[i] for i in range(experience + 1)}
         self.trace.add(rnd, experience, seen)
         values = self._round_values(rnd, server_round, accs, seen)
@@ -341,6 +337,11 @@ class ServerLoop:
             self.train_config[protocol.SAVED_ROUND] = rnd  # the record Flower sends every round
         self.logger.flush_if_older(FLUSH_EVERY_S)
         return MetricRecord({"avg-acc-seen": values["round/avg_acc_seen"]})
+
+    def _predict(self, experiences) -> dict[int, torch.Tensor]:
+        """Whether the global model (loaded) gets each test sample of ``experiences`` right."""
+        return {i: correct_predictions(self.model, *self.stream.test_tensors(i), self.cfg.training.eval_batch_size,
+                                       self.device) for i in experiences}
 
     def _test_shares(self, experience: int) -> list[torch.Tensor]:
         if experience not in self.test_shares:

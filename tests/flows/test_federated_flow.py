@@ -370,15 +370,15 @@ def test_prefect_retries_go_back_to_the_last_round_checkpoint(tmp_path, monkeypa
     loading the state they saved; the run ends as the unbroken one."""
     import lifelong.flows.federated as ff
     _, full = finished
-    calls, real = {"n": 0}, ff.evaluate
+    calls, real = {"n": 0}, ff.ServerLoop._predict
 
-    def flaky(*args, **kwargs):
+    def flaky(*args, **kwargs):  # the global model's evaluation, once a round
         calls["n"] += 1
         if calls["n"] == 4:  # rounds 0, 1, 2 evaluated; fails on round 3
             raise ConnectionError("the tracking server went away")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ff, "evaluate", flaky)
+    monkeypatch.setattr(ff.ServerLoop, "_predict", flaky)
     retried = run_federated(fed_config(tmp_path, "training.retries=1"))
     assert calls["n"] == 4 + 2  # the retry evaluated rounds 3 and 4 only: it went on from round 2
     assert np.array_equal(retried.matrix, full.matrix)
