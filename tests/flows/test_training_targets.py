@@ -8,7 +8,7 @@ shipped client optimiser sat at 0.50 on every experience (docs/results.md, "Defa
 - Continual, the shipped model and optimiser (configs/default.toml) at 3 epochs: every
   experience's accuracy right after it is trained is ≥ 0.9 × what joint training reaches on
   that experience's classes, and the health check finds nothing.
-- Federated, configs/federated.toml's clients and optimiser, IID and Dirichlet 0.5, 10 clients:
+- Federated, configs/federated.toml's clients and optimiser, Dirichlet 0.5, 10 clients:
   at a small budget (3 rounds × 1 local epoch) the default model ends no worse than the MLP
   (a tolerance of 0.03 for one seed), and neither run is reported unhealthy.
 """
@@ -54,7 +54,10 @@ def test_continual_defaults_learn_every_experience_of_the_28x28_stream(tmp_path)
     assert _health(result.tracking_uri, joint.run_id) == ("ok", "")
 
 
-@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+# Dirichlet 0.5 only: the label-skewed case, where the old defaults failed first. The IID case
+# (the same check, 76 s on a busy 2-core worker) was dropped when the suite neared its 15-minute
+# limit; docs/results.md keeps its measured figures.
+@pytest.mark.parametrize("partition", ["dirichlet"])
 def test_federated_default_model_is_no_worse_than_the_mlp_at_a_small_budget(tmp_path, partition):
     final, health = {}, {}
     for model in ("cnn", "mlp"):
