@@ -56,7 +56,7 @@ def test_continual_defaults_learn_every_experience_of_the_28x28_stream(tmp_path)
 
 # Dirichlet 0.5 only: the label-skewed case, where the old defaults failed first. The IID case
 # (the same check, 76 s on a busy 2-core worker) was dropped when the suite neared its 15-minute
-# limit; docs/results.md keeps its measured figures.
+# limit; docs/federated.md, "Client optimiser", keeps its measured figures.
 @pytest.mark.parametrize("partition", ["dirichlet"])
 def test_federated_default_model_is_no_worse_than_the_mlp_at_a_small_budget(tmp_path, partition):
     final, health = {}, {}
