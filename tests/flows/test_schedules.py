@@ -390,7 +390,11 @@ def test_deleting_a_served_deployment_then_stopping_its_process_is_clean(api, tm
         while "serving:" not in proc.log_tail():
             assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
             time.sleep(0.5)
-        time.sleep(2)  # polled at least once: it counts as served
+        # Wait until it counts as served (polled at least once): on a loaded machine the first
+        # poll can come later than the 1 s poll frequency promises (a fixed 2 s sleep flaked).
+        while not any(r.name == "continual/hourly" and r.served for r in sched.list_deployments()):
+            assert proc.alive() and time.monotonic() < deadline + 60, proc.log_tail()
+            time.sleep(0.5)
         out = invoke("--delete", "hourly")
         assert out.exit_code == 0, out.output
         assert "continual/hourly: deleted" in out.output
