@@ -137,7 +137,8 @@ def _train(cfg: Config, spec: CombinerSpec, logger: tracking.MLflowLogger) -> di
     # The same batches for every combiner: GCond takes K of them per update.
     per_update = spec.accumulation if gcond is not None else 1
     batches_per_epoch = max(1, len(data.x_train) // m.batch_size)
-    total = max(1, batches_per_epoch * m.epochs // per_update)
+    # budget "updates": as many optimizer updates as a one-batch-per-update combiner makes
+    total = max(1, batches_per_epoch * m.epochs // (per_update if spec.budget == "data" else 1))
     probe = torch.arange(min(256, len(data.x_train)))  # a fixed batch for the logged training losses
     model.train()
     for update in range(1, total + 1):

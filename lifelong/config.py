@@ -232,6 +232,10 @@ class CombinerSpec(_Section):
     mode: Literal["sequential", "stochastic"] = "stochastic"
     #: GCond: a task that won the last 3 arbitrations wins (README, older code) or loses (newest code).
     dominance: Literal["paper", "code"] = "paper"
+    #: What is held equal across combiners: the passes over the data (``multitask.epochs``; GCond
+    #: then makes K times fewer optimizer updates), or the optimizer updates (GCond then reads K
+    #: times the data) — the budget-matched comparison of GCond against sum and PCGrad.
+    budget: Literal["data", "updates"] = "data"
 
 
 class MultiTaskConfig(_Section):
@@ -290,7 +294,10 @@ def check_combiners(combiners: list[CombinerSpec], n_tasks: int) -> None:
 
 
 def combiner_label(spec: CombinerSpec) -> str:
-    return spec.label or (spec.name if spec.name != "gcond" else f"gcond-{spec.mode}")
+    if spec.label:
+        return spec.label
+    name = spec.name if spec.name != "gcond" else f"gcond-{spec.mode}"
+    return name + ("@updates" if spec.budget == "updates" and spec.name == "gcond" else "")
 
 
 # --------------------------------------------------------------------------- tracking

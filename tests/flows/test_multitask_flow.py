@@ -14,7 +14,8 @@ def tiny(tmp_path, *extra):
     uri = f"sqlite:///{tmp_path / 'mt.db'}"
     return load_config(None, [
         'flow="multitask"', "multitask.epochs=1", "multitask.batch_size=64", "multitask.hidden=16",
-        'multitask.combiners=[{name="sum"}, {name="pcgrad"}, {name="gcond", mode="stochastic", accumulation=2}]',
+        'multitask.combiners=[{name="sum"}, {name="pcgrad"}, {name="gcond", mode="stochastic", accumulation=2}, '
+        '{name="gcond", mode="stochastic", accumulation=2, budget="updates"}]',
         f'tracking.uri="{uri}"', 'tracking.experiment="mt"', *extra]), uri
 
 
@@ -25,9 +26,9 @@ def test_multitask_flow_logs_each_combiner(tmp_path):
 
     cfg, uri = tiny(tmp_path)
     result = multitask_flow(cfg)
-    assert [r.label for r in result.results] == ["sum", "pcgrad", "gcond-stochastic"]
+    assert [r.label for r in result.results] == ["sum", "pcgrad", "gcond-stochastic", "gcond-stochastic@updates"]
     res = read_results(result.parent_run_id, uri)
-    assert res.status == "FINISHED" and len(res.children) == 3
+    assert res.status == "FINISHED" and len(res.children) == 4
     client = client_for(uri)
     gcond = result.results[2]
     metrics = client.get_run(gcond.run_id).data.metrics
@@ -35,6 +36,9 @@ def test_multitask_flow_logs_each_combiner(tmp_path):
             "test/class/accuracy", "test/reconstruction/ssim", "final/samples_per_s"} <= set(metrics)
     # one point per optimizer update: 1347 training samples // 64 per batch // K=2 batches per update
     assert len(client.get_metric_history(gcond.run_id, "conflict/min_cos")) == 1347 // 64 // 2
+    # budget = "updates": as many updates as the sum makes (one batch each), so K times the data
+    matched = result.results[3]
+    assert len(client.get_metric_history(matched.run_id, "conflict/min_cos")) == 1347 // 64
     assert 0 <= gcond.summary["class/accuracy"] <= 1
     mlflow.set_tracking_uri(uri)
     models = client.search_logged_models([client.get_run(gcond.run_id).info.experiment_id],
