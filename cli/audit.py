@@ -1,4 +1,9 @@
-"""``lifelong audit CONFIG.toml``: the privacy audit of a federated config (see flows/privacy_audit.py).
+"""``lifelong audit CONFIG.toml [--privacy]``: the privacy audits of a federated config.
+
+Without ``--privacy``: the gradient-inversion attack on one client's update (flows/privacy_audit.py).
+With it: first the empirical audit of the user-level DP guarantee with canary clients in one run
+(flows/canary_audit.py: an epsilon lower bound set beside the accountant's claim), then the
+gradient-inversion attack, so the two reports sit side by side.
 
 A command of its own file so the main command stays small; ``cli/main.py`` registers it with
 ``app.command("audit")(audit)``. Torch, MLflow and the flow are imported inside the command, so
@@ -24,8 +29,13 @@ def audit(
     distance: Annotated[str, typer.Option(help="cosine (Geiping et al.) or l2 (DLG)")] = "cosine",
     optimizer: Annotated[str, typer.Option(help="adam or lbfgs (DLG; ~10x slower per step)")] = "adam",
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set privacy.noise_multiplier=1.0")] = [],
+    privacy: Annotated[bool, typer.Option("--privacy", help="Also audit the DP guarantee empirically with canary "
+                                                            "clients (Steinke et al. 2023)")] = False,
+    canaries: Annotated[int, typer.Option(help="--privacy: canaries, each included with probability 1/2")] = 1000,
+    significance: Annotated[float, typer.Option(help="--privacy: the bound holds with probability 1 - this")] = 0.05,
 ) -> None:
-    """Attack one client's update with gradient inversion (DLG/iDLG), without and with DP."""
+    """Attack one client's update with gradient inversion (DLG/iDLG), without and with DP; with
+    --privacy, first audit the DP guarantee with canary clients."""
     from lifelong.config import ConfigError, load_config
 
     for name, value, allowed in (("--labels", labels, ("idlg", "dlg")), ("--distance", distance, ("cosine", "l2")),
@@ -41,6 +51,15 @@ def audit(
         fail(str(exc))
     from lifelong.flows.privacy_audit import run_audit
 
+    if privacy:
+        from lifelong.flows.canary_audit import check_canary_audit, run_canary_audit
+
+        try:
+            check_canary_audit(cfg, canaries, significance)
+            print_canary_audit(run_canary_audit(cfg, canaries, significance))
+        except ValueError as exc:  # an impossible privacy budget, bad audit settings
+            fail(str(exc))
+        typer.echo("")
     try:
         result = run_audit(cfg, AttackSettings(samples, iterations, labels, distance, optimizer))
     except ValueError as exc:  # AuditError (too few samples), an impossible privacy budget
@@ -59,3 +78,19 @@ def print_audit(result) -> None:
     typer.echo(f"\ntrue labels {result.y_true.tolist()}; "
                + "; ".join(f"{c.name}: {c.reconstruction.y.tolist()}" for c in result.cases))
     typer.echo(f"\nMLflow run: {result.run_id}  (store: {result.tracking_uri}; images: audit.png)")
+
+
+def print_canary_audit(r) -> None:
+    for note in r.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"canary audit (Steinke et al. 2023, one run): {r.canaries} canary clients, {r.included} included; "
+               f"{r.clients} other clients; {r.sampled} of {r.clients + r.included} sampled a round; {r.rounds} rounds")
+    claim = ("no DP: nothing claimed" if r.claimed_epsilon is None else
+             f"claimed epsilon {r.claimed_epsilon:.3f} at delta {r.delta:g} (accountant, z = {r.noise_multiplier:.3g})")
+    typer.echo(f"  {claim}")
+    typer.echo(f"  empirical epsilon >= {r.empirical_epsilon:.3f} with confidence {1 - r.significance:.0%} "
+               f"(mean score: included {r.mean_score_in:.3g}, left out {r.mean_score_out:.3g})")
+    if r.consistent is not None:
+        typer.echo("  verdict: consistent — the audit proves no more leakage than claimed" if r.consistent else
+                   "  verdict: VIOLATION — the run leaks more than the accountant claims")
+    typer.echo(f"  MLflow run: {r.run_id}  (store: {r.tracking_uri}; canary_scores.png)")

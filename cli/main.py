@@ -12,6 +12,7 @@ import typer
 import lifelong  # noqa: F401  (prepares Prefect's environment before anything imports it)
 from lifelong.cli.audit import audit as audit_command
 from lifelong.cli.common import check_before_work, fail
+from lifelong.cli.privacy import privacy_app
 from lifelong.cli.registry import registry_app
 from lifelong.cli.schedule import schedule as schedule_command
 from lifelong.cli.stack import stack_app
@@ -160,6 +161,7 @@ clients_app = typer.Typer(help="Federated clients: simulate them (in-process or 
                           no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
 app.add_typer(registry_app, name="registry")
+app.add_typer(privacy_app, name="privacy")
 app.command("schedule")(schedule_command)
 app.command("audit")(audit_command)
 app.add_typer(stack_app, name="stack")

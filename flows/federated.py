@@ -37,6 +37,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +61,16 @@ from lifelong.clients import state_store
 from lifelong.clients.learner import frozen_keys
 from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
-from lifelong.flows import health
+from lifelong.flows import health, privacy_ledger
 from lifelong.flows.checkpoints import (
     checkpoint_file,
     load_round,
     restore_server,
     save_round,
 )
+from lifelong.flows.privacy_ledger import build_ledger
 from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
+from lifelong.privacy.ledger import PrivacyLedger
 from lifelong.progress import Progress
 from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 from lifelong.tasks import client_eval
@@ -149,10 +152,28 @@ def privacy_plan(cfg: Config) -> UserLevelPrivacy | None:
                  f"privacy.clipped_count_stddev (default: {cfg.federated.sampled} sampled clients / 20)")
         raise PrivacyBudgetError(f"{which}: {exc}; raise it, or use less noise (a smaller "
                                  "noise_multiplier or a larger target_epsilon)") from None
+    build_ledger(cfg)  # budgets that cannot be read, an earlier run without a ledger: refused here
     if p.max_epsilon is not None and (eps := plan.epsilon()) > p.max_epsilon:
         raise PrivacyBudgetError(f"privacy.max_epsilon: the run would spend epsilon {eps:.3g} > {p.max_epsilon:g} "
                                  f"({plan.describe(eps)})")
     return plan
+
+
+def server_strategy(cfg: Config, privacy: UserLevelPrivacy | None, clients: int, sampled: int,
+                    frozen: Collection[str] = (), ledger: PrivacyLedger | None = None, run_id: str = ""):
+    """The server's strategy for ``clients`` nodes of which ``sampled`` train a round: FedAvg with
+    the server optimizer, wrapped in user-level DP when ``privacy`` is given (also what the canary
+    audit runs, flows/canary_audit.py)."""
+    fed, p = cfg.federated, cfg.privacy
+    server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
+    strategy = ContinualFedAvg(fed.fraction, fed.min_results, clients, cfg.seed, server_optimizer=server_optimizer)
+    if privacy is None:
+        return strategy
+    adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
+                if p.adaptive_clipping else None)
+    return UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, sampled, p.allocation,
+                       cfg.seed, adaptive, frozen=frozen, ledger=ledger,
+                       accounted_noise_multiplier=privacy.noise_multiplier, run_id=run_id)
 
 
 def count_noise_std(cfg: Config) -> float | None:
@@ -220,6 +241,8 @@ class ServerLoop:
         self.model = build_stream_model(cfg.model, self.stream).to(self.device)
         if isinstance(cfg.strategies[0], OnePromptSpec):
             self.model.use_prompt = True  # a switch, not a weight: the clients' plugin sets it on theirs
+        #: The per-client privacy ledger (user-level DP only; flows/privacy_ledger.py).
+        self.ledger: PrivacyLedger | None = None
         self.strategy, self.privacy, self.epsilons = self._strategy()
         self.trace, self.rows = ContinualTrace(), []
         #: Per-client continual evaluation (tasks/client_eval.py): after each experience, every
@@ -239,23 +262,16 @@ class ServerLoop:
 
     def _strategy(self):
         """FedAvg with the server optimizer, wrapped in user-level DP when configured."""
-        cfg, fed = self.cfg, self.fed
-        server_optimizer = ServerOptimizer(fed.server_optimizer, **fed.server_hyperparameters)
-        strategy = ContinualFedAvg(fed.fraction, fed.min_results, fed.clients, cfg.seed,
-                                   server_optimizer=server_optimizer)
-        # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
-        self.logger.set_tags({"server_optimizer": server_optimizer.describe()})
-        privacy = privacy_plan(cfg)
-        epsilons: list[float] = []
+        privacy = privacy_plan(self.cfg)
         if privacy is not None:
-            p = cfg.privacy
-            adaptive = (AdaptiveClipping(p.target_quantile, p.clip_lr, privacy.count_noise_std)
-                        if p.adaptive_clipping else None)
-            strategy = UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, fed.sampled,
-                                   p.allocation, cfg.seed, adaptive, frozen=frozen_keys(cfg, self.stream))
-            epsilons = list(privacy.epsilon_per_round())
+            self.ledger = build_ledger(self.cfg)
+        strategy = server_strategy(self.cfg, privacy, self.fed.clients, self.fed.sampled,
+                                   frozen_keys(self.cfg, self.stream), self.ledger, self.run_id)
+        # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
+        self.logger.set_tags({"server_optimizer": strategy.server_optimizer.describe()})
+        if privacy is not None:
             self.logger.set_tags({"privacy": privacy.describe()})
-        return strategy, privacy, epsilons
+        return strategy, privacy, list(privacy.epsilon_per_round()) if privacy is not None else []
 
     def _restore(self, resume: dict | None) -> None:
         if resume is not None:
@@ -391,6 +407,8 @@ class ServerLoop:
         if self.privacy is not None and server_round:
             values["privacy/epsilon"] = self.epsilons[rnd - 1]
             values.update({f"privacy/{k}": v for k, v in self.strategy.clip_stats.get(rnd, {}).items()})
+            if self.ledger is not None:
+                values.update(privacy_ledger.round_values(self.ledger, self.fed.clients))
         if eps := [o.sample_epsilon for o in done if o.status == "ok" and o.sample_epsilon is not None]:
             values["privacy/sample_epsilon_max"] = max(eps)
             values["privacy/sample_epsilon_mean"] = float(np.mean(eps))
@@ -418,6 +436,8 @@ class ServerLoop:
         label = self.label
         tracking.log_matrix(client, run_id, matrix, labels)
         client.log_dict(run_id, self._client_table(), "clients.json")
+        if self.ledger is not None:
+            privacy_ledger.log_ledger(client, run_id, self.ledger, self.fed.clients, cfg.tracking.log_plots)
         if len(self.client_rows) == n_exp:
             sizes = [[len(idx) for idx in self._test_shares(e)] for e in range(n_exp)]
             client.log_dict(run_id, client_eval.matrix_table(self.client_rows, sizes), tracking.CLIENT_MATRIX_FILE)

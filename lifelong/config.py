@@ -95,7 +95,7 @@ class StreamConfig(_Section):
         return self.scenario or BUILTIN_STREAMS[self.name][2]
 
     @model_validator(mode="after")
-    def _check(self) -> "StreamConfig":
+    def _check(self) -> StreamConfig:
         dataset, allowed, _ = BUILTIN_STREAMS[self.name]
         scenario = self.resolved_scenario
         if scenario not in allowed:
@@ -150,7 +150,7 @@ class ModelConfig(_Section):
     vit_patch: int = Field(2, ge=1)
 
     @model_validator(mode="after")
-    def _check_vit(self) -> "ModelConfig":
+    def _check_vit(self) -> ModelConfig:
         if self.vit_dim % self.vit_heads:
             raise ValueError(f"model.vit_dim: {self.vit_dim} is not divisible by vit_heads={self.vit_heads}")
         return self
@@ -264,7 +264,7 @@ class MultiTaskConfig(_Section):
         return MULTITASK_PROBLEMS.get(self.problem)
 
     @model_validator(mode="after")
-    def _check(self) -> "MultiTaskConfig":
+    def _check(self) -> MultiTaskConfig:
         if self.problem == "npz" and self.path is None:
             raise ValueError("multitask.path: the npz problem needs an .npz file with x and y_<task> arrays")
         known = MULTITASK_PROBLEMS.get(self.problem)
@@ -381,7 +381,7 @@ class FederatedConfig(_Section):
     server_weight_decay: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "FederatedConfig":
+    def _check(self) -> FederatedConfig:
         if self.server_optimizer != "fedavg" or any(v is not None for v in self.server_hyperparameters.values()):
             from lifelong.strategies.federated.server_optimizers import (
                 resolve_hyperparameters,  # imports torch: only when needed
@@ -442,7 +442,7 @@ class SampleDPSection(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _ghost(self) -> "SampleDPSection":
+    def _ghost(self) -> SampleDPSection:
         if self.grad_sample_mode == "ghost" and self.clipping != "flat":
             raise ValueError("privacy.sample.grad_sample_mode: ghost clipping supports clipping = 'flat' only "
                              "(Opacus 1.6)")
@@ -484,9 +484,22 @@ class PrivacyConfig(_Section):
     #: (Andrew et al.). Must exceed z / 2; the update's noise multiplier then drops to
     #: (z^-2 - (2 sigma_b)^-2)^-1/2 so the epsilon stays that of z.
     clipped_count_stddev: float | None = Field(None, gt=0)
+    #: Per-client ledger (privacy/ledger.py): each client's epsilon (at ``delta``) from the rounds
+    #: it took part in. ``client_budget``: the epsilon a client may spend (default: unlimited; the
+    #: ledger is kept either way); a client whose next round would exceed it is no longer sampled.
+    client_budget: float | None = Field(None, gt=0)
+    #: Per-client overrides: a .json ``{"client": epsilon}`` or .csv ``client,epsilon`` file.
+    client_budgets: Path | None = None
+    #: The MLflow run id of an earlier federated run whose ledger this run continues (its clients
+    #: keep what they spent there; the same delta, number of clients and tracking store).
+    ledger_from: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "PrivacyConfig":
+    def _check(self) -> PrivacyConfig:
+        for key in ("client_budget", "client_budgets", "ledger_from"):
+            if getattr(self, key) is not None and self.clipping == "off":
+                raise ValueError(f"privacy.{key}: the per-client ledger accounts user-level DP; set "
+                                 "privacy.clipping (and noise) too")
         if self.clipping != "off" and (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
         if self.adaptive_clipping and self.clipping == "off":
@@ -521,7 +534,7 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
-    def _compatible(self) -> "Config":
+    def _compatible(self) -> Config:
         for i, spec in enumerate(self.strategies):
             single = [c.name for c in (catalogue.get(spec.name, "strategy"),
                                          *(catalogue.get(p.name, "regularizer") for p in spec.plugins))
@@ -591,7 +604,7 @@ class Config(_Section):
                              "(clients train without it); remove it for a federated run")
 
     @model_validator(mode="after")
-    def _unique_labels(self) -> "Config":
+    def _unique_labels(self) -> Config:
         labels = [strategy_label(s) for s in self.strategies]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:

@@ -31,10 +31,17 @@ the next round. The update's noise multiplier must then be Theorem 1's ``z_delta
 passes it: ``UserLevelPrivacy.update_noise_multiplier``), so both releases together cost what
 ``z`` alone would. Per-layer modes derive their layer bounds from the current C, so they scale
 with it.
+
+Per-client ledger (``privacy/ledger.py``; ``ledger`` set): every reply that enters the noised sum is
+recorded as one Gaussian round (the *accounted* ``z``) for its client; a client whose next round
+would exceed its budget is not sampled (its partition is known from an earlier reply), and a reply
+from one that was sampled before the server knew who it was is dropped before aggregation, so its
+data never reaches the released model. Both decisions read only participation counts, never data.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -46,6 +53,9 @@ from flwr.serverapp.strategy import Strategy
 from lifelong.bridges.flower import protocol
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 from lifelong.privacy.clipping import clip_update, noisy_unclipped_fraction, private_mean, update_clip_bound
+from lifelong.privacy.ledger import PrivacyLedger
+
+log = logging.getLogger("lifelong.federated")
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,12 @@ def private_keys(state: Mapping[str, torch.Tensor], frozen: Collection[str] = ()
 class UserLevelDP(Strategy):
     def __init__(self, inner, mode: str, clip: float, noise_multiplier: float, expected_cohort: int,
                  allocation: str = "uniform", seed: int = 0, adaptive: AdaptiveClipping | None = None,
-                 frozen: Collection[str] = ()):
+                 frozen: Collection[str] = (), ledger: PrivacyLedger | None = None,
+                 accounted_noise_multiplier: float | None = None, run_id: str = ""):
         """``noise_multiplier``: the update's (``z_delta`` when ``adaptive``); ``clip``: the bound, the
         starting one when ``adaptive``; ``frozen``: the state-dict keys of the parameters the
-        clients' learner never trains (left out of the private update)."""
+        clients' learner never trains (left out of the private update); ``ledger``: the per-client
+        account, charged ``accounted_noise_multiplier`` (default ``noise_multiplier``) a round."""
         self.inner, self.mode, self.clip, self.allocation = inner, mode, clip, allocation
         self.frozen = frozenset(frozen)
         self.noise_multiplier, self.expected_cohort, self.adaptive = noise_multiplier, expected_cohort, adaptive
@@ -83,6 +95,9 @@ class UserLevelDP(Strategy):
         self._private: list[str] = []  # the keys of this round's private update
         #: Per round: the fraction of replies whose update was clipped and their mean pre-clip norm.
         self.clip_stats: dict[int, dict[str, float]] = {}
+        self.ledger, self.run_id = ledger, run_id
+        self._all_at_limit = False
+        self.accounted_z = noise_multiplier if accounted_noise_multiplier is None else accounted_noise_multiplier
 
     def __getattr__(self, name):  # round_offset, outcomes, boundary, ... live on the wrapped strategy
         if name == "inner":
@@ -103,13 +118,34 @@ class UserLevelDP(Strategy):
         self._current = dict(to_state_dict(arrays))
         # Here, not after the round: a frozen key the model lacks is refused before clients train.
         self._private = private_keys(self._current, self.frozen)
+        if self.ledger is not None:  # the sampler skips the clients whose next round would exceed their budget
+            rnd = self.inner.round_offset + server_round
+            at_limit = {pid for pid in set(self.inner._partition_of.values())
+                        if not self.ledger.can_take_part(pid, self.accounted_z)}
+            for pid in sorted(at_limit - {c for _, c, _ in self.ledger.stops}):
+                self.ledger.stop(rnd, pid, self.accounted_z)
+                log.warning("round %d: client %d is no longer sampled: %s", rnd, pid, self.ledger.stops[-1][2])
+            self.inner.excluded_partitions = at_limit
+            if len(at_limit) >= self.inner.min_available_nodes and not self._all_at_limit:
+                self._all_at_limit = True
+                log.warning("round %d: every client is at its privacy budget: from here on no client is sampled "
+                            "and the global model is kept", rnd)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = self.inner.round_offset + server_round
+        if self.ledger is not None and not self.inner._sent:  # every client at its budget (said once)
+            self.inner.skipped_rounds.append(rnd)
+            return None, None
         valid = self.inner.record_replies(server_round, replies)
         if valid is None:
             return None, None
+        if self.ledger is not None:
+            valid = self._within_budget(rnd, valid)
+            if not valid:
+                self.inner.skipped_rounds.append(rnd)
+                return None, None
         # Non-float buffers (counters, masks such as the ViT's `active`) cannot be clipped and
         # noised, so a client's values would reach the server unprotected (a batch counter reveals
         # a share's size); frozen parameters are not trained (an honest client sends them back as
@@ -128,7 +164,11 @@ class UserLevelDP(Strategy):
                             generator=self.generator)
         arrays = dict(self._current)
         arrays.update({k: (self._current[k].float() + d).to(self._current[k].dtype) for k, d in zip(keys, mean)})
-        rnd = self.inner.round_offset + server_round
+        if self.ledger is not None:
+            for msg in valid:
+                m = msg.content[protocol.METRICS]
+                self.ledger.record(int(m[protocol.PARTITION_ID]), self.run_id, int(m.get(protocol.EXPERIENCE, -1)),
+                                   rnd, self.accounted_z)
         self.clip_stats[rnd] = {"clipped_fraction": hit / len(valid), "mean_update_norm": sum(norms) / len(norms),
                                 "clip_bound": self.clip}
         if self.adaptive is not None:  # the next round's bound, from this round's noised count
@@ -139,15 +179,37 @@ class UserLevelDP(Strategy):
         metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], self.inner.weighted_by_key)
         return self.inner.server_step(from_state_dict(arrays)), metrics
 
+    def _within_budget(self, rnd: int, valid: list[Message]) -> list[Message]:
+        """The replies whose client can afford this round; the others are dropped, unread, and
+        their clients stop being sampled."""
+        kept = []
+        for msg in valid:
+            pid = int(msg.content[protocol.METRICS][protocol.PARTITION_ID])
+            if self.ledger.can_take_part(pid, self.accounted_z):
+                kept.append(msg)
+            else:
+                self.ledger.stop(rnd, pid, self.accounted_z)
+                log.warning("round %d: client %d is at its privacy budget (%s); its update is dropped and it "
+                            "is no longer sampled", rnd, pid, self.ledger.stops[-1][2])
+        if not kept:
+            log.warning("round %d: every client that replied is at its privacy budget: the global model is kept", rnd)
+        return kept
+
     def server_state(self) -> dict:
         """The wrapped strategy's, the (adaptive) bound and the noise generator's state, so a resumed
-        run draws the noise an unbroken one would."""
-        return {**self.inner.server_state(), "clip": self.clip, "generator": self.generator.get_state()}
+        run draws the noise an unbroken one would; and the ledger, so it goes on with what was spent."""
+        state = {**self.inner.server_state(), "clip": self.clip, "generator": self.generator.get_state()}
+        if self.ledger is not None:
+            state["ledger"] = self.ledger.to_json()
+        return state
 
     def load_server_state(self, state: dict) -> None:
         self.inner.load_server_state(state)
         self.clip = float(state["clip"])
         self.generator.set_state(state["generator"])
+        if self.ledger is not None and "ledger" in state:
+            saved = PrivacyLedger.from_json(state["ledger"], budget=self.ledger.budget, budgets=self.ledger.budgets)
+            self.ledger.restore(saved)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

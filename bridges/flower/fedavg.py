@@ -81,6 +81,8 @@ class ContinualFedAvg(FedAvg):
         self._partition_of: dict[int, int] = {}
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
         self._global: ArrayRecord | None = None  # the model this round was sent with
+        #: Partitions not to sample (set each round by a wrapper: the DP ledger's clients at budget).
+        self.excluded_partitions: set[int] = set()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -89,6 +91,8 @@ class ContinualFedAvg(FedAvg):
         nodes = sorted(grid.get_node_ids() if self._all_connected else self._wait_for_nodes(grid))
         self._all_connected = True
         self._global = arrays
+        if self.excluded_partitions:
+            nodes = [n for n in nodes if self._partition_of.get(n) not in self.excluded_partitions]
         size = min(max(int(self.min_available_nodes * self.fraction_train), self.min_train_nodes), len(nodes))
         rng = random.Random(f"{self.seed}/{self.round_offset + server_round}")
         self._sent = rng.sample(nodes, size)
