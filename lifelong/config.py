@@ -449,6 +449,68 @@ class SampleDPSection(_Section):
         return self
 
 
+class ClockConfig(_Section):
+    """Federated clients that come and go on a seeded virtual clock (flows/virtual_clock.py):
+    heavy-tailed compute speeds, on/off availability, drop-outs mid-round, staggered arrival of
+    each experience; the server synchronous with a deadline, or asynchronous (FedBuff, FedAsync).
+    Simulated hours cost no wall time; the same seed gives the same event log."""
+
+    #: ``deadline``: synchronous rounds of ``cohort`` clients, ``over_selection`` more started,
+    #: late updates dropped (Bonawitz et al. 2019); ``fedbuff``: buffered asynchronous aggregation
+    #: (Nguyen et al. 2022); ``fedasync``: each update mixed in at once (Xie et al. 2020).
+    mode: Literal["deadline", "fedbuff", "fedasync"] = "fedbuff"
+    #: Virtual hours simulated.
+    hours: float = Field(24.0, gt=0)
+    #: Experience k reaches the clients from hour ``k * experience_hours`` on, each client later by
+    #: an exponential delay of mean ``arrival_spread_hours`` (staggered arrivals).
+    experience_hours: float = Field(4.0, gt=0)
+    arrival_spread_hours: float = Field(1.0, ge=0)
+    #: Compute time of one local round on a median client, in minutes; a client's time is this
+    #: divided by its speed, log-normal with ``speed_sigma`` (heavy-tailed: a few clients are slow).
+    round_minutes: float = Field(10.0, gt=0)
+    speed_sigma: float = Field(1.0, ge=0)
+    #: ``always``; ``markov``: on/off periods exponential with means ``on_hours`` / ``off_hours``;
+    #: ``daily``: on ``on_hours`` a day from a random hour per client; ``trace``: the on-intervals
+    #: of ``trace`` (CSV ``client,start_hour,end_hour``).
+    availability: Literal["always", "markov", "daily", "trace"] = "markov"
+    on_hours: float = Field(2.0, gt=0)
+    off_hours: float = Field(2.0, gt=0)
+    trace: Path | None = None
+    #: Probability that a client drops out in the middle of a round (it contributes nothing).
+    dropout: float = Field(0.05, ge=0, lt=1)
+    #: deadline mode: clients aggregated per round, the share started beyond it, and the deadline.
+    cohort: int = Field(5, ge=1)
+    over_selection: float = Field(0.3, ge=0)
+    deadline_minutes: float = Field(30.0, gt=0)
+    #: fedbuff / fedasync: clients training at any time.
+    concurrency: int = Field(5, ge=1)
+    #: fedbuff: updates per server step (K), and the server learning rate (eta_g).
+    buffer: int = Field(3, ge=1)
+    server_lr: float = Field(1.0, gt=0)
+    #: fedasync: the mixing weight alpha and the staleness function s (Xie et al. §5.2).
+    mixing: float = Field(0.6, gt=0, le=1)
+    staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    staleness_a: float = Field(0.5, gt=0)
+    staleness_b: int = Field(4, ge=0)
+    #: Evaluate the global model (pooled and per client) every this many virtual hours.
+    eval_every_hours: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClockConfig:
+        if self.availability == "trace" and self.trace is None:
+            raise ValueError("clock.trace: availability = \"trace\" needs a CSV of client,start_hour,end_hour")
+        if self.trace is not None and self.availability != "trace":
+            raise ValueError(f"clock.trace: given, but clock.availability is {self.availability!r}; "
+                             "set availability = \"trace\" to use it")
+        if self.mode == "fedbuff" and self.buffer > self.concurrency:
+            raise ValueError(f"clock.buffer: {self.buffer} updates per step but only {self.concurrency} clients "
+                             "train at a time (clock.concurrency): the buffer could never fill")
+        if self.eval_every_hours > self.hours:
+            raise ValueError(f"clock.eval_every_hours: {self.eval_every_hours} > clock.hours = {self.hours}: the "
+                             "model would never be evaluated")
+        return self
+
+
 class PrivacyConfig(_Section):
     """User-level differential privacy for federated rounds: every client's update is clipped to
     ``clip`` (modes: privacy/clipping.py) and Gaussian noise of std ``z * clip`` is added
@@ -526,6 +588,9 @@ class Config(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     multitask: MultiTaskConfig = MultiTaskConfig()
     federated: FederatedConfig = FederatedConfig()
+    #: Federated clients on a virtual clock (asynchronous or deadline rounds); None: Flower's
+    #: synchronous rounds.
+    clock: ClockConfig | None = None
     privacy: PrivacyConfig = PrivacyConfig()
     #: One or more strategies, each run on the same stream with the same seed, side by side.
     strategies: list[StrategySpec] = Field(
@@ -550,6 +615,9 @@ class Config(_Section):
                 raise ValueError(f"strategies.{i}: oneprompt is a class-incremental method; use a class scenario")
         if self.flow == "federated":
             self._check_federated()
+        elif self.clock is not None:
+            raise ValueError(f"clock: clients on a virtual clock are federated; set flow = \"federated\" "
+                             f"(got {self.flow!r}) or remove [clock]")
         elif self.privacy.clipping != "off":
             raise ValueError("privacy.clipping: user-level DP is for federated runs (flow = \"federated\"); "
                              "for the continual flow use sample-level DP ([privacy.sample])")
@@ -602,6 +670,22 @@ class Config(_Section):
         if getattr(spec, "mask_past_logits", False):
             raise ValueError("strategies.0.mask_past_logits: not available in the federated flow yet "
                              "(clients train without it); remove it for a federated run")
+        if self.clock is not None:
+            if self.federated.backend != "inprocess":
+                raise ValueError(f"clock: the virtual clock runs its clients in process; set federated.backend "
+                                 f"= \"inprocess\" (got {self.federated.backend!r})")
+            if isinstance(spec, OnePromptSpec):
+                raise ValueError("clock: oneprompt's VOR phase needs the server's word that an experience ends, "
+                                 "which clients on their own clocks do not get; use naive or replay (with plugins)")
+            if self.privacy.clipping != "off":
+                raise ValueError("clock: user-level DP under the virtual clock is not implemented yet; set "
+                                 "privacy.clipping = \"off\" or remove [clock]")
+            if self.clock.mode == "deadline" and self.clock.cohort > self.federated.clients:
+                raise ValueError(f"clock.cohort: {self.clock.cohort} clients a round but federated.clients = "
+                                 f"{self.federated.clients}")
+            if self.clock.mode != "deadline" and self.clock.concurrency > self.federated.clients:
+                raise ValueError(f"clock.concurrency: {self.clock.concurrency} clients at a time but "
+                                 f"federated.clients = {self.federated.clients}")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Config:

@@ -101,6 +101,8 @@ def test_a_service_not_healthy_in_time_stops_everything_already_started(tmp_path
 
     def wait(name):
         started.extend(stack_processes(stack.stack_id))
+        if name == "mlflow":  # never healthy: a loaded machine may have it up before the first check
+            stack.health_urls["mlflow"] = "http://127.0.0.1:9/health"  # the discard port: nobody answers
         original(name)
 
     stack._wait_healthy = wait

@@ -1,0 +1,453 @@
+"""Federated continual learning with clients that come and go, on a seeded virtual clock.
+
+The fleet (``tasks/fleet.py``) says who is online when, how fast each client computes and when
+each experience reaches each client. This module is the server: an event loop over virtual time
+(a heap of ``(hour, sequence, event)``), so simulated hours cost no wall time and the same seed
+gives the same event log and the same metrics on any machine. Three server modes
+(``clock.mode``):
+
+* ``deadline`` — synchronous rounds as deployed at scale (Bonawitz et al., "Towards Federated
+  Learning at Scale", SysML 2019): a round starts once at least ``cohort`` clients are online with
+  data, with ``cohort * (1 + over_selection)`` of them (as many as there are), keeps the first
+  ``cohort`` updates that arrive before the deadline, drops the late ones, and ends when the
+  cohort is complete or at the deadline.
+  Aggregation: FedAvg's sample-weighted mean.
+* ``fedbuff`` — buffered asynchronous aggregation (Nguyen et al. 2022;
+  ``strategies/federated/staleness.py``): ``concurrency`` clients train at any time, each from the
+  server version current when it started; every ``buffer`` arrivals the server steps with their
+  staleness-scaled mean delta.
+* ``fedasync`` — every arrival is mixed in at once with a staleness-dependent weight (Xie et
+  al. 2020).
+
+A client trains through the real ClientApp (``lifelong.clients.app.app``, on an in-process grid),
+so every client-side strategy (replay, EWC, L2, feature distillation, center loss) works as in
+synchronous runs: a client trains on the newest experience it has reached, and its learner
+consolidates the previous one when it moves on (with the model it holds then: there is no
+common experience boundary on the server's side). A client that drops out mid-round, or goes
+offline before it finishes, contributes nothing (and is not trained: its update would be thrown
+away). A round's local training happens when it starts, in wall time; its result is applied when
+its virtual finish time comes.
+
+Evaluation, every ``clock.eval_every_hours`` and at the end: the global model on every experience
+some client has reached (``clock/acc_exp*``), each client's accuracy on its own test shares of
+the experiences *it* has reached, and their spread (``clock/clients_acc_*``), with the updates
+applied and dropped, the staleness of the applied ones and the clients that took part, per
+virtual hour. The accuracy matrix's row ``k`` is the evaluation at ``(k + 1) * experience_hours``
+(when experience ``k + 1`` starts arriving; the last at the end), so the summary (average
+accuracy, forgetting) reads as in synchronous runs. MLflow also gets the event log
+(``clock_events.json``), the per-client table (``clock_clients.json``) and ``clock.png``.
+
+Not yet: user-level DP under the clock (refused by the config), OnePrompt (its VOR phase needs an
+experience's end), checkpoints (a stopped run starts over; it is cheap in virtual hours but not in
+training).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import MessageType
+from prefect import flow
+
+from lifelong import tracking
+from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.clients.inprocess import InProcessGrid
+from lifelong.config import Config, strategy_label
+from lifelong.flows.federated import (
+    FederatedResult,
+    initial_weights,
+    log_split,
+    open_federated_run,
+    split_report,
+)
+from lifelong.strategies.federated.staleness import fedasync_mix, fedbuff_step
+from lifelong.tasks import client_eval
+from lifelong.tasks.evaluation import correct_predictions
+from lifelong.tasks.fleet import Fleet, build_fleet
+from lifelong.tasks.metrics import matrix_summary
+from lifelong.tasks.models import build_stream_model
+from lifelong.tasks.partition import client_test_indices
+from lifelong.tasks.streams import build_stream
+
+EVENTS_FILE = "clock_events.json"
+CLIENTS_FILE = "clock_clients.json"
+FIGURE_FILE = "clock.png"
+
+# event kinds, in the order they are handled at the same instant (a finish before the
+# evaluation that follows it; a wake after both)
+FINISH, DROP, ROUND_END, EVAL, ROUND, WAKE = range(6)
+NAMES = {FINISH: "finish", DROP: "drop", ROUND_END: "round_end", EVAL: "eval", ROUND: "round", WAKE: "wake"}
+
+
+class ClockError(RuntimeError):
+    """A run the clock cannot make progress in (no client is ever online with data)."""
+
+
+@dataclass
+class Started:
+    client: int
+    start: float
+    version: int
+    base: dict[str, torch.Tensor]  # the global model it started from
+    content: RecordDict | None = None  # its reply (None: dropped)
+    finish: float = 0.0
+
+
+@dataclass
+class Counters:
+    applied: int = 0
+    dropped: int = 0
+    late: int = 0
+    staleness: list[int] = field(default_factory=list)
+
+
+class VirtualClock:
+    def __init__(self, cfg: Config, run_id: str, uri: str, client_app=None, log=sys.stderr):
+        from lifelong.clients.app import app as default_app
+
+        self.cfg, self.clock, self.run_id, self.uri, self.out = cfg, cfg.clock, run_id, uri, log
+        self.client = tracking.client_for(uri)
+        self.logger = tracking.MLflowLogger(run_id, self.client)
+        self.stream = build_stream(cfg.stream, cfg.seed)
+        self.n, self.n_exp = cfg.federated.clients, self.stream.n_experiences
+        self.fleet: Fleet = build_fleet(self.clock, self.n, self.n_exp, cfg.seed)
+        self.rng = np.random.default_rng([cfg.seed, 0xC10C])  # who is started, who drops out
+        self.model = build_stream_model(cfg.model, self.stream)
+        self.state = initial_weights(cfg)
+        self.version = 0
+        self._encoded: tuple[int, object] | None = None  # (version, ArrayRecord): one encoding a version
+        self.grid = InProcessGrid(client_app or default_app, self.n)
+        self.node_of = {pid: node for node, pid in self.grid.partitions.items()}
+        self.config_json = json.dumps(cfg.model_dump(mode="json"))
+        self.events: list[tuple[float, int, int, int, object]] = []
+        self.seq = 0
+        self.busy: dict[int, Started] = {}
+        self.buffer: list[tuple[dict[str, torch.Tensor], int]] = []
+        self.log: list[list] = []
+        self.window, self.total = Counters(), Counters()
+        self.participations = np.zeros(self.n, dtype=int)
+        self.drops = np.zeros(self.n, dtype=int)
+        self.starts = 0
+        self.rows: list[list[float]] = []
+        self.hourly: list[dict[str, float]] = []
+        self.test_shares: dict[int, list[torch.Tensor]] = {}
+
+    # -- the event queue ----------------------------------------------------------------------
+    def push(self, t: float, kind: int, payload: object = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, kind, self.seq, payload))
+
+    def record(self, t: float, kind: str, client: int | None = None, **detail) -> None:
+        self.log.append([round(t, 6), kind, client, detail])
+
+    def run(self) -> FederatedResult:
+        horizon, t0 = self.clock.hours, time.perf_counter()
+        first = [self.fleet.next_ready(c, 0.0) for c in range(self.n)]
+        if all(f is None or f >= horizon for f in first):
+            raise ClockError(f"no client is ever online with data within clock.hours = {horizon:g}: check "
+                             "clock.availability (or the trace), clock.experience_hours and arrival_spread_hours")
+        every = self.clock.eval_every_hours
+        for k in range(1, math.floor(horizon / every + 1e-9) + 1):
+            self.push(k * every, EVAL, ("hour", k * every))
+        row_times = [min((k + 1) * self.clock.experience_hours, horizon) for k in range(self.n_exp)]
+        for k, rt in enumerate(row_times):
+            self.push(rt, EVAL, ("row", k))
+        if self.clock.mode == "deadline":
+            self.push(0.0, ROUND)
+        else:
+            self.push(0.0, WAKE)
+        print(f"[clock] {self.clock.mode}: {self.n} clients over {horizon:g} virtual hours, online "
+              f"{self.fleet.online_fraction(horizon):.0%} of the time on average", file=self.out, flush=True)
+        while self.events:
+            t, kind, _, payload = heapq.heappop(self.events)
+            if t > horizon:
+                break
+            if kind == EVAL:
+                self.evaluate(t, *payload)
+            elif kind == WAKE:
+                self.fill(t)
+            elif kind == ROUND:
+                self.start_round(t)
+            elif kind == ROUND_END:
+                self.end_round(t, payload)
+            elif kind == FINISH:
+                self.arrive(t, payload)
+            elif kind == DROP:
+                self.dropped(t, *payload)
+        return self.finish(time.perf_counter() - t0)
+
+    # -- a client's round -----------------------------------------------------------------------
+    def begin(self, client: int, t: float) -> Started:
+        """Start ``client``'s local round at ``t``: trains it now (unless it will drop out) and
+        returns when its update arrives."""
+        s = Started(client, t, self.version, self.state)
+        duration = self.fleet.duration(client)
+        offline = self.fleet.online_until(client, t)
+        if self.rng.random() < self.clock.dropout:
+            s.finish = t + self.rng.random() * duration
+            self.record(t, "start", client, version=self.version, outcome="drops out")
+            return s
+        if t + duration > offline:
+            s.finish = offline
+            self.record(t, "start", client, version=self.version, outcome="goes offline")
+            return s
+        s.finish = t + duration
+        self.starts += 1
+        experience = self.fleet.experience_at(client, t)
+        if self._encoded is None or self._encoded[0] != self.version:
+            self._encoded = (self.version, from_state_dict(self.state))
+        config = ConfigRecord({protocol.SERVER_ROUND: self.starts, protocol.ROUND_OFFSET: 0,
+                               protocol.EXPERIENCE: experience, protocol.RUN_CONFIG: self.config_json})
+        msg = self.grid.create_message(RecordDict({protocol.ARRAYS: self._encoded[1], protocol.CONFIG: config}),
+                                       MessageType.TRAIN, self.node_of[client], group_id="clock")
+        reply: Message = next(iter(self.grid.send_and_receive([msg])))
+        if reply.has_error():
+            self.record(t, "start", client, version=self.version, outcome=f"failed: {reply.error.reason}")
+            return s
+        s.content = reply.content
+        self.record(t, "start", client, version=self.version, experience=experience)
+        return s
+
+    def dropped(self, t: float, client: int, why: str) -> None:
+        self.busy.pop(client, None)
+        self.drops[client] += 1
+        self.window.dropped += 1
+        self.total.dropped += 1
+        self.record(t, "drop", client, why=why)
+        self.fill(t)
+
+    # -- asynchronous modes ---------------------------------------------------------------------
+    def fill(self, t: float) -> None:
+        """Keep ``concurrency`` clients training: start idle clients that are online with data;
+        if there are none, wake up when the first one will be."""
+        if self.clock.mode == "deadline":
+            return
+        while len(self.busy) < self.clock.concurrency:
+            idle = [c for c in range(self.n) if c not in self.busy]
+            ready = [c for c in idle if self.fleet.ready(c, t)]
+            if not ready:
+                nxt = [x for c in idle if (x := self.fleet.next_ready(c, t)) is not None and x > t]
+                if nxt:
+                    self.push(min(nxt), WAKE)
+                return
+            client = ready[int(self.rng.integers(len(ready)))]
+            s = self.begin(client, t)
+            self.busy[client] = s
+            if s.content is None:
+                self.push(s.finish, DROP, (client, "dropped out or went offline mid-round"))
+            else:
+                self.push(s.finish, FINISH, s)
+
+    def arrive(self, t: float, s: Started) -> None:
+        """An asynchronous update arrives: mixed in (FedAsync) or buffered (FedBuff)."""
+        self.busy.pop(s.client, None)
+        staleness = self.version - s.version
+        new = to_state_dict(s.content[protocol.ARRAYS])
+        c = self.clock
+        self.participations[s.client] += 1
+        if c.mode == "fedasync":
+            self.state = fedasync_mix(self.state, new, c.mixing, staleness, c.staleness, c.staleness_a, c.staleness_b)
+            self.version += 1
+            self._applied(staleness)
+            self.record(t, "apply", s.client, staleness=staleness, version=self.version)
+        else:
+            delta = {k: (new[k].float() - s.base[k].float()) for k, v in s.base.items() if v.is_floating_point()}
+            self.buffer.append((delta, staleness))
+            self.record(t, "buffer", s.client, staleness=staleness, buffered=len(self.buffer))
+            if len(self.buffer) == c.buffer:
+                self.state = fedbuff_step(self.state, [d for d, _ in self.buffer], [st for _, st in self.buffer],
+                                          c.server_lr)
+                self.version += 1
+                for _, st in self.buffer:
+                    self._applied(st)
+                self.buffer = []
+                self.record(t, "step", None, version=self.version)
+        self.fill(t)
+
+    def _applied(self, staleness: int) -> None:
+        for counter in (self.window, self.total):
+            counter.applied += 1
+            counter.staleness.append(staleness)
+
+    # -- synchronous rounds with a deadline ------------------------------------------------------
+    def start_round(self, t: float) -> None:
+        c = self.clock
+        ready = [x for x in range(self.n) if self.fleet.ready(x, t)]
+        if len(ready) < c.cohort:  # as a deployed server does, wait until a cohort's worth has checked in
+            waiting = [i for i in range(self.n) if i not in ready]
+            nxt = [x for i in waiting if (x := self.fleet.next_ready(i, t)) is not None and x > t]
+            if nxt:
+                self.push(min(nxt), ROUND)
+            return
+        k = min(len(ready), math.ceil(c.cohort * (1 + c.over_selection)))
+        chosen = sorted(int(x) for x in self.rng.choice(ready, size=k, replace=False))
+        self.record(t, "round", None, version=self.version, started=chosen)
+        started = [self.begin(x, t) for x in chosen]
+        deadline = t + c.deadline_minutes / 60
+        arrived = sorted((s for s in started if s.content is not None and s.finish <= deadline),
+                         key=lambda s: (s.finish, s.client))
+        accepted = arrived[: c.cohort]
+        end = accepted[-1].finish if len(accepted) == c.cohort else deadline
+        self.push(end, ROUND_END, (started, accepted))
+
+    def end_round(self, t: float, payload) -> None:
+        started, accepted = payload
+        kept = {s.client for s in accepted}
+        for s in started:
+            if s.client in kept:
+                continue
+            late = s.content is not None
+            self.drops[s.client] += 1
+            self.window.dropped += 1
+            self.total.dropped += 1
+            self.window.late += late
+            self.total.late += late
+            self.record(min(s.finish, t), "drop", s.client,
+                        why="late: after the cohort was complete or the deadline" if late
+                        else "dropped out or went offline mid-round")
+        if accepted:
+            replies = [(to_state_dict(s.content[protocol.ARRAYS]), int(s.content[protocol.METRICS][protocol.NUM_EXAMPLES]))
+                       for s in accepted]
+            total = sum(n for _, n in replies)
+            self.state = {k: (sum(w[k].double() * n for w, n in replies) / total).to(v.dtype) if v.is_floating_point()
+                          else v for k, v in self.state.items()}
+            self.version += 1
+            for s in accepted:
+                self.participations[s.client] += 1
+                self._applied(0)
+        self.record(t, "round_end", None, version=self.version, applied=sorted(kept))
+        self.push(t, ROUND)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _shares(self, experience: int) -> list[torch.Tensor]:
+        if experience not in self.test_shares:
+            self.test_shares[experience] = client_test_indices(self.cfg, self.stream, experience)
+        return self.test_shares[experience]
+
+    def evaluate(self, t: float, what: str, index: float) -> None:
+        self.model.load_state_dict(self.state)
+        reached = [self.fleet.experience_at(c, t) for c in range(self.n)]
+        upto = max(reached)
+        if what == "row":  # a matrix row evaluates every experience seen so far, as in synchronous runs
+            upto = max(upto, int(index))
+        correct = {e: correct_predictions(self.model, *self.stream.test_tensors(e), self.cfg.training.eval_batch_size,
+                                          "cpu") for e in range(upto + 1)}
+        accs = {e: int(c.sum()) / max(1, len(c)) for e, c in correct.items()}
+        if what == "row":
+            self.rows.append([accs.get(e, float("nan")) for e in range(self.n_exp)])
+            self.logger.log_values({f"matrix/acc_exp{e}": a for e, a in enumerate(self.rows[-1])}, int(index))
+            return
+        per_exp = np.full((self.n, self.n_exp), np.nan)
+        for e, flags in correct.items():
+            per_exp[:, e] = client_eval.client_accuracies(flags, self._shares(e))
+        own = np.array([np.nanmean(per_exp[c, : reached[c] + 1]) if reached[c] >= 0 else np.nan
+                        for c in range(self.n)])
+        values = {f"clock/acc_exp{e}": a for e, a in accs.items()}
+        values["clock/avg_acc_reached"] = float(np.mean(list(accs.values()))) if accs else float("nan")
+        if np.isfinite(own).any():
+            values.update({f"clock/clients_acc_{k}": v for k, v in client_eval.spread(own[np.isfinite(own)]).items()})
+        w = self.window
+        values.update({"clock/updates_applied": w.applied, "clock/updates_dropped": w.dropped,
+                       "clock/updates_late": w.late, "clock/server_version": self.version,
+                       "clock/clients_participated": int((self.participations > 0).sum()),
+                       "clock/clients_online": sum(self.fleet.online(c, t) for c in range(self.n))})
+        if w.staleness:
+            values.update({"clock/staleness_mean": float(np.mean(w.staleness)),
+                           "clock/staleness_max": float(max(w.staleness))})
+        step = round(index / self.clock.eval_every_hours)
+        self.logger.log_values(values, step)
+        self.hourly.append({"hour": index, **values})
+        self.window = Counters()
+        print(f"[clock] hour {index:g}: version {self.version}, accuracy on reached experiences "
+              f"{values['clock/avg_acc_reached']:.3f}, {w.applied} updates applied, {w.dropped} dropped",
+              file=self.out, flush=True)
+
+    # -- the end ------------------------------------------------------------------------------------
+    def finish(self, wall_s: float) -> FederatedResult:
+        matrix = np.array(self.rows)
+        summary = matrix_summary(matrix)
+        last = self.hourly[-1] if self.hourly else {}
+        summary.update({k.replace("clock/", ""): v for k, v in last.items() if k.startswith("clock/clients_acc_")})
+        self.logger.log_values({f"final/{k}": v for k, v in summary.items()}, self.n_exp - 1)
+        self.logger.log_values({"cost/updates": self.total.applied, "cost/server_versions": self.version,
+                                "cost/updates_dropped": self.total.dropped, "cost/local_rounds_trained": self.starts,
+                                "cost/wall_s": wall_s}, self.n_exp - 1)
+        self.logger.flush()
+        labels = [f"exp{i}" for i in range(self.n_exp)]
+        tracking.log_matrix(self.client, self.run_id, matrix, labels)
+        self.client.log_dict(self.run_id, {"columns": ["hour", "event", "client", "detail"], "data": self.log},
+                             EVENTS_FILE)
+        self.client.log_dict(self.run_id, {
+            "columns": ["client", "speed", "online_fraction", "participations", "dropped"],
+            "data": [[c, float(self.fleet.speeds[c]), sum(e - s for s, e in self.fleet.windows[c]) / self.clock.hours,
+                      int(self.participations[c]), int(self.drops[c])] for c in range(self.n)]}, CLIENTS_FILE)
+        if self.cfg.tracking.log_plots and self.hourly:
+            tracking.log_figure(self.client, self.run_id, clock_figure(self.hourly, self.total, self.label),
+                                FIGURE_FILE)
+        return FederatedResult(self.run_id, self.uri, self.label, matrix, summary, self.version,
+                               failures=int(self.total.dropped), timings={"rounds_s": wall_s},
+                               weights={k: v.clone() for k, v in self.state.items()})
+
+    @property
+    def label(self) -> str:
+        return f"{self.clock.mode} {strategy_label(self.cfg.strategies[0])}"
+
+
+def clock_figure(hourly: list[dict[str, float]], total: Counters, label: str):
+    """Accuracy and the clients' spread over virtual hours; updates applied and dropped per
+    interval; the staleness of the applied updates."""
+    import matplotlib.pyplot as plt
+
+    hours = [h["hour"] for h in hourly]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ax = axes[0]
+    ax.plot(hours, [h["clock/avg_acc_reached"] for h in hourly], label="global, pooled", lw=2)
+    if "clock/clients_acc_mean" in hourly[-1]:
+        get = [h.get for h in hourly]
+        ax.plot(hours, [g("clock/clients_acc_mean", np.nan) for g in get], label="clients, mean")
+        ax.fill_between(hours, [g("clock/clients_acc_p10", np.nan) for g in get],
+                        [g("clock/clients_acc_p90", np.nan) for g in get], alpha=0.25, label="clients, p10–p90")
+        ax.plot(hours, [g("clock/clients_acc_worst", np.nan) for g in get], ls=":", label="worst client")
+    ax.set_xlabel("virtual hour")
+    ax.set_ylabel("accuracy on reached experiences")
+    ax.set_title(label)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.bar(hours, [h["clock/updates_applied"] for h in hourly], width=0.8 * (hours[0] if hours else 1),
+           label="applied")
+    ax.bar(hours, [-h["clock/updates_dropped"] for h in hourly], width=0.8 * (hours[0] if hours else 1),
+           label="dropped")
+    ax.set_xlabel("virtual hour")
+    ax.set_title("updates per interval")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    if total.staleness:
+        ax.hist(total.staleness, bins=range(max(total.staleness) + 2))
+    ax.set_xlabel("staleness (server versions)")
+    ax.set_title("applied updates' staleness")
+    fig.tight_layout()
+    return fig
+
+
+@flow(name="federated-clock", validate_parameters=False)
+def clock_flow(cfg: Config, client_app=None, log=sys.stderr) -> FederatedResult:
+    """A federated run on the virtual clock: opens the MLflow run, runs the event loop."""
+    from lifelong.env import default_tracking_uri
+
+    uri = cfg.tracking.uri or default_tracking_uri()
+    hists = split_report(cfg)
+    run_id = open_federated_run(cfg, uri, tags={"lifelong.clock": cfg.clock.mode})
+    log_split(cfg, run_id, uri, hists)
+    print(f"[lifelong] MLflow run {run_id}", file=log, flush=True)
+    client = tracking.client_for(uri)
+    with tracking.terminated(client, run_id):
+        return VirtualClock(cfg, run_id, uri, client_app, log).run()
