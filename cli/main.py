@@ -152,7 +152,7 @@ def print_federated(result) -> None:
     typer.echo(f"{result.label:<24}" + "".join(
         f"{result.summary[c]:>15.3f}" if c in result.summary else f"{'n/a':>15}" for c in cols))
     extra = f"; {len(result.skipped_rounds)} rounds skipped (too few replies)" if result.skipped_rounds else ""
-    typer.echo(f"{result.rounds} rounds, {result.failures} client failures{extra}")
+    typer.echo(result.cost_line or f"{result.rounds} rounds, {result.failures} client failures{extra}")
     typer.echo(f"\nMLflow run: {result.run_id}  (store: {result.tracking_uri})")
     typer.echo(f"  lifelong results {result.run_id}")
 

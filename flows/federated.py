@@ -108,6 +108,8 @@ class FederatedResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Final global weights (what the MLflow model holds).
     weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: What the run's cost line says instead of rounds and failures (a run on the virtual clock).
+    cost_line: str | None = None
 
 
 # --------------------------------------------------------------------------- checks and the split

@@ -393,9 +393,14 @@ class VirtualClock:
         if self.cfg.tracking.log_plots and self.hourly:
             tracking.log_figure(self.client, self.run_id, clock_figure(self.hourly, self.total, self.label),
                                 FIGURE_FILE)
+        cost = (f"{self.clock.hours:g} virtual hours in {wall_s:.1f} s: {self.total.applied} updates applied "
+                f"({self.version} server versions), {self.total.dropped} dropped"
+                + (f" ({self.total.late} late)" if self.total.late else "") + "; clients' accuracy on their own "
+                f"reached experiences: mean {summary.get('clients_acc_mean', float('nan')):.3f}, worst "
+                f"{summary.get('clients_acc_worst', float('nan')):.3f}")
         return FederatedResult(self.run_id, self.uri, self.label, matrix, summary, self.version,
                                failures=int(self.total.dropped), timings={"rounds_s": wall_s},
-                               weights={k: v.clone() for k, v in self.state.items()})
+                               weights={k: v.clone() for k, v in self.state.items()}, cost_line=cost)
 
     @property
     def label(self) -> str:
