@@ -37,9 +37,19 @@ virtual hour. The accuracy matrix's row ``k`` is the evaluation at ``(k + 1) * e
 accuracy, forgetting) reads as in synchronous runs. MLflow also gets the event log
 (``clock_events.json``), the per-client table (``clock_clients.json``) and ``clock.png``.
 
-Not yet: user-level DP under the clock (refused by the config), OnePrompt (its VOR phase needs an
-experience's end), checkpoints (a stopped run starts over; it is cheap in virtual hours but not in
-training).
+User-level DP (``[privacy]`` with a fixed ``noise_multiplier``): every applied update is clipped
+(``privacy/clipping.py``) and the noise ``N(0, (z C)^2)`` added once per server step — to the sum of
+a deadline round's cohort (over ``cohort``), of FedBuff's buffer (each clipped delta scaled by its
+staleness, so still within C; over ``buffer``), or to FedAsync's single delta — and each client is
+charged in the per-client ledger (``privacy/ledger.py``) for every update of its that reaches the
+model; one that drops out, or comes too late, spends nothing. Selection here depends on who is
+online, not on uniform sampling, so no amplification by sampling is claimed anywhere: the ledger's
+per-client epsilon is the guarantee, and ``privacy.client_budget`` bounds it (a client at its
+budget is no longer started). z cannot be calibrated to a target epsilon in advance (the number of
+steps is not known), so ``target_epsilon`` is refused.
+
+Not yet: OnePrompt (its VOR phase needs an experience's end), checkpoints (a stopped run starts
+over; it is cheap in virtual hours but not in training).
 """
 
 from __future__ import annotations
@@ -59,9 +69,12 @@ from prefect import flow
 
 from lifelong import tracking
 from lifelong.bridges.flower import protocol
+from lifelong.bridges.flower.dp_fedavg import private_keys
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 from lifelong.clients.inprocess import InProcessGrid
+from lifelong.clients.learner import frozen_keys
 from lifelong.config import Config, strategy_label
+from lifelong.flows import privacy_ledger
 from lifelong.flows.federated import (
     FederatedResult,
     initial_weights,
@@ -69,7 +82,8 @@ from lifelong.flows.federated import (
     open_federated_run,
     split_report,
 )
-from lifelong.strategies.federated.staleness import fedasync_mix, fedbuff_step
+from lifelong.privacy.clipping import clip_update, private_mean
+from lifelong.strategies.federated.staleness import fedasync_mix, fedbuff_scale, fedbuff_step
 from lifelong.tasks import client_eval
 from lifelong.tasks.evaluation import correct_predictions
 from lifelong.tasks.fleet import Fleet, build_fleet
@@ -100,6 +114,7 @@ class Started:
     base: dict[str, torch.Tensor]  # the global model it started from
     content: RecordDict | None = None  # its reply (None: dropped)
     finish: float = 0.0
+    experience: int = -1
 
 
 @dataclass
@@ -140,6 +155,13 @@ class VirtualClock:
         self.rows: list[list[float]] = []
         self.hourly: list[dict[str, float]] = []
         self.test_shares: dict[int, list[torch.Tensor]] = {}
+        #: User-level DP: each applied update clipped, the noise added once per server step, and
+        #: every client charged in the ledger for the updates of its that were applied.
+        p = cfg.privacy
+        self.dp = p.clipping != "off"
+        self.ledger = privacy_ledger.build_ledger(cfg) if self.dp else None
+        self.private = private_keys(self.state, frozen_keys(cfg, self.stream)) if self.dp else []
+        self.noise = torch.Generator().manual_seed(cfg.seed)
 
     # -- the event queue ----------------------------------------------------------------------
     def push(self, t: float, kind: int, payload: object = None) -> None:
@@ -202,7 +224,7 @@ class VirtualClock:
             return s
         s.finish = t + duration
         self.starts += 1
-        experience = self.fleet.experience_at(client, t)
+        experience = s.experience = self.fleet.experience_at(client, t)
         if self._encoded is None or self._encoded[0] != self.version:
             self._encoded = (self.version, from_state_dict(self.state))
         config = ConfigRecord({protocol.SERVER_ROUND: self.starts, protocol.ROUND_OFFSET: 0,
@@ -232,7 +254,7 @@ class VirtualClock:
         if self.clock.mode == "deadline":
             return
         while len(self.busy) < self.clock.concurrency:
-            idle = [c for c in range(self.n) if c not in self.busy]
+            idle = [c for c in range(self.n) if c not in self.busy and not self.spent(c, t)]
             ready = [c for c in idle if self.fleet.ready(c, t)]
             if not ready:
                 nxt = [x for c in idle if (x := self.fleet.next_ready(c, t)) is not None and x > t]
@@ -254,7 +276,13 @@ class VirtualClock:
         new = to_state_dict(s.content[protocol.ARRAYS])
         c = self.clock
         self.participations[s.client] += 1
+        if self.dp:  # charged on arrival (an update still in FedBuff's buffer at the end counts too)
+            self.ledger.record(s.client, self.run_id, s.experience, self.version + 1, self.cfg.privacy.noise_multiplier)
         if c.mode == "fedasync":
+            if self.dp:  # the client's model as its own clipped, noised delta makes it
+                delta = self.noised_mean([self.clipped(new, s.base)], 1)
+                new = {k: (s.base[k].float() + delta[k]).to(v.dtype) if k in delta else self.state[k]
+                       for k, v in self.state.items()}
             self.state = fedasync_mix(self.state, new, c.mixing, staleness, c.staleness, c.staleness_a, c.staleness_b)
             self.version += 1
             self._applied(staleness)
@@ -263,9 +291,15 @@ class VirtualClock:
             delta = {k: (new[k].float() - s.base[k].float()) for k, v in s.base.items() if v.is_floating_point()}
             self.buffer.append((delta, staleness))
             self.record(t, "buffer", s.client, staleness=staleness, buffered=len(self.buffer))
-            if len(self.buffer) == c.buffer:
+            if len(self.buffer) == c.buffer and self.dp:  # scaled after clipping: each still within C
+                mean = self.noised_mean([[fedbuff_scale(st) * x for x in self.clipped_delta(d)]
+                                          for d, st in self.buffer], c.buffer)
+                self.state = {k: (v.float() + c.server_lr * mean[k]).to(v.dtype) if k in mean else v
+                              for k, v in self.state.items()}
+            elif len(self.buffer) == c.buffer:
                 self.state = fedbuff_step(self.state, [d for d, _ in self.buffer], [st for _, st in self.buffer],
                                           c.server_lr)
+            if len(self.buffer) == c.buffer:
                 self.version += 1
                 for _, st in self.buffer:
                     self._applied(st)
@@ -281,9 +315,9 @@ class VirtualClock:
     # -- synchronous rounds with a deadline ------------------------------------------------------
     def start_round(self, t: float) -> None:
         c = self.clock
-        ready = [x for x in range(self.n) if self.fleet.ready(x, t)]
+        ready = [x for x in range(self.n) if not self.spent(x, t) and self.fleet.ready(x, t)]
         if len(ready) < c.cohort:  # as a deployed server does, wait until a cohort's worth has checked in
-            waiting = [i for i in range(self.n) if i not in ready]
+            waiting = [i for i in range(self.n) if i not in ready and not self.spent(i, t)]
             nxt = [x for i in waiting if (x := self.fleet.next_ready(i, t)) is not None and x > t]
             if nxt:
                 self.push(min(nxt), ROUND)
@@ -314,18 +348,50 @@ class VirtualClock:
             self.record(min(s.finish, t), "drop", s.client,
                         why="late: after the cohort was complete or the deadline" if late
                         else "dropped out or went offline mid-round")
-        if accepted:
+        if accepted and self.dp:  # clients weigh equally; the sum over the cohort, noised once (DP-FedAvg)
+            base = accepted[0].base
+            mean = self.noised_mean([self.clipped(to_state_dict(s.content[protocol.ARRAYS]), base) for s in accepted],
+                                     self.clock.cohort)
+            self.state = {k: (v.float() + mean[k]).to(v.dtype) if k in mean else v for k, v in base.items()}
+            for s in accepted:  # (the late and the dropped spend nothing: their data never reached the model)
+                self.ledger.record(s.client, self.run_id, s.experience, self.version + 1,
+                                   self.cfg.privacy.noise_multiplier)
+            self.version += 1
+        elif accepted:
             replies = [(to_state_dict(s.content[protocol.ARRAYS]), int(s.content[protocol.METRICS][protocol.NUM_EXAMPLES]))
                        for s in accepted]
             total = sum(n for _, n in replies)
             self.state = {k: (sum(w[k].double() * n for w, n in replies) / total).to(v.dtype) if v.is_floating_point()
                           else v for k, v in self.state.items()}
             self.version += 1
-            for s in accepted:
-                self.participations[s.client] += 1
-                self._applied(0)
+        for s in accepted:
+            self.participations[s.client] += 1
+            self._applied(0)
         self.record(t, "round_end", None, version=self.version, applied=sorted(kept))
         self.push(t, ROUND)
+
+    # -- user-level DP ------------------------------------------------------------------------------
+    def spent(self, client: int, t: float) -> bool:
+        """Whether ``client`` cannot afford one more update (recorded, and logged once)."""
+        z = self.cfg.privacy.noise_multiplier
+        if self.ledger is None or self.ledger.can_take_part(client, z):
+            return False
+        if all(c != client for _, c, _ in self.ledger.stops):
+            self.ledger.stop(self.version, client, z)
+            self.record(t, "budget", client, why=self.ledger.stops[-1][2])
+        return True
+
+    def clipped(self, new: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.clipped_delta({k: new[k].float() - base[k].float() for k in self.private})
+
+    def clipped_delta(self, delta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        p = self.cfg.privacy
+        return clip_update([delta[k] for k in self.private], p.clip, p.clipping,
+                           allocation=p.allocation if p.clipping in ("per_layer", "per_layer_normalize") else None).update
+
+    def noised_mean(self, clipped: list[list[torch.Tensor]], denominator: int) -> dict[str, torch.Tensor]:
+        p = self.cfg.privacy
+        return dict(zip(self.private, private_mean(clipped, p.noise_multiplier, p.clip, denominator, self.noise)))
 
     # -- evaluation -------------------------------------------------------------------------------
     def _shares(self, experience: int) -> list[torch.Tensor]:
@@ -360,6 +426,8 @@ class VirtualClock:
                        "clock/updates_late": w.late, "clock/server_version": self.version,
                        "clock/clients_participated": int((self.participations > 0).sum()),
                        "clock/clients_online": sum(self.fleet.online(c, t) for c in range(self.n))})
+        if self.ledger is not None:
+            values.update(privacy_ledger.round_values(self.ledger, self.n))
         if w.staleness:
             values.update({"clock/staleness_mean": float(np.mean(w.staleness)),
                            "clock/staleness_max": float(max(w.staleness))})
@@ -390,6 +458,8 @@ class VirtualClock:
             "columns": ["client", "speed", "online_fraction", "participations", "dropped"],
             "data": [[c, float(self.fleet.speeds[c]), sum(e - s for s, e in self.fleet.windows[c]) / self.clock.hours,
                       int(self.participations[c]), int(self.drops[c])] for c in range(self.n)]}, CLIENTS_FILE)
+        if self.ledger is not None:
+            privacy_ledger.log_ledger(self.client, self.run_id, self.ledger, self.n, self.cfg.tracking.log_plots)
         if self.cfg.tracking.log_plots and self.hourly:
             tracking.log_figure(self.client, self.run_id, clock_figure(self.hourly, self.total, self.label),
                                 FIGURE_FILE)

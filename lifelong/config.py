@@ -677,9 +677,14 @@ class Config(_Section):
             if isinstance(spec, OnePromptSpec):
                 raise ValueError("clock: oneprompt's VOR phase needs the server's word that an experience ends, "
                                  "which clients on their own clocks do not get; use naive or replay (with plugins)")
-            if self.privacy.clipping != "off":
-                raise ValueError("clock: user-level DP under the virtual clock is not implemented yet; set "
-                                 "privacy.clipping = \"off\" or remove [clock]")
+            p = self.privacy
+            if p.clipping != "off" and p.noise_multiplier is None:
+                raise ValueError("clock: calibrating z to a target epsilon needs a known number of rounds, which "
+                                 "clients on a clock do not have; give privacy.noise_multiplier, and bound each "
+                                 "client's epsilon with privacy.client_budget")
+            if p.clipping != "off" and (p.adaptive_clipping or p.population is not None):
+                raise ValueError("clock: user-level DP on the virtual clock takes a fixed clip bound and the "
+                                 "simulated population; remove privacy.adaptive_clipping / privacy.population")
             if self.clock.mode == "deadline" and self.clock.cohort > self.federated.clients:
                 raise ValueError(f"clock.cohort: {self.clock.cohort} clients a round but federated.clients = "
                                  f"{self.federated.clients}")

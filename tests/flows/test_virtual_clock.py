@@ -64,7 +64,9 @@ def test_bad_clock_input_is_refused(tmp_path):
         (['clock={availability="trace"}'], "clock.trace"),
         (['clock={mode="fedasync", mixing=0}'], "mixing"),
         (['clock={}', 'federated.backend="ray"'], "clock: the virtual clock runs its clients in process"),
-        (['clock={}', 'privacy.clipping="flat"', "privacy.noise_multiplier=1.0"], "user-level DP under the virtual clock"),
+        (['clock={}', 'privacy.clipping="flat"', "privacy.target_epsilon=1.0"], "give privacy.noise_multiplier"),
+        (['clock={}', 'privacy.clipping="flat"', "privacy.noise_multiplier=1.0", "privacy.adaptive_clipping=true"],
+         "fixed clip bound"),
         (['clock={concurrency=50}'], "clock.concurrency: 50 clients at a time"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -80,3 +82,23 @@ def test_a_fleet_that_is_never_online_ends_with_a_clear_message(tmp_path):
                              f'tracking.uri="sqlite:///{tmp_path / "c.db"}"'])
     with pytest.raises(ClockError, match="no client is ever online with data within clock.hours = 3"):
         run_federated(cfg)
+
+
+@pytest.mark.parametrize("mode", ["fedbuff", "deadline"])
+def test_user_level_dp_on_the_clock_charges_applied_updates_only(tmp_path, mode):
+    from lifelong.flows.privacy_ledger import read_ledger
+    from lifelong.privacy.ledger import PrivacyLedger
+
+    cfg = clock_config(tmp_path, mode, 'privacy.clipping="flat"', "privacy.noise_multiplier=1.0",
+                       "privacy.delta=1e-3", "privacy.client_budget=6.0")
+    result = run_federated(cfg)
+    client = client_for(result.tracking_uri)
+    ledger = PrivacyLedger.from_json(read_ledger(result.run_id, result.tracking_uri))
+    client.download_artifacts(result.run_id, "clock_clients.json", str(tmp_path))
+    table = json.loads((tmp_path / "clock_clients.json").read_text())["data"]
+    # every update that reached the model was charged, and nothing else: drop-outs and late ones spend nothing
+    assert [ledger.participations(c) for c in range(8)] == [row[3] for row in table]
+    assert sum(row[4] for row in table) > 0  # (there were drop-outs to leave uncharged)
+    assert all(ledger.spent(c) <= 6.0 for c in range(8))
+    assert ledger.stops  # z = 1 at delta 1e-3: a budget of 6 buys 3 updates, so clients hit it
+    assert "privacy/client_epsilon_max" in client.get_run(result.run_id).data.metrics
