@@ -55,6 +55,8 @@ from lifelong.tasks.streams import build_stream
 METRICS = ("avg_accuracy", "avg_forgetting", "min_acc", "wc_acc")
 #: Federated rows; the last two are the same for every seed and shown without ± (n/a without DP).
 FEDERATED_METRICS = ("avg_accuracy", "avg_forgetting", "epsilon", "noise_multiplier")
+#: A run on the virtual clock: also its clients' accuracy on their own reached experiences.
+CLOCK_METRICS = ("avg_accuracy", "avg_forgetting", "clients_acc_mean", "clients_acc_worst")
 EXACT = ("epsilon", "noise_multiplier")
 VARIANT_KEYS = {"label", "set"}
 #: Each row's cost, shown as a mean: optimiser updates (federated: server rounds) and wall time.
@@ -277,7 +279,8 @@ def sweep_flow(configs: list[str], seeds: int, overrides: list[str] | None = Non
         source = base.multitask.problem if base.flow == "multitask" else base.stream.name
         table = SweepTable(path.stem, _title(path), source, list(range(seeds)))
         if base.flow == "federated":
-            table.metrics, table.delta = FEDERATED_METRICS, base.privacy.delta
+            table.metrics = CLOCK_METRICS if base.clock is not None else FEDERATED_METRICS
+            table.delta = base.privacy.delta
         table.eval_every = base.training.eval_every
         t0 = time.perf_counter()
         protocol = protocol_of(path)
@@ -418,7 +421,7 @@ def _run_federated(table: SweepTable, v: Variant, cfg: Config, z: float | None) 
     table.run_ids.append(run_id)
     label = v.label or default_label
     table.clipping[label] = cfg.privacy.clipping
-    _add(table, label, {m: summary[m] for m in ("avg_accuracy", "avg_forgetting") if m in summary}, costs)
+    _add(table, label, {m: summary[m] for m in table.metrics if m in summary}, costs)
     if z is not None:
         row = table.values[label]
         if eps is not None:
