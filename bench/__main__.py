@@ -1,4 +1,4 @@
-"""`python -m bench [overhead] [multitask] [federated] [deployed] [privacy]`: run the benchmarks (default: all), print the ratios,
+"""`python -m bench [overhead] [multitask] [federated] [deployed] [privacy] [clock]`: run the benchmarks (default: all), print the ratios,
 write bench/out/results.json."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import deployed, federated, multitask, overhead, privacy
+from bench import clock, deployed, federated, multitask, overhead, privacy
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["overhead", "multitask", "federated", "deployed", "privacy"]
+    which = sys.argv[1:] or ["overhead", "multitask", "federated", "deployed", "privacy", "clock"]
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -31,6 +31,9 @@ def main() -> None:
     if "privacy" in which:
         results["privacy"] = privacy.run(out / "privacy")
         print(privacy.report(results["privacy"]))
+    if "clock" in which:
+        results["clock"] = clock.run(out / "clock")
+        print(clock.report(results["clock"]))
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {path}")
 

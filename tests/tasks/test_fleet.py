@@ -52,3 +52,9 @@ def test_trace_files(tmp_path):
         (tmp_path / "bad.csv").write_text(text)
         with pytest.raises(FleetError, match=message):
             build_fleet(ClockConfig(availability="trace", trace=tmp_path / "bad.csv"), 3, 1, seed=0)
+
+
+def test_ready_clients_is_the_vectorised_ready():
+    fleet = build_fleet(ClockConfig(hours=24, arrival_spread_hours=2), 200, 3, seed=3)
+    for t in np.linspace(0, 24, 97):
+        assert fleet.ready_clients(t).tolist() == [c for c in range(200) if fleet.ready(c, t)]
