@@ -341,6 +341,9 @@ class ServerLoop:
         if server_round:
             self._check_health(experience, rnd, state)
         self.previous_state = {k: v.detach().clone() for k, v in state.items()}
+        every = self.fed.eval_every_rounds
+        if every and server_round and rnd % every == 0:  # the clients' spread between experience ends
+            self._client_spread(rnd, experience, correct)
         if ends_experience:  # the experience's last round: a matrix row, for the pool and per client
             self.rows.append([accs.get(i, float("nan")) for i in range(self.n_exp)])  # (NaN: untrained head)
             self.logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(self.rows[-1])},
@@ -374,6 +377,15 @@ class ServerLoop:
         self.client_rows.append(row)
         spread = client_eval.spread(client_eval.seen_accuracy(row, experience))
         self.logger.log_values({f"clients/acc_{k}": v for k, v in spread.items()}, experience)
+
+    def _client_spread(self, rnd: int, experience: int, correct: dict[int, torch.Tensor]) -> None:
+        """Every ``eval_every_rounds``: each client's accuracy on its own test shares of the
+        experiences seen so far, and their spread (``clients/round_acc_*``, step: the round)."""
+        row = np.full((self.fed.clients, self.n_exp), np.nan)
+        for i in range(experience + 1):
+            row[:, i] = client_eval.client_accuracies(correct[i], self._test_shares(i))
+        spread = client_eval.spread(client_eval.seen_accuracy(row, experience))
+        self.logger.log_values({f"clients/round_acc_{k}": v for k, v in spread.items()}, rnd)
 
     def _check_health(self, experience: int, rnd: int, state: dict[str, torch.Tensor]) -> None:
         """Probe the global model on the experience being learned (the server holds its test

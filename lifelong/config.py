@@ -358,6 +358,10 @@ class FederatedConfig(_Section):
     #: Seconds the server waits for a round's replies; clients that have not replied by then are
     #: counted as lost for that round.
     round_timeout: float = Field(600.0, gt=0)
+    #: Per-client evaluation (every client's accuracy on its own test shares of the experiences
+    #: seen so far, and their spread) also every this many rounds, besides each experience's end;
+    #: 0: at experience ends only. The global model is evaluated every round either way.
+    eval_every_rounds: int = Field(0, ge=0)
     #: Where simulated clients run: in this process (``inprocess``) or on Flower's Ray engine.
     backend: Literal["inprocess", "ray"] = "inprocess"
     #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).

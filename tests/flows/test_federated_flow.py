@@ -28,7 +28,7 @@ def fed_config(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
-    cfg = fed_config(tmp)
+    cfg = fed_config(tmp, "federated.eval_every_rounds=1")
     return cfg, run_federated(cfg)
 
 
@@ -75,6 +75,9 @@ def test_every_client_is_evaluated_on_its_own_share_and_the_shares_add_up_to_the
             assert (row[:, e] * n).sum() / n.sum() == pytest.approx(result.matrix[after, e])
     mean = [m.value for m in sorted(client.get_metric_history(result.run_id, "clients/acc_mean"), key=lambda m: m.step)]
     assert mean == pytest.approx([rows[0][:, 0].mean(), rows[1].mean(axis=1).mean()])
+    # eval_every_rounds = 1: the spread every round; at an experience's last round, the same figure
+    every = sorted(client.get_metric_history(result.run_id, "clients/round_acc_mean"), key=lambda m: m.step)
+    assert [m.step for m in every] == [1, 2, 3, 4] and [every[1].value, every[3].value] == pytest.approx(mean)
     metrics = client.get_run(result.run_id).data.metrics
     assert metrics["final/clients_acc_worst"] == pytest.approx(rows[1].mean(axis=1).min())
     assert metrics["final/clients_forgetting_mean"] == pytest.approx(np.mean(rows[0][:, 0] - rows[1][:, 0]))
