@@ -35,11 +35,11 @@ def build_ledger(cfg: Config) -> PrivacyLedger | None:
         return None
     clients = cfg.federated.clients
     try:
-        budgets = read_budgets(Path(p.client_budgets), clients) if p.client_budgets is not None else {}
+        budgets = read_budgets(Path(p.client_budgets), clients) if p.client_budgets is not None else None
     except ValueError as exc:
         raise LedgerError(str(exc)) from None
     if p.ledger_from is None:
-        return PrivacyLedger(p.delta, p.client_budget, budgets)
+        return PrivacyLedger(p.delta, p.client_budget, budgets or {})
     saved = read_ledger(p.ledger_from, cfg.tracking.uri or default_tracking_uri(), key="privacy.ledger_from")
     try:
         ledger = PrivacyLedger.from_json(saved, budget=p.client_budget, budgets=budgets, delta=p.delta)
@@ -87,21 +87,23 @@ def ledger_figure(ledger: PrivacyLedger, clients: int):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    rounds = sorted({e.round for e in ledger.entries})
-    account = PrivacyLedger(ledger.delta)
-    by_round: dict[int, list] = {}
+    # Server steps in the order they were charged: a continued ledger's rounds restart at 1, so
+    # (run, round) in order of first appearance, numbered 1, 2, ... across runs.
+    steps: dict[tuple[str, int], list] = {}
     for e in ledger.entries:
-        by_round.setdefault(e.round, []).append(e)
+        steps.setdefault((e.run, e.round), []).append(e)
+    rounds = list(range(1, len(steps) + 1))
+    account = PrivacyLedger(ledger.delta)
     curves = np.zeros((clients, len(rounds)))
-    for j, r in enumerate(rounds):
-        for e in by_round[r]:
+    for j, group in enumerate(steps.values()):
+        for e in group:
             account.record(e.client, e.run, e.experience, e.round, e.noise_multiplier)
         curves[:, j] = [account.spent(c) for c in range(clients)]
     for c in range(clients):
         ax.plot(rounds, curves[c], lw=0.8, alpha=0.6 if clients > 20 else 0.9)
     for b in sorted({ledger.budget_of(c) for c in range(clients)} - {None}):
         ax.axhline(b, ls="--", color="k", lw=0.8)
-    ax.set_xlabel("round")
+    ax.set_xlabel("server step that charged a client (across continued runs)")
     ax.set_ylabel(f"spent epsilon (delta={ledger.delta:g})")
     ax.set_title(f"per-client privacy ledger: {clients} clients")
     fig.tight_layout()

@@ -412,6 +412,8 @@ def _run_local(table: SweepTable, v: Variant, cfg: Config) -> None:
 def _noise_multiplier(cfg: Config) -> float | None:
     """The noise multiplier the federated run applies (calibrated to a target epsilon before it
     starts; an unreachable budget is refused here), or None without DP."""
+    if cfg.clock is not None:  # the clock takes z as given (no calibration: its steps are not known)
+        return cfg.privacy.noise_multiplier if cfg.privacy.clipping != "off" else None
     plan = privacy_plan(cfg)
     return None if plan is None else plan.noise_multiplier
 

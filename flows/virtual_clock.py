@@ -147,6 +147,7 @@ class VirtualClock:
         self.seq = 0
         self.busy: dict[int, Started] = {}
         self.buffer: list[tuple[dict[str, torch.Tensor], int]] = []
+        self.buffered: list[int] = []  # whose deltas are in the buffer
         self.log: list[list] = []
         self.window, self.total = Counters(), Counters()
         self.participations = np.zeros(self.n, dtype=int)
@@ -180,7 +181,7 @@ class VirtualClock:
         every = self.clock.eval_every_hours
         for k in range(1, math.floor(horizon / every + 1e-9) + 1):
             self.push(k * every, EVAL, ("hour", k * every))
-        row_times = [min((k + 1) * self.clock.experience_hours, horizon) for k in range(self.n_exp)]
+        row_times = [min((k + 1) * self.clock.experience_hours, horizon) for k in range(self.n_exp - 1)] + [horizon]
         for k, rt in enumerate(row_times):
             self.push(rt, EVAL, ("row", k))
         if self.clock.mode == "deadline":
@@ -217,6 +218,10 @@ class VirtualClock:
         if self.rng.random() < self.clock.dropout:
             s.finish = t + self.rng.random() * duration
             self.record(t, "start", client, version=self.version, outcome="drops out")
+            return s
+        if t + duration > offline >= self.clock.hours:  # it would finish after the simulation ends
+            s.finish = math.inf
+            self.record(t, "start", client, version=self.version, outcome="unfinished at the end")
             return s
         if t + duration > offline:
             s.finish = offline
@@ -256,10 +261,14 @@ class VirtualClock:
         if len(self.busy) >= self.clock.concurrency:
             return
         # One pass over the fleet per call, not per start: at 1,000 clients that pass is the cost.
-        ready = [int(c) for c in self.fleet.ready_clients(t) if c not in self.busy and not self.spent(c, t)]
+        # Under DP a client whose update waits in FedBuff's buffer is not started again before the
+        # step: two of its updates in one noised sum would double its sensitivity (2C under zC).
+        held = {c for c in self.buffered} if self.dp else set()
+        ready = [int(c) for c in self.fleet.ready_clients(t)
+                 if c not in self.busy and c not in held and not self.spent(c, t)]
         while len(self.busy) < self.clock.concurrency:
             if not ready:
-                nxt = [x for c in range(self.n) if c not in self.busy and not self.spent(c, t)
+                nxt = [x for c in range(self.n) if c not in self.busy and c not in held and not self.spent(c, t)
                        and (x := self.fleet.next_ready(c, t)) is not None and x > t]
                 if nxt:
                     self.push(min(nxt), WAKE)
@@ -293,6 +302,7 @@ class VirtualClock:
         else:
             delta = {k: (new[k].float() - s.base[k].float()) for k, v in s.base.items() if v.is_floating_point()}
             self.buffer.append((delta, staleness))
+            self.buffered.append(s.client)
             self.record(t, "buffer", s.client, staleness=staleness, buffered=len(self.buffer))
             if len(self.buffer) == c.buffer and self.dp:  # scaled after clipping: each still within C
                 mean = self.noised_mean([[fedbuff_scale(st) * x for x in self.clipped_delta(d)]
@@ -306,7 +316,7 @@ class VirtualClock:
                 self.version += 1
                 for _, st in self.buffer:
                     self._applied(st)
-                self.buffer = []
+                self.buffer, self.buffered = [], []
                 self.record(t, "step", None, version=self.version)
         self.fill(t)
 

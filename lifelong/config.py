@@ -683,9 +683,12 @@ class Config(_Section):
                                  "which clients on their own clocks do not get; use naive or replay (with plugins)")
             p = self.privacy
             if p.clipping != "off" and p.noise_multiplier is None:
-                raise ValueError("clock: calibrating z to a target epsilon needs a known number of rounds, which "
-                                 "clients on a clock do not have; give privacy.noise_multiplier, and bound each "
-                                 "client's epsilon with privacy.client_budget")
+                raise ValueError("privacy.target_epsilon: on the virtual clock, calibrating z to a target epsilon "
+                                 "needs a known number of rounds, which clients on a clock do not have; give "
+                                 "privacy.noise_multiplier, and bound each client's epsilon with privacy.client_budget")
+            if p.clipping != "off" and p.max_epsilon is not None:
+                raise ValueError("privacy.max_epsilon: on the virtual clock the run has no epsilon known in advance; "
+                                 "bound each client's with privacy.client_budget")
             if p.clipping != "off" and (p.adaptive_clipping or p.population is not None):
                 raise ValueError("clock: user-level DP on the virtual clock takes a fixed clip bound and the "
                                  "simulated population; remove privacy.adaptive_clipping / privacy.population")

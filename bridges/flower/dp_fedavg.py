@@ -122,6 +122,10 @@ class UserLevelDP(Strategy):
             rnd = self.inner.round_offset + server_round
             at_limit = {pid for pid in set(self.inner._partition_of.values())
                         if not self.ledger.can_take_part(pid, self.accounted_z)}
+            if at_limit and not self.ledger.stops:
+                log.warning("round %d: clients start reaching their privacy budgets. From here on the run-level "
+                            "epsilon (privacy/epsilon) assumes a sampling that the stops reveal; each client's "
+                            "guarantee is its ledger epsilon (privacy/client_epsilon_*)", rnd)
             for pid in sorted(at_limit - {c for _, c, _ in self.ledger.stops}):
                 self.ledger.stop(rnd, pid, self.accounted_z)
                 log.warning("round %d: client %d is no longer sampled: %s", rnd, pid, self.ledger.stops[-1][2])
@@ -143,7 +147,7 @@ class UserLevelDP(Strategy):
             return None, None
         if self.ledger is not None:
             valid = self._within_budget(rnd, valid)
-            if not valid:
+            if len(valid) < self.inner.min_results:  # (min_results counts the replies that are used)
                 self.inner.skipped_rounds.append(rnd)
                 return None, None
         # Non-float buffers (counters, masks such as the ViT's `active`) cannot be clipped and

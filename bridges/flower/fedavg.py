@@ -91,9 +91,10 @@ class ContinualFedAvg(FedAvg):
         nodes = sorted(grid.get_node_ids() if self._all_connected else self._wait_for_nodes(grid))
         self._all_connected = True
         self._global = arrays
-        if self.excluded_partitions:
-            nodes = [n for n in nodes if self._partition_of.get(n) not in self.excluded_partitions]
         size = min(max(int(self.min_available_nodes * self.fraction_train), self.min_train_nodes), len(nodes))
+        if self.excluded_partitions:  # each remaining client keeps its sampling rate, not the cohort's size
+            nodes = [n for n in nodes if self._partition_of.get(n) not in self.excluded_partitions]
+            size = min(max(round(len(nodes) * self.fraction_train), self.min_train_nodes if nodes else 0), len(nodes))
         rng = random.Random(f"{self.seed}/{self.round_offset + server_round}")
         self._sent = rng.sample(nodes, size)
         config[protocol.SERVER_ROUND] = server_round

@@ -96,8 +96,22 @@ def test_user_level_dp_on_the_clock_charges_applied_updates_only(tmp_path, mode)
     ledger = PrivacyLedger.from_json(read_ledger(result.run_id, result.tracking_uri))
     client.download_artifacts(result.run_id, "clock_clients.json", str(tmp_path))
     table = json.loads((tmp_path / "clock_clients.json").read_text())["data"]
-    # every update that reached the model was charged, and nothing else: drop-outs and late ones spend nothing
+    # every update that arrived was charged, and nothing else: drop-outs and late ones spend nothing
     assert [ledger.participations(c) for c in range(8)] == [row[3] for row in table]
+    metrics = client.get_run(result.run_id).data.metrics
+    client.download_artifacts(result.run_id, "clock_events.json", str(tmp_path))
+    log = json.loads((tmp_path / "clock_events.json").read_text())["data"]
+    leftover = 0
+    if mode == "fedbuff":  # one noised step never holds two updates of one client (sensitivity C, not 2C)
+        pending: list[int] = []
+        for _, kind, who, _ in log:
+            if kind == "buffer":
+                assert who not in pending
+                pending.append(who)
+            elif kind == "step":
+                pending = []
+        leftover = len(pending)  # charged on arrival, never applied: counted against the client anyway
+    assert len(ledger.entries) == metrics["cost/updates"] + leftover
     assert sum(row[4] for row in table) > 0  # (there were drop-outs to leave uncharged)
     assert all(ledger.spent(c) <= 6.0 for c in range(8))
     assert ledger.stops  # z = 1 at delta 1e-3: a budget of 6 buys 3 updates, so clients hit it
