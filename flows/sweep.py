@@ -53,11 +53,19 @@ from lifelong.tasks.comparison import interval95, paired_difference, verdict
 from lifelong.tasks.streams import build_stream
 
 METRICS = ("avg_accuracy", "avg_forgetting", "min_acc", "wc_acc")
-#: Federated rows; the last two are the same for every seed and shown without ± (n/a without DP).
-FEDERATED_METRICS = ("avg_accuracy", "avg_forgetting", "epsilon", "noise_multiplier")
+#: Federated rows. ``epsilon`` is the run-level (sampled) user-level epsilon; ``client_eps_p50`` and
+#: ``client_eps_max`` the per-client ledger's spread after the last round (privacy/ledger.py: each
+#: client's own participations, no amplification by sampling); ``noise_std`` is the noise's standard
+#: deviation per coordinate of the averaged update, z·C/S (S the expected cohort), the figure that
+#: says whether noise can matter. The run-level epsilon, z and z·C/S are the same for every seed and
+#: shown without ± (n/a without DP).
+FEDERATED_METRICS = ("avg_accuracy", "avg_forgetting", "epsilon", "client_eps_p50", "client_eps_max",
+                     "noise_multiplier", "noise_std")
+#: The ledger's figures, as the run logs them after each round.
+LEDGER_METRICS = {"client_eps_p50": "privacy/client_epsilon_p50", "client_eps_max": "privacy/client_epsilon_max"}
 #: A run on the virtual clock: also its clients' accuracy on their own reached experiences.
 CLOCK_METRICS = ("avg_accuracy", "avg_forgetting", "clients_acc_mean", "clients_acc_worst")
-EXACT = ("epsilon", "noise_multiplier")
+EXACT = ("epsilon", "noise_multiplier", "noise_std")
 VARIANT_KEYS = {"label", "set"}
 #: Each row's cost, shown as a mean: optimiser updates (federated: server rounds) and wall time.
 COSTS = ("updates", "wall_s")
@@ -375,17 +383,19 @@ def _local_rows(cfg: Config) -> list[tuple[str, dict[str, float], dict[str, floa
     return rows
 
 
-def _federated_row(cfg: Config) -> tuple[str, dict[str, float], dict[str, float], str, float | None]:
-    """(label, summary, costs, run id, final epsilon) of one federated cell."""
+def _federated_row(cfg: Config) -> tuple[str, dict[str, float], dict[str, float], str, dict[str, float]]:
+    """(label, summary, costs, run id, privacy figures) of one federated cell."""
     client, done = _finished_cell(cfg)
     if done is None:
         result = run_federated(cfg)
         client.set_tag(result.run_id, CELL_TAG, cell_key(cfg))
         done = client.get_run(result.run_id)
     summary, costs = _row_values(done.data.metrics)
-    # The epsilon the run itself logged after its last round (privacy/epsilon), not a recomputation.
-    return (f"federated {strategy_label(cfg.strategies[0])}", summary, costs, done.info.run_id,
-            done.data.metrics.get("privacy/epsilon"))
+    # The epsilons the run itself logged after its last round (privacy/epsilon and the ledger's), not
+    # a recomputation.
+    logged = done.data.metrics
+    privacy = {k: logged[m] for k, m in {"epsilon": "privacy/epsilon", **LEDGER_METRICS}.items() if m in logged}
+    return f"federated {strategy_label(cfg.strategies[0])}", summary, costs, done.info.run_id, privacy
 
 
 def _add(table: SweepTable, label: str, summary: dict[str, float], costs: dict[str, float]) -> None:
@@ -419,16 +429,19 @@ def _noise_multiplier(cfg: Config) -> float | None:
 
 
 def _run_federated(table: SweepTable, v: Variant, cfg: Config, z: float | None) -> None:
-    default_label, summary, costs, run_id, eps = _federated_row(cfg)
+    default_label, summary, costs, run_id, privacy = _federated_row(cfg)
     table.run_ids.append(run_id)
     label = v.label or default_label
     table.clipping[label] = cfg.privacy.clipping
     _add(table, label, {m: summary[m] for m in table.metrics if m in summary}, costs)
     if z is not None:
         row = table.values[label]
-        if eps is not None:
-            row.setdefault("epsilon", []).append(eps)
+        for k, v in privacy.items():
+            if k in table.metrics:
+                row.setdefault(k, []).append(v)
         row.setdefault("noise_multiplier", []).append(z)
+        if "noise_std" in table.metrics:
+            row.setdefault("noise_std", []).append(z * cfg.privacy.clip / cfg.federated.sampled)
 
 
 # --------------------------------------------------------------------------- MLflow and Markdown

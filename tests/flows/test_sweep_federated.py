@@ -1,5 +1,5 @@
 """`lifelong sweep` over variants of one config: federated DP rows (no DP, clipped + noised),
-epsilon and noise multiplier in the table, the accuracy-vs-epsilon plot in MLflow."""
+epsilon, the ledger's per-client spread, noise multiplier and noise per coordinate in the table, the accuracy-vs-epsilon plot in MLflow."""
 
 import pytest
 from typer.testing import CliRunner
@@ -115,8 +115,15 @@ def test_tiny_federated_sweep_fills_epsilon_and_logs_the_plot(tmp_path):
     logged = client.get_metric_history(dp_run, "privacy/epsilon")
     assert len(logged) == 2 and t.values["flat z=1"]["epsilon"][0] == max(m.value for m in logged)
     assert 0 < t.values["flat z=1"]["epsilon"][0] < float("inf")
+    # Beside it, the ledger's per-client spread as the run logged it after its last round, and the
+    # noise per coordinate of the averaged update, z·C/S: 1 × 0.5 / 2 clients (fraction 1).
+    for col, key in (("client_eps_p50", "privacy/client_epsilon_p50"), ("client_eps_max", "privacy/client_epsilon_max")):
+        assert t.values["flat z=1"][col][0] == client.get_run(dp_run).data.metrics[key] > 0
+    assert t.values["flat z=1"]["noise_std"] == [0.25, 0.25] and t.cell("flat z=1", "noise_std") == "0.25"
+    assert t.cell("no DP", "client_eps_max") == "n/a"
     text = out.read_text()
-    assert "| variant | avg_accuracy | avg_forgetting | epsilon | noise_multiplier | updates | wall (s) |" in text
+    assert ("| variant | avg_accuracy | avg_forgetting | epsilon | client_eps_p50 | client_eps_max | noise_multiplier "
+            "| noise_std | updates | wall (s) |") in text
     assert f"| flat z=1 | {t.cell('flat z=1', 'avg_accuracy')} | " in text
     assert "tiny_fed_accuracy_vs_epsilon.png" in text and "4 runs in" in text
     (sweep_run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
