@@ -17,8 +17,9 @@ import typer
 
 from lifelong.cli.common import fail
 
-registry_app = typer.Typer(help="The MLflow model registry: each finished run's model as a version of "
-                                "lifelong-<flow>, with aliases 'candidate' (newest) and 'champion'.",
+registry_app = typer.Typer(help="The MLflow model registry: each finished run's model as a version of its "
+                                "lineage (lifelong-<flow>-<stream>-<strategy>), with aliases 'candidate' "
+                                "(newest) and 'champion' (moved by the config's gates or by hand).",
                            no_args_is_help=True)
 
 TrackingUri = Annotated[str | None, typer.Option(
@@ -102,21 +103,67 @@ def show(
 
 @registry_app.command()
 def promote(
-    name: Annotated[str, typer.Argument(help="Registered model, e.g. lifelong-continual")],
+    name: Annotated[str, typer.Argument(help="Registered model, e.g. lifelong-continual-split_digits-replay")],
     version: Annotated[str, typer.Argument(help="A version number, or an alias such as candidate")],
     alias: Annotated[str, typer.Option("--alias", help="The alias to point at VERSION")] = "champion",
+    check: Annotated[bool, typer.Option("--check", help="Only show what the version's gates decide against "
+                                                        "today's champion; change nothing")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Point an alias (default: champion) at a version."""
+    """Point an alias (default: champion) at a version. Moving champion by hand past failing gates
+    is recorded on the version as a manual override; --check shows the gates' decision only."""
     from lifelong import registry
 
+    if check:
+        c = _call(lambda: registry.check_promotion(tracking_uri, name, version))
+        held = f"v{c.champion.version}" if c.champion else "none"
+        typer.echo(f"{name} v{c.version.version} against {registry.CHAMPION} {held}:")
+        for r in c.results:
+            typer.echo(f"  {'pass' if r.passed else 'FAIL'}  {r.gate:<32}  {r.reason}")
+        typer.echo(f"decision: {'would be promoted' if c.passed else 'would not be promoted'} ({c.reason}); "
+                   "nothing changed")
+        return
     v = _call(lambda: registry.promote(tracking_uri, name, version, alias))
     typer.echo(f"{v.name} version {v.version} is now {alias!r}  (aliases: {', '.join(v.aliases)})")
+    if v.promotion and v.promotion.startswith("manual override"):
+        typer.secho(f"recorded: {v.promotion}", fg=typer.colors.YELLOW)
+
+
+@registry_app.command()
+def lineage(
+    name: Annotated[str, typer.Argument(help="Registered model (a lineage), e.g. lifelong-continual-split_digits-replay")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """A lineage's versions in order: parent, experiences learned, the gates' decision, and the
+    accuracy matrix the versions' final rows make (one row per version)."""
+    from lifelong import registry
+
+    versions = _call(lambda: registry.lineage(tracking_uri, name))
+    if not versions:
+        typer.echo(f"{name}: no versions")
+        return
+    rows, width = [], 0
+    for v in versions:
+        f = registry.lineage_fields(v)
+        gates = f["gates"]
+        verdict = ("-" if not gates else f"{sum(g['passed'] for g in gates)}/{len(gates)} passed")
+        rows.append([f"v{v.version}", ",".join(v.aliases), f"v{f['parent']}" if f["parent"] else "-",
+                     str(len(f["experiences"] or [])), verdict, _when(v), v.run_id or ""])
+        width = max(width, len(f["final_row"] or []))
+    _table(["version", "aliases", "parent", "experiences", "gates", "created", "run"], rows)
+    typer.echo("\naccuracy on each experience after each version (final rows)")
+    _table(["  version", *(f"exp{i}" for i in range(width)), "avg"],
+           [[f"  v{v.version}", *(_num(x) for x in (registry.lineage_fields(v)["final_row"] or [])),
+             *([""] * (width - len(registry.lineage_fields(v)["final_row"] or []))),
+             _num(v.metrics.get("avg_accuracy"))] for v in versions])
+    for v in versions:
+        if v.promotion:
+            typer.echo(f"v{v.version}: {v.promotion}")
 
 
 @registry_app.command()
 def compare(
-    name: Annotated[str, typer.Argument(help="Registered model, e.g. lifelong-continual")],
+    name: Annotated[str, typer.Argument(help="Registered model, e.g. lifelong-continual-split_digits-replay")],
     v1: Annotated[str, typer.Argument(help="A version number or an alias")],
     v2: Annotated[str, typer.Argument(help="A version number or an alias")],
     tracking_uri: TrackingUri = None,

@@ -35,11 +35,17 @@ from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.flows import health
 from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
+from lifelong.flows.lineage import lineage_of
 from lifelong.progress import EpochProgressPlugin, Progress
 from lifelong.tasks.data import load_npz
 from lifelong.tasks.evaluation import ContinualEvalPlugin, evaluate, evaluated_experiences
 from lifelong.tasks.health import PROBE_SAMPLES, probe
-from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
+from lifelong.tasks.metrics import (
+    ContinualTrace,
+    continual_summary,
+    matrix_summary,
+    worst_experience_accuracy,
+)
 from lifelong.tasks.models import build_model
 from lifelong.tasks.pretrain import pretrain
 from lifelong.tasks.standardize import stats_params
@@ -276,7 +282,9 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
               file=sys.stderr, flush=True)
     elif not learner.joint:  # joint training is the upper-bound baseline, not a model to promote
         registry.register_from_config(cfg, client, run_id, model_uri, flow="continual", stream=learner.stream.name,
-                                      strategy=learner.label, metrics=summary)
+                                      strategy=learner.label,
+                                      metrics={**summary, "worst_exp_accuracy": worst_experience_accuracy(matrix)},
+                                      lineage=lineage_of(cfg, learner.stream, matrix))
     learner.progress.close()
     return StrategyResult(learner.label, run_id, matrix, summary, learner.strategy.clock.train_iterations)
 

@@ -68,6 +68,7 @@ from lifelong.flows.checkpoints import (
     restore_server,
     save_round,
 )
+from lifelong.flows.lineage import lineage_of
 from lifelong.flows.privacy_ledger import build_ledger
 from lifelong.privacy.accounting import PrivacyBudgetError, UserLevelPrivacy
 from lifelong.privacy.ledger import PrivacyLedger
@@ -76,7 +77,12 @@ from lifelong.strategies.federated.server_optimizers import ServerOptimizer
 from lifelong.tasks import client_eval
 from lifelong.tasks.evaluation import correct_predictions, evaluated_experiences
 from lifelong.tasks.health import probe
-from lifelong.tasks.metrics import ContinualTrace, continual_summary, matrix_summary
+from lifelong.tasks.metrics import (
+    ContinualTrace,
+    continual_summary,
+    matrix_summary,
+    worst_experience_accuracy,
+)
 from lifelong.tasks.models import build_stream_model
 from lifelong.tasks.partition import (
     PartitionError,
@@ -475,13 +481,30 @@ class ServerLoop:
         if health.conclude(client, run_id, cfg.training.health_check):
             registry.register_from_config(cfg, client, run_id, model_uri, flow="federated",
                                           stream=self.stream.name, strategy=strategy_label(cfg.strategies[0]),
-                                          metrics=summary)
+                                          metrics=self._gate_metrics(summary, matrix),
+                                          lineage=lineage_of(cfg, self.stream, matrix))
         elif model_uri is not None and cfg.tracking.register_model:
             print(f"[{label}] not registered: the model was unhealthy (`lifelong results {run_id}`)",
                   file=sys.stderr, flush=True)
         return FederatedResult(run_id, self.uri, label, matrix, summary, n_exp * self.fed.rounds,
                                list(strategy.skipped_rounds),
                                sum(o.status != "ok" for o in strategy.outcomes), weights=dict(weights))
+
+    def _gate_metrics(self, summary: dict[str, float], matrix: np.ndarray) -> dict[str, float]:
+        """What promotion gates may read (lifelong/gates.py): the summary, the worst experience, the
+        clients' spread and, under user-level DP, the run's epsilon and the ledger's worst client."""
+        out = {**summary, "worst_exp_accuracy": worst_experience_accuracy(matrix)}
+        if len(self.client_rows) == self.n_exp:
+            rows = self.client_rows
+            out.update({f"clients_acc_{k}": v for k, v in
+                        client_eval.spread(client_eval.seen_accuracy(rows[-1], self.n_exp - 1)).items()})
+            out.update({f"clients_forgetting_{k}": v for k, v in
+                        client_eval.spread(client_eval.client_forgetting(rows), worst="max").items()})
+        if self.epsilons:
+            out["epsilon"] = float(self.epsilons[-1])
+        if self.ledger is not None:
+            out["client_epsilon_max"] = float(self.ledger.percentiles(self.fed.clients)["max"])
+        return out
 
     def _client_table(self) -> dict:
         """Every sampled client's outcome in every round (``clients.json``)."""

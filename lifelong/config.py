@@ -7,6 +7,7 @@ mistake is refused before any work starts.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from lifelong.catalogue import (  # noqa: F401  (the specs, where config users h
     OnePromptSpec,
     ReplaySpec,
 )
+from lifelong.gates import check_gates
 
 
 class ConfigError(ValueError):
@@ -317,6 +319,9 @@ class TrackingConfig(_Section):
     #: Promotion after registration, ``METRIC OP ALIAS``, e.g. "avg_accuracy>champion"
     #: (lifelong/registry.py); unset: a new version only becomes ``candidate``.
     promote_if: str | None = None
+    #: Promotion gates (lifelong/gates.py), e.g. ["avg_accuracy >= champion - 0.01",
+    #: "avg_forgetting <= 0.15"]: a new version becomes ``champion`` only when all pass.
+    gates: list[str] = Field(default_factory=list)
 
     @field_validator("model_name")
     @classmethod
@@ -627,12 +632,27 @@ class Config(_Section):
                              "for the continual flow use sample-level DP ([privacy.sample])")
         if self.privacy.sample is not None:
             self._check_sample_dp()
+        if self.tracking.gates:
+            self._check_gates()
         if self.pretrain.epochs and self.stream.resolved_scenario == "task":
             raise ValueError("pretrain.epochs: pretraining is for single-head models (class or domain streams)")
         if self.pretrain.epochs and not (self.stream.holdout_fraction or self.pretrain.path):
             raise ValueError("pretrain.epochs: pretraining needs data: set stream.holdout_fraction > 0 "
                              "or pretrain.path to an .npz file")
         return self
+
+    def _check_gates(self) -> None:
+        """A gate the run cannot judge is refused now, not after training (lifelong/gates.py)."""
+        if self.clock is not None:
+            raise ValueError("tracking.gates: runs on the virtual clock are not registered yet, so there is no "
+                             "version to gate; remove [clock] or the gates")
+        check_gates(self.tracking.gates, self.flow, clock=False, dp=self.privacy.clipping != "off")
+        if self.tracking.promote_if and re.search(r"champion\s*$", self.tracking.promote_if):
+            raise ValueError("tracking.promote_if: with tracking.gates, the gates decide 'champion'; "
+                             "drop promote_if or give it another alias")
+        if not (self.tracking.register_model and self.tracking.log_model):
+            raise ValueError("tracking.gates: gates decide which registered version becomes champion; "
+                             "they need tracking.log_model and tracking.register_model = true")
 
     def _check_sample_dp(self) -> None:
         """Refuse what sample-level DP cannot protect, in the continual flow and in federated clients.

@@ -1,14 +1,15 @@
 """The MLflow model registry: every finished run's model as a version, with aliases and promotion.
 
 Why: a run logs its final model, but "which model do we use?" is a question across runs. The
-registry answers it with versions of one registered model per flow and two aliases: ``candidate``
-(the newest version, always) and ``champion`` (the one to use: moved by hand with ``promote`` or
-by a rule). Everything goes through ``MlflowClient``'s registry API, so the embedded SQLite store
+registry answers it with versions of one registered model per lineage and two aliases:
+``candidate`` (the newest version, always) and ``champion`` (the one to use: moved by the
+run's gates, by hand with ``promote``, or by a rule). Everything goes through ``MlflowClient``'s registry API, so the embedded SQLite store
 and a tracking server behave the same. A flow calls :func:`register_from_config` once a run has
 finished; ``lifelong registry`` (cli/registry.py) reads and promotes.
 
-**Names.** ``lifelong-<flow>`` (``lifelong-continual``, ``lifelong-federated``,
-``lifelong-multitask``) unless configured. Not ``lifelong/<flow>``: MLflow 3.17 refuses ``/`` and
+**Names.** One per lineage, ``lifelong-<flow>-<stream>-<strategy>`` (e.g.
+``lifelong-continual-split_digits-replay``; for multi-task runs the problem and the combiner)
+unless ``tracking.model_name`` names it. Not ``lifelong/<flow>``: MLflow 3.17 refuses ``/`` and
 ``:`` in registered model names, and references below use ``/`` and ``@`` as separators, so
 :func:`check_model_name` refuses those three.
 
@@ -34,6 +35,13 @@ rule is conservative otherwise: a new version without METRIC, a current holder w
 NaN is not promoted. ALIAS cannot be ``candidate`` (it moves to every new version anyway),
 ``latest`` or ``v<N>`` (reserved by MLflow); thresholds (``avg_accuracy>0.9``) are not part of
 the syntax. :func:`parse_rule` refuses anything else with a message that shows the syntax.
+
+**Gates** (``tracking.gates``, lifelong/gates.py) decide ``champion`` instead of a rule: a new
+version takes it only when every gate passes against the current champion; each verdict and its
+reason are kept on the version (``lifelong.gates``), the gates themselves too (``lifelong.gate_spec``),
+so :func:`check_promotion` can re-judge a version later without acting, and :func:`promote` by hand
+of a version whose gates fail is recorded as a manual override. :func:`lineage` reads a registered
+model's versions in order with their parents, experiences, verdicts and final accuracy rows.
 
 **References** (``show``, ``load``): ``NAME`` (the latest version, as MLflow's
 ``models:/NAME/latest``), ``NAME@ALIAS`` or ``NAME/VERSION``. Where a single version is asked
@@ -73,7 +81,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -85,12 +93,20 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from lifelong import gates
 from lifelong.env import default_tracking_uri
+from lifelong.gates import parse_gate
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 METRIC_PREFIX = "metric."
 CONFIG_TAG = "lifelong.config"
 PROMOTION_TAG = "lifelong.promotion"
+#: The gates the run declared (JSON list of strings) and each one's verdict (JSON list).
+GATE_SPEC_TAG, GATES_TAG = "lifelong.gate_spec", "lifelong.gates"
+#: The lineage: the version this one continued from, the experiences it has learned (JSON list),
+#: the final row of its accuracy matrix (JSON list) and its data's hashes (JSON object).
+PARENT_TAG, EXPERIENCES_TAG, FINAL_ROW_TAG, DATA_TAG = ("lifelong.parent_version", "lifelong.experiences",
+                                                        "lifelong.final_row", "lifelong.data")
 #: Metrics shown first in tables, when a version has them.
 HEADLINE = ("avg_accuracy", "avg_forgetting", "bwt")
 _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
@@ -173,9 +189,14 @@ class PromotionRule:
 # --------------------------------------------------------------------------- validation
 
 
-def model_name(flow: str, configured: str | None = None) -> str:
-    """The registered model of a flow's runs: ``configured``, or ``lifelong-<flow>``."""
-    return check_model_name(configured or f"lifelong-{flow}")
+def model_name(flow: str, configured: str | None = None, stream: str | None = None,
+               strategy: str | None = None) -> str:
+    """The registered model of a lineage: ``configured``, or ``lifelong-<flow>-<stream>-<strategy>``
+    (``lifelong-<flow>`` when neither is known), characters MLflow or references refuse as '-'."""
+    if configured:
+        return check_model_name(configured)
+    parts = ["lifelong", flow, *(x for x in (stream, strategy) if x)]
+    return check_model_name("-".join(re.sub(r"[^\w.+-]+", "-", x).strip("-") for x in parts))
 
 
 def check_model_name(name: str, key: str = "model name") -> str:
@@ -185,7 +206,7 @@ def check_model_name(name: str, key: str = "model name") -> str:
     bad = sorted({c for c in name if c in "/:@"})
     if bad:
         raise RegistryInputError(f"{key} {name!r}: {' '.join(bad)} not allowed (MLflow refuses '/' and ':'; "
-                                 "'/' and '@' separate versions and aliases), e.g. 'lifelong-continual'")
+                                 "'/' and '@' separate versions and aliases), e.g. 'lifelong-continual-split_digits-replay'")
     return name
 
 
@@ -220,7 +241,7 @@ def parse_rule(text: str, key: str = "promote_if") -> PromotionRule:
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     """``NAME`` / ``NAME@ALIAS`` / ``NAME/VERSION`` → (name, version, alias); VERSION may be ``latest``."""
-    usage = "expected NAME, NAME@ALIAS or NAME/VERSION (e.g. lifelong-continual@champion)"
+    usage = "expected NAME, NAME@ALIAS or NAME/VERSION (e.g. lifelong-continual-split_digits-replay@champion)"
     name, slash, version = ref.partition("/")
     name, at, alias = name.partition("@")
     if not name or (slash and at) or (at and not alias):
@@ -382,16 +403,24 @@ def _with_lineage(client: MlflowClient, info: VersionInfo) -> VersionInfo:
 
 def register_run_model(client: MlflowClient, run_id: str, model_uri: str, name: str, tags: Mapping[str, Any],
                        metrics: Mapping[str, float], promote_rule: str | None = None, *,
-                       config: Mapping[str, Any] | None = None) -> VersionInfo:
+                       config: Mapping[str, Any] | None = None, gates: Sequence[str] = (),
+                       lineage: Mapping[str, Any] | None = None) -> VersionInfo:
     """Register a finished run's model as a new version of ``name``; ``candidate`` moves to it.
 
     ``model_uri`` is what :func:`lifelong.tracking.log_torch_model` returns (``models:/m-…``);
     ``tags`` go on the version as given (``flow``, ``stream``, ``strategy``), ``metrics`` as
     ``metric.<name>``, ``config`` (flat; default: the run's parameters) as JSON. With ``promote_rule``
     (e.g. ``"avg_accuracy>champion"``, checked before anything is written) the version may also
-    take the rule's alias. Returns the version as read back, aliases included.
+    take the rule's alias. With ``gates`` (lifelong/gates.py) the version takes ``champion`` only
+    when every gate passes against the current champion. ``lineage``: ``parent`` (a version
+    number), ``experiences``, ``final_row`` and ``data``, kept as tags. Returns the version as read
+    back, aliases included.
     """
     rule = parse_rule(promote_rule) if promote_rule else None
+    parsed = [parse_gate(g) for g in gates]
+    if rule is not None and parsed and rule.alias == CHAMPION:
+        raise RegistryInputError(f"promote rule {rule}: with gates, the gates decide {CHAMPION!r}; give the rule "
+                                 "another alias or drop it")
     check_model_name(name)
     values = _metric_values(metrics)
     version_tags = {str(k): str(v) for k, v in tags.items()}
@@ -401,27 +430,43 @@ def register_run_model(client: MlflowClient, run_id: str, model_uri: str, name: 
         if config is None:
             config = client.get_run(run_id).data.params
         version_tags[CONFIG_TAG] = json.dumps({str(k): str(v) for k, v in config.items()}, sort_keys=True)
+        if parsed:
+            version_tags[GATE_SPEC_TAG] = json.dumps([str(g) for g in parsed])
+        lineage = dict(lineage or {})
+        if lineage.get("parent") is not None:
+            version_tags[PARENT_TAG] = str(lineage["parent"])
+        for key, tag in (("experiences", EXPERIENCES_TAG), ("final_row", FINAL_ROW_TAG), ("data", DATA_TAG)):
+            if lineage.get(key) is not None:
+                version_tags[tag] = json.dumps(lineage[key])
         _ensure_registered(client, name)
         model_id = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
         mv = client.create_model_version(name, model_uri, run_id=run_id, tags=version_tags,
                                          model_id=model_id[1] if model_id else None)
         client.set_registered_model_alias(name, CANDIDATE, mv.version)
+        if parsed:
+            _apply_gates(client, parsed, name, mv.version, values)
         if rule is not None:
             _apply_rule(client, rule, name, mv.version, values)
         return _info(client.get_model_version(name, mv.version))
 
 
 def register_from_config(cfg, client: MlflowClient, run_id: str, model_uri: str | None, *, flow: str,
-                         stream: str, strategy: str, metrics: Mapping[str, float]) -> VersionInfo | None:
+                         stream: str, strategy: str, metrics: Mapping[str, float],
+                         lineage: Mapping[str, Any] | None = None) -> VersionInfo | None:
     """The flows' one call at the end of a finished run: :func:`register_run_model` with the
-    name, rule and switch from ``cfg.tracking`` (``model_name``, ``promote_if``,
-    ``register_model``). Nothing when registration is off or no model was logged (``model_uri``
-    None)."""
+    name, rule, gates and switch from ``cfg.tracking`` (``model_name``, ``promote_if``, ``gates``,
+    ``register_model``); the lineage is flow + stream + strategy unless ``model_name`` names it.
+    Nothing when registration is off or no model was logged (``model_uri`` None). What the gates
+    decided is printed."""
     t = cfg.tracking
     if not t.register_model or model_uri is None:
         return None
-    return register_run_model(client, run_id, model_uri, model_name(flow, t.model_name),
-                              {"flow": flow, "stream": stream, "strategy": strategy}, metrics, t.promote_if)
+    v = register_run_model(client, run_id, model_uri, model_name(flow, t.model_name, stream, strategy),
+                           {"flow": flow, "stream": stream, "strategy": strategy}, metrics, t.promote_if,
+                           gates=getattr(t, "gates", ()) or (), lineage=lineage)
+    if v.promotion:
+        print(f"[registry] {v.name} v{v.version}: {v.promotion}", flush=True)
+    return v
 
 
 def _metric_values(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -455,6 +500,82 @@ def _apply_rule(client: MlflowClient, rule: PromotionRule, name: str, version: s
         client.set_registered_model_alias(name, rule.alias, version)
 
 
+def _champion(client: MlflowClient, name: str) -> VersionInfo | None:
+    held = client.get_registered_model(name).aliases.get(CHAMPION)
+    return _info(client.get_model_version(name, str(held))) if held is not None else None
+
+
+def _apply_gates(client: MlflowClient, parsed: list, name: str, version: str, metrics: dict[str, float]) -> None:
+    """Judge ``version`` by its gates against the current champion; move ``champion`` only when all
+    pass; keep every verdict and the decision on the version."""
+    current = _champion(client, name)
+    results = gates.evaluate(parsed, metrics, current.metrics if current else None,
+                             f"{CHAMPION} v{current.version}" if current else CHAMPION)
+    passed, reason = gates.decision(results)
+    client.set_model_version_tag(name, version, GATES_TAG, json.dumps([r.to_json() for r in results]))
+    verb = f"promoted to {CHAMPION}" if passed else f"not promoted to {CHAMPION}"
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{verb}: {reason}")
+    if passed:
+        client.set_registered_model_alias(name, CHAMPION, version)
+
+
+@dataclass
+class PromotionCheck:
+    """What the gates would decide for a version now, without acting."""
+
+    version: VersionInfo
+    champion: VersionInfo | None
+    gates: list[str]
+    results: list
+    passed: bool
+    reason: str
+
+
+def _check(client: MlflowClient, mv: ModelVersion) -> PromotionCheck:
+    info = _info(mv)
+    spec = json.loads(info.tags.get(GATE_SPEC_TAG, "[]"))
+    current = _champion(client, info.name)
+    if current is not None and current.version == info.version:
+        return PromotionCheck(info, current, spec, [], True, f"v{info.version} is already {CHAMPION}")
+    if not spec:
+        return PromotionCheck(info, current, spec, [], True, "no gates were declared for this version "
+                              "(tracking.gates): promotion is a manual decision")
+    results = gates.evaluate([gates.parse_gate(g) for g in spec], info.metrics,
+                             current.metrics if current else None,
+                             f"{CHAMPION} v{current.version}" if current else CHAMPION)
+    passed, reason = gates.decision(results)
+    return PromotionCheck(info, current, spec, results, passed, reason)
+
+
+def check_promotion(uri: str | None, name: str, version: str | int) -> PromotionCheck:
+    """Re-judge ``version`` by the gates its run declared, against today's champion; changes nothing."""
+    client, uri = _open(uri)
+    with _translated(uri):
+        return _check(client, _resolve(client, name, uri, **_selector(str(version))))
+
+
+def lineage(uri: str | None, name: str) -> list[VersionInfo]:
+    """Every version of ``name``, oldest first, with aliases (their lineage tags: parent,
+    experiences, gates, final accuracy row — read with :func:`lineage_fields`)."""
+    client, uri = _open(uri)
+    with _translated(uri):
+        held: dict[str, list[str]] = {}
+        for a, v in _registered(client, name, uri).aliases.items():
+            held.setdefault(str(v), []).append(a)
+        versions = sorted(_versions(client, name), key=lambda mv: int(mv.version))
+        return [_info(mv, held.get(str(mv.version), [])) for mv in versions]
+
+
+def lineage_fields(v: VersionInfo) -> dict[str, Any]:
+    """A version's lineage tags, decoded: parent, experiences, final_row, data, gates (verdicts)."""
+    t = v.tags
+    return {"parent": t.get(PARENT_TAG),
+            "experiences": json.loads(t[EXPERIENCES_TAG]) if EXPERIENCES_TAG in t else None,
+            "final_row": json.loads(t[FINAL_ROW_TAG]) if FINAL_ROW_TAG in t else None,
+            "data": json.loads(t[DATA_TAG]) if DATA_TAG in t else None,
+            "gates": json.loads(t[GATES_TAG]) if GATES_TAG in t else []}
+
+
 def list_models(uri: str | None = None, name: str | None = None) -> list[VersionInfo]:
     """Every version of every registered model (or of ``name``): by name, newest version first."""
     client, uri = _open(uri)
@@ -479,11 +600,19 @@ def show(uri: str | None, ref: str) -> VersionInfo:
 
 
 def promote(uri: str | None, name: str, version: str | int, alias: str = CHAMPION) -> VersionInfo:
-    """Point ``alias`` at ``version`` (a number, or an alias such as ``candidate``)."""
+    """Point ``alias`` at ``version`` (a number, or an alias such as ``candidate``). Moving
+    ``champion`` by hand is recorded on the version (``lifelong.promotion``), as a manual override
+    when the version's own gates fail against the champion it replaces."""
     check_alias(alias)
     client, uri = _open(uri)
     with _translated(uri):
         mv = _resolve(client, name, uri, **_selector(str(version)))
+        if alias == CHAMPION:
+            check = _check(client, mv)
+            when = datetime.now().strftime("%Y-%m-%d %H:%M")
+            note = (f"promoted to {CHAMPION} by hand ({when}); {check.reason}" if check.passed else
+                    f"manual override: promoted to {CHAMPION} by hand ({when}) although {check.reason}")
+            client.set_model_version_tag(name, mv.version, PROMOTION_TAG, note)
         client.set_registered_model_alias(name, alias, mv.version)
         return _info(client.get_model_version(name, mv.version))
 

@@ -160,6 +160,12 @@ def continual_summary(trace: ContinualTrace, current: int) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def worst_experience_accuracy(matrix: np.ndarray) -> float:
+    """The final model's accuracy on its worst experience (the last row's minimum): what a
+    promotion gate reads as ``worst_exp_accuracy``."""
+    return float(np.min(np.asarray(matrix, dtype=float)[-1]))
+
+
 def matrix_summary(matrix: np.ndarray) -> dict[str, float]:
     """Headline numbers of an accuracy matrix; forgetting and BWT need one row per experience."""
     matrix = np.asarray(matrix, dtype=float)

@@ -6,8 +6,10 @@ same stream: the train/test split, the class order and every domain shift are se
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -248,6 +250,24 @@ def _rotation(cfg: StreamConfig, i: int, n: int):
         return rotate(x, angle)
 
     return fn
+
+
+def data_fingerprint(stream: Stream, path: Path | None = None) -> dict:
+    """What a model learned from, for its registered version (lifelong/registry.py): the sha256 of
+    each experience's training and test tensors (as the stream serves them: split, seeded and
+    shifted), and of the data file when the stream reads one."""
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    out: dict = {"stream": stream.name, "experiences": [
+        {"train": digest(stream.train_tensors(i)[:2]), "test": digest(stream.test_tensors(i)[:2])}
+        for i in range(stream.n_experiences)]}
+    if path is not None:
+        out["file"] = {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    return out
 
 
 def describe_streams() -> dict[str, str]:

@@ -27,8 +27,13 @@ def finished(tmp_path_factory):
     from lifelong.flows.continual import run_continual
 
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg, uri = tiny_config(tmp)
+    # One epoch of a tiny MLP does not learn every experience, and an unhealthy model is not
+    # registered: the health check is off here, where what is tested is what registration records.
+    cfg, uri = tiny_config(tmp, f'tracking.gates={json.dumps(list(GATES))}', 'training.health_check="off"')
     return cfg, uri, run_continual(cfg)
+
+
+GATES = ("worst_exp_accuracy >= 0", "avg_forgetting <= 0.5")
 
 
 def test_one_parent_run_and_one_finished_run_per_strategy(finished):
@@ -74,6 +79,24 @@ def test_params_plots_and_trace_artifacts(finished):
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"accuracy_matrix.json", "accuracy_matrix.png", "continual_eval.png",
             "continual_trace.json"} <= names
+
+
+def test_each_strategy_is_a_lineage_whose_version_records_its_data_and_gates(finished):
+    from lifelong import registry
+
+    cfg, uri, result = finished
+    for r in result.results:
+        v = registry.show(uri, f"lifelong-continual-split_digits-{r.label}")
+        assert v.run_id == r.run_id and v.metrics["worst_exp_accuracy"] == pytest.approx(r.matrix[-1].min())
+        f = registry.lineage_fields(v)
+        assert f["experiences"] == [f"exp{i}" for i in range(5)] and f["parent"] is None
+        np.testing.assert_allclose(f["final_row"], r.matrix[-1], atol=1e-6)
+        hashes = f["data"]["experiences"]
+        assert len(hashes) == 5 and len({h["train"] for h in hashes}) == 5  # each experience its own data
+        # The gates were judged on the run's own numbers, and champion follows them.
+        assert [g["gate"] for g in f["gates"]] == list(GATES)
+        assert f["gates"][1]["passed"] == (r.summary["avg_forgetting"] <= 0.5)
+        assert ("champion" in v.aliases) == all(g["passed"] for g in f["gates"])
 
 
 def test_logged_model_reloads_and_predicts_a_batch(finished):

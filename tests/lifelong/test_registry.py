@@ -40,12 +40,14 @@ class Store:
     runs: dict  # "a"/"b" -> (run id, models:/ URI)
     nets: dict  # "a"/"b" -> the torch module that was logged
 
-    def register(self, name: str, which: str = "a", rule: str | None = None, metrics: dict | None = None):
+    def register(self, name: str, which: str = "a", rule: str | None = None, metrics: dict | None = None,
+                 gates=(), lineage=None):
         run_id, model_uri = self.runs[which]
         return registry.register_run_model(
             self.client, run_id, model_uri, name,
             {"flow": "continual", "stream": "split_digits", "strategy": STRATEGY[which]},
-            METRICS[which] if metrics is None else metrics, rule, config=CONFIG[which])
+            METRICS[which] if metrics is None else metrics, rule, config=CONFIG[which], gates=gates,
+            lineage=lineage)
 
 
 def tiny_net(seed: int) -> torch.nn.Module:
@@ -239,13 +241,64 @@ def test_lower_is_better_and_other_aliases(store, name):
     assert aliases("avg_forgetting<=production", 0.1) == ["candidate", "production"]  # ties promote with <=
 
 
+GATES = ("avg_accuracy >= champion - 0.01", "avg_forgetting <= 0.1")
+
+
+def test_gates_decide_champion_and_keep_their_verdicts(store, name):
+    row = {"experiences": ["exp0", "exp1"], "final_row": [0.8, 0.2], "data": {"stream": "split_digits"}}
+    # No champion yet: the relative gate passes, but a forgetting of 0.4 > 0.1 does not.
+    v1 = store.register(name, "a", gates=GATES, lineage=row)
+    assert v1.aliases == ["candidate"]
+    assert v1.promotion == ("not promoted to champion: gates failed: avg_forgetting <= 0.1 "
+                            "(avg_forgetting 0.4 not <= 0.1)")
+    v2 = store.register(name, "b", gates=GATES, lineage={**row, "parent": "1", "final_row": [0.9, 0.9]})
+    assert v2.aliases == ["candidate", "champion"] and v2.promotion.startswith("promoted to champion: all gates")
+    # v1's metrics again, now against champion v2: 0.5 < 0.9 - 0.01.
+    v3 = store.register(name, "a", gates=GATES)
+    assert v3.aliases == ["candidate"]
+    assert "avg_accuracy 0.5 not >= champion v2's 0.9 - 0.01" in v3.promotion
+    fields = registry.lineage_fields(registry.show(store.uri, f"{name}/2"))
+    assert fields["parent"] == "1" and fields["final_row"] == [0.9, 0.9] and fields["experiences"] == ["exp0", "exp1"]
+    assert [g["passed"] for g in fields["gates"]] == [True, True]
+    assert [v.version for v in registry.lineage(store.uri, name)] == ["1", "2", "3"]
+
+    # --check re-judges by the version's own recorded gates, against today's champion, and acts not.
+    check = registry.check_promotion(store.uri, name, 3)
+    assert not check.passed and check.champion.version == "2" and [r.passed for r in check.results] == [False, False]
+    assert registry.show(store.uri, f"{name}@champion").version == "2"
+    res = runner.invoke(registry_app, ["promote", name, "3", "--check", "--tracking-uri", store.uri])
+    assert res.exit_code == 0 and "FAIL  avg_accuracy >= champion - 0.01" in res.output
+    assert "would not be promoted" in res.output and "nothing changed" in res.output
+    assert registry.show(store.uri, f"{name}@champion").version == "2"
+
+    # By hand past failing gates: done, and recorded as a manual override.
+    res = runner.invoke(registry_app, ["promote", name, "3", "--tracking-uri", store.uri])
+    assert res.exit_code == 0 and "recorded: manual override" in res.output
+    v3 = registry.show(store.uri, f"{name}/3")
+    assert v3.aliases == ["candidate", "champion"] and v3.promotion.startswith("manual override: promoted to champion")
+    # The lineage: versions in order, parents, verdicts and the final rows as a matrix.
+    res = runner.invoke(registry_app, ["lineage", name, "--tracking-uri", store.uri])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert any(ln.startswith("v2") and " v1 " in ln and "2/2 passed" in ln for ln in lines), res.output
+    assert any(ln.split()[:4] == ["v2", "0.9000", "0.9000", "0.9000"] for ln in lines), res.output
+    assert "v3: manual override" in res.output
+
+
+def test_a_promote_rule_for_champion_beside_gates_is_refused(store, name):
+    with pytest.raises(registry.RegistryInputError, match="the gates decide 'champion'"):
+        store.register(name, "a", "avg_accuracy>champion", gates=GATES)
+
+
 def test_register_from_config_names_the_flow_and_can_be_switched_off(store):
     run_id, model_uri = store.runs["b"]
     on = SimpleNamespace(tracking=SimpleNamespace(register_model=True, model_name=None, promote_if="bwt>champion"))
     v = registry.register_from_config(on, store.client, run_id, model_uri, flow=f"fed{uuid.uuid4().hex[:6]}",
                                       stream="split_digits", strategy="replay", metrics=METRICS["b"])
-    assert v.name.startswith("lifelong-fed") and v.aliases == ["candidate", "champion"]
-    assert v.tags == {"flow": v.name.removeprefix("lifelong-"), "stream": "split_digits",
+    assert v.name.startswith("lifelong-fed") and v.name.endswith("-split_digits-replay")  # one per lineage
+    assert v.aliases == ["candidate", "champion"]
+    assert v.tags == {"flow": v.name.removeprefix("lifelong-").removesuffix("-split_digits-replay"),
+                      "stream": "split_digits",
                       "strategy": "replay"}
     assert v.config == {**CONFIG["b"], "from": "params"}  # the run's own parameters
     assert v.metrics["bwt"] == -0.05
@@ -291,6 +344,8 @@ def test_bad_rule_or_name_is_refused_before_anything_is_written(store, name):
 
 def test_model_names_and_references():
     assert registry.model_name("federated") == "lifelong-federated"
+    assert registry.model_name("continual", None, "split_digits", "naive+ewc") == "lifelong-continual-split_digits-naive+ewc"
+    assert registry.model_name("federated", None, "npz", "federated replay") == "lifelong-federated-npz-federated-replay"
     assert registry.model_name("continual", "mine") == "mine"
     for bad in ("lifelong/continual", "a:b", "a@b", " "):
         with pytest.raises(registry.RegistryInputError):
