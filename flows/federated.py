@@ -154,6 +154,8 @@ def privacy_plan(cfg: Config) -> UserLevelPrivacy | None:
         else:
             plan = UserLevelPrivacy(p.noise_multiplier, **common)
     except PrivacyBudgetError as exc:
+        if "noise multiplier" in str(exc) and p.noise_multiplier is not None:
+            raise PrivacyBudgetError(f"privacy.noise_multiplier = {p.noise_multiplier:g}: {exc}") from None
         if "adaptive clipping" not in str(exc):
             raise
         which = ("privacy.clipped_count_stddev" if p.clipped_count_stddev is not None else
