@@ -43,8 +43,11 @@ class Background(Process):
 class PrefectServer:
     """``prefect server start`` on 127.0.0.1 with its own home and SQLite database."""
 
-    def __init__(self, home: Path, port: int | None = None, startup_timeout_s: float = 90.0):
+    def __init__(self, home: Path, port: int | None = None, startup_timeout_s: float = 90.0,
+                 database: str | None = None):
         self.home = Path(home)
+        #: The server's database (a SQLAlchemy URL, e.g. PostgreSQL's); default SQLite in ``home``.
+        self.database = database
         self.port = port or free_port()
         self.startup_timeout_s = startup_timeout_s
         self.process: Background | None = None
@@ -58,7 +61,7 @@ class PrefectServer:
                if k not in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")}
         env.update({
             **prefect_home(self.home),
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database or f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",  # no static files to build or serve
             "DO_NOT_TRACK": "true",

