@@ -36,8 +36,13 @@ def run(
         help="Continue an interrupted run (its MLflow run id) from its last checkpoint")] = None,
     tracking_uri: Annotated[Optional[str], typer.Option(
         help="--resume: the MLflow store of the run (default: ./mlruns.db)")] = None,
+    continue_from: Annotated[Optional[str], typer.Option(
+        "--continue-from", help="Keep learning from this lineage's version (an alias such as 'champion', or a "
+        "number) on the folder stream's new files; same as --set tracking.continue_from=...")] = None,
 ) -> None:
     """Run a pipeline: every configured strategy on the configured stream, tracked in MLflow."""
+    if continue_from is not None:
+        set_ = [*set_, f"tracking.continue_from={continue_from}"]
     try:
         if resume is not None:
             cfg = resume_config(resume, config, set_, tracking_uri)
@@ -61,9 +66,14 @@ def run(
             print_federated(run_federated(cfg))
         return
     from lifelong.flows.continual import run_continual
+    from lifelong.flows.continuation import ContinuationError
 
     with stopped_if_unhealthy():
-        print_results_table(run_continual(cfg))
+        try:
+            result = run_continual(cfg)
+        except ContinuationError as exc:
+            fail(str(exc))
+        print_results_table(result)
 
 
 @contextlib.contextmanager
@@ -146,6 +156,9 @@ def print_multitask_table(result) -> None:
 
 
 def print_federated(result) -> None:
+    if result.nothing_new:  # a continuation that found no new file: not an error
+        typer.echo(result.nothing_new)
+        return
     cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]
     typer.echo("")
     typer.echo(f"{'strategy':<24}" + "".join(f"{c:>15}" for c in cols))
@@ -292,6 +305,9 @@ def sweep(
 def print_results_table(result) -> None:
     from lifelong.tasks.metrics import matrix_summary  # noqa: F401  (keeps the import cost out of --help)
 
+    if result.nothing_new:  # a continuation that found no new file: not an error
+        typer.echo(result.nothing_new)
+        return
     cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]
     typer.echo("")
     typer.echo(f"{'strategy':<16}" + "".join(f"{c:>15}" for c in cols))

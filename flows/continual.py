@@ -34,6 +34,7 @@ from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
 from lifelong.flows import health
+from lifelong.flows import continuation as cont
 from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from lifelong.flows.lineage import lineage_of
 from lifelong.progress import EpochProgressPlugin, Progress
@@ -67,6 +68,8 @@ class ContinualResult:
     tracking_uri: str
     results: list[StrategyResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: A continuation that found no new experience says why here, and opened no run.
+    nothing_new: str | None = None
 
 
 class Learner:
@@ -107,6 +110,8 @@ class Learner:
         self.t0 = time.perf_counter()  # the cost row of a sweep: wall time since this process took over
         self.checkpoint: Path | None = None  # where this learner's checkpoints go
         self.attempting: Path | None = None  # set while an experience trains: the checkpoint to go back to
+        self.parent_version: str | None = None  # the registered version this learner continues
+        self.drift: dict[str, float] | None = None  # a continuation's drift test of the new data
         try:
             check_checkpointable(self.strategy)
         except NotCheckpointable as exc:
@@ -275,6 +280,8 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
         tracking.log_figure(client, run_id, tracking.curve_figure(points, labels, learner.label),
                             "continual_eval.png")
     model_uri = tracking.log_torch_model(run_id, learner.model, uri) if cfg.tracking.log_model else None
+    if model_uri is not None and cfg.tracking.register_model:
+        cont.save_state(learner, client)  # what the next arrival continues from (folder streams)
     healthy = health.conclude(client, run_id, cfg.training.health_check)
     client.set_terminated(run_id, "FINISHED")
     if not healthy and not learner.joint and model_uri is not None and cfg.tracking.register_model:
@@ -283,16 +290,18 @@ def finish_strategy_run(learner: Learner, uri: str) -> StrategyResult:
     elif not learner.joint:  # joint training is the upper-bound baseline, not a model to promote
         registry.register_from_config(cfg, client, run_id, model_uri, flow="continual", stream=learner.stream.name,
                                       strategy=learner.label,
-                                      metrics={**summary, "worst_exp_accuracy": worst_experience_accuracy(matrix)},
-                                      lineage=lineage_of(cfg, learner.stream, matrix))
+                                      metrics={**summary, "worst_exp_accuracy": worst_experience_accuracy(matrix),
+                                               **{f"drift_{k}": v for k, v in (learner.drift or {}).items()}},
+                                      lineage=lineage_of(cfg, learner.stream, matrix, learner.parent_version))
     learner.progress.close()
     return StrategyResult(learner.label, run_id, matrix, summary, learner.strategy.clock.train_iterations)
 
 
 def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str,
-                 resume_run_id: str | None = None) -> StrategyResult:
+                 resume_run_id: str | None = None, continuation: cont.Continuation | None = None) -> StrategyResult:
     """Train and evaluate one strategy; checkpoint after every experience. ``resume_run_id``: the
-    strategy's run of an interrupted run, continued from its last checkpoint."""
+    strategy's run of an interrupted run, continued from its last checkpoint. ``continuation``: a
+    registered version to go on from (flows/continuation.py)."""
     spec = cfg.strategies[index]
     stream = build_stream(cfg.stream, cfg.seed)
     client = tracking.client_for(uri)
@@ -302,10 +311,12 @@ def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str,
     try:
         learner = Learner(cfg, spec, stream, run_id, client)
         learner.checkpoint = path
+        if continuation is not None:
+            start_from_version(learner, continuation)
         if resume_run_id is not None and path.exists():
             learner.restore(load_checkpoint(cfg, path))
-        elif not learner.joint:
-            save_checkpoint(learner, -1, path)  # the starting point a retry of experience 0 goes back to
+        elif not learner.joint:  # the starting point a retry of the first experience goes back to
+            save_checkpoint(learner, learner.start - 1, path)
         train = train_experience
         if cfg.training.retries:
             if learner.joint or not path.exists():
@@ -331,6 +342,20 @@ def run_strategy(cfg: Config, index: int, parent_run_id: str, uri: str,
         raise
 
 
+def start_from_version(learner: Learner, continuation: cont.Continuation) -> None:
+    """The learner takes the version's weights and continual state; the new data's drift is measured
+    on the version's own features before it learns anything, and logged."""
+    learner.restore(continuation.learner_state(learner.stream.n_experiences))
+    learner.parent_version = continuation.version
+    learner.drift = cont.drift(learner.model, learner.stream, continuation.n_learned, learner.device)
+    learner.logger.log_values({f"drift/{k}": v for k, v in learner.drift.items()}, continuation.n_learned)
+    learner.logger.flush()
+    new = [f.name for f in learner.stream.files[continuation.n_learned:]]
+    print(f"[lifelong] {continuation.name} v{continuation.version} continues on {', '.join(new)}; drift "
+          f"p = {learner.drift['p_value']:.3g} (KS on its features, {learner.drift['features_drifted']:.0%} of "
+          "them drifted)", file=sys.stderr, flush=True)
+
+
 @flow(name="continual", validate_parameters=False)
 def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
     """Run every configured strategy on the configured stream; one MLflow run per strategy.
@@ -343,6 +368,13 @@ def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
     uri = cfg.tracking.uri or default_tracking_uri()
     client = tracking.client_for(uri)
     info = build_stream_step(cfg)
+    continuation = None
+    if cfg.tracking.continue_from is not None:  # every check before a run is opened
+        try:
+            continuation = cont.plan(cfg, uri, build_stream(cfg.stream, cfg.seed))
+        except cont.NothingNew as exc:
+            print(f"[lifelong] {exc}", file=sys.stderr, flush=True)
+            return ContinualResult("", uri, nothing_new=str(exc))
     children: dict[str, object] = {}
     if resume is None:
         name = cfg.tracking.run_name or f"{info['name']}-{'-vs-'.join(strategy_label(s) for s in cfg.strategies)}"
@@ -365,7 +397,7 @@ def continual_flow(config: dict, resume: str | None = None) -> ContinualResult:
                 result.results.append(finished_result(child, uri))
                 continue
             result.results.append(run_strategy(cfg, index, parent_id, uri,
-                                               child.info.run_id if child is not None else None))
+                                               child.info.run_id if child is not None else None, continuation))
         comparison = tracking.MLflowLogger(parent_id, client)
         comparison.log_values({tracking.metric_key(f"{r.label}/{k}"): v
                                for r in result.results for k, v in r.summary.items()}, 0)

@@ -13,6 +13,7 @@ def lineage_of(cfg: Config, stream: Stream, matrix: np.ndarray, parent: str | No
     """The lineage tags of a run that learned ``stream``'s experiences and ended with ``matrix``;
     ``parent``: the version it continued from (None: it started from scratch)."""
     return {"parent": parent,
-            "experiences": [f"exp{i}" for i in range(stream.n_experiences)],
+            "experiences": [f.name for f in stream.files] if stream.files is not None
+            else [f"exp{i}" for i in range(stream.n_experiences)],
             "final_row": [round(float(x), 6) for x in np.asarray(matrix, dtype=float)[-1]],
             "data": data_fingerprint(stream, cfg.stream.path if cfg.stream.name == "npz" else None)}

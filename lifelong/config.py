@@ -50,6 +50,7 @@ BUILTIN_STREAMS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "split_cifar10": ("cifar10", ("class", "task"), "class"),
     "split_cifar100": ("cifar100", ("class", "task"), "class"),
     "npz": ("npz", ("class", "task", "domain"), "class"),
+    "folder": ("folder", ("class", "domain"), "class"),
 }
 #: Number of classes of the built-in datasets (for checks before any data is read).
 DATASET_CLASSES = {"digits": 10, "digits28": 10, "digits32c": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -57,7 +58,7 @@ DATASET_CLASSES = {"digits": 10, "digits28": 10, "digits32c": 10, "mnist": 10, "
 StreamName = Literal[
     "split_digits", "permuted_digits", "rotated_digits", "split_digits28", "rotated_digits28",
     "split_digits32c", "split_mnist", "permuted_mnist",
-    "rotated_mnist", "split_cifar10", "split_cifar100", "npz",
+    "rotated_mnist", "split_cifar10", "split_cifar100", "npz", "folder",
 ]
 
 
@@ -73,8 +74,13 @@ class StreamConfig(_Section):
     domain_shift: Literal["permute", "rotate", "given"] | None = None
     #: Largest rotation (degrees) of rotated streams; experience i is rotated by i/(n-1) of it.
     max_rotation: float = Field(90.0, ge=0, le=360)
-    #: Bring-your-own data: an .npz file with ``x``, ``y`` (optionally ``x_test``, ``y_test``, ``domain``).
+    #: Bring-your-own data: an .npz file with ``x``, ``y`` (optionally ``x_test``, ``y_test``, ``domain``);
+    #: for the ``folder`` stream, a folder of such files, one experience each, in the order of their names
+    #: (a stream that grows: new files are new experiences, ``tracking.continue_from``).
     path: Path | None = None
+    #: A folder stream's number of classes (the model's outputs), fixed when its lineage starts so that
+    #: later experiences may bring classes not seen yet; default: the largest class id in the files + 1.
+    n_classes: int | None = Field(None, ge=2)
     #: Where standard benchmarks (MNIST, CIFAR) are read from; nothing is downloaded.
     data_dir: Path = Path("data")
     #: Test share carved out of data that has no test split of its own (digits, npz without x_test).
@@ -96,6 +102,17 @@ class StreamConfig(_Section):
     def resolved_scenario(self) -> str:
         return self.scenario or BUILTIN_STREAMS[self.name][2]
 
+    def _check_folder(self) -> None:
+        if self.path is None:
+            raise ValueError("stream.path: a folder stream needs the folder that holds its experiences, "
+                             "one .npz file (x, y[, x_test, y_test]) each")
+        if "n_experiences" in self.model_fields_set:
+            raise ValueError("stream.n_experiences: a folder stream has one experience per .npz file in "
+                             "stream.path; remove the key")
+        if self.holdout_fraction:
+            raise ValueError("stream.holdout_fraction: a folder stream grows, so no share of it can be held "
+                             "apart for pretraining; use pretrain.path")
+
     @model_validator(mode="after")
     def _check(self) -> StreamConfig:
         dataset, allowed, _ = BUILTIN_STREAMS[self.name]
@@ -106,7 +123,11 @@ class StreamConfig(_Section):
             )
         if self.name == "npz" and self.path is None:
             raise ValueError("stream.path: an npz stream needs the path of an .npz file with x and y arrays")
-        if self.name != "npz" and self.path is not None:
+        if self.name == "folder":
+            self._check_folder()
+        elif self.n_classes is not None:
+            raise ValueError(f"stream.n_classes: only a folder stream takes it; {self.name!r} knows its classes")
+        if self.name not in ("npz", "folder") and self.path is not None:
             raise ValueError(f"stream.path: only the npz stream reads a file; {self.name!r} has its own data")
         if self.domain_shift is not None and scenario != "domain":
             raise ValueError("stream.domain_shift: only a domain-incremental stream has a domain shift")
@@ -322,6 +343,15 @@ class TrackingConfig(_Section):
     #: Promotion gates (lifelong/gates.py), e.g. ["avg_accuracy >= champion - 0.01",
     #: "avg_forgetting <= 0.15"]: a new version becomes ``champion`` only when all pass.
     gates: list[str] = Field(default_factory=list)
+    #: Keep learning from a registered version of this run's lineage (an alias such as ``champion``, or
+    #: a version number): train only the experiences of the folder stream it has not learned, from
+    #: its weights and continual state (flows/continuation.py). Unset: start from scratch.
+    continue_from: str | None = None
+
+    @field_validator("continue_from", mode="before")
+    @classmethod
+    def _version_number(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("model_name")
     @classmethod
@@ -632,6 +662,10 @@ class Config(_Section):
                              "for the continual flow use sample-level DP ([privacy.sample])")
         if self.privacy.sample is not None:
             self._check_sample_dp()
+        if self.stream.name == "folder" and self.flow != "continual":
+            raise ValueError(f"stream.name: a folder stream is for the continual flow (got flow = {self.flow!r})")
+        if self.tracking.continue_from is not None:
+            self._check_continuation()
         if self.tracking.gates:
             self._check_gates()
         if self.pretrain.epochs and self.stream.resolved_scenario == "task":
@@ -641,12 +675,28 @@ class Config(_Section):
                              "or pretrain.path to an .npz file")
         return self
 
+    def _check_continuation(self) -> None:
+        """A continuation grows one registered lineage from a folder stream (flows/continuation.py)."""
+        t = self.tracking
+        if not t.continue_from.strip() or "@" in t.continue_from or "/" in t.continue_from:
+            raise ValueError(f"tracking.continue_from: {t.continue_from!r}: give an alias (e.g. 'champion') or a "
+                             "version number of this run's lineage")
+        if self.flow != "continual" or self.stream.name != "folder":
+            raise ValueError("tracking.continue_from: a continuation trains the new files of a folder stream "
+                             "(flow = \"continual\", stream.name = \"folder\")")
+        if len(self.strategies) != 1 or isinstance(self.strategies[0], JointSpec):
+            raise ValueError("tracking.continue_from: a lineage is one strategy; give exactly one (not joint)")
+        if not (t.log_model and t.register_model):
+            raise ValueError("tracking.continue_from: the continuation registers the next version of the "
+                             "lineage; it needs tracking.log_model and tracking.register_model = true")
+
     def _check_gates(self) -> None:
         """A gate the run cannot judge is refused now, not after training (lifelong/gates.py)."""
         if self.clock is not None:
             raise ValueError("tracking.gates: runs on the virtual clock are not registered yet, so there is no "
                              "version to gate; remove [clock] or the gates")
-        check_gates(self.tracking.gates, self.flow, clock=False, dp=self.privacy.clipping != "off")
+        check_gates(self.tracking.gates, self.flow, clock=False, dp=self.privacy.clipping != "off",
+                    continuing=self.tracking.continue_from is not None)
         if self.tracking.promote_if and re.search(r"champion\s*$", self.tracking.promote_if):
             raise ValueError("tracking.promote_if: with tracking.gates, the gates decide 'champion'; "
                              "drop promote_if or give it another alias")

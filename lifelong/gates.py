@@ -12,6 +12,10 @@ its reason on the version). Syntax, one per string::
     clients_acc_worst >= 0.6            federated: the worst client's accuracy on what it has seen
     epsilon <= 8                        user-level DP: the run's epsilon (``client_epsilon_max``:
                                         the ledger's worst client)
+    drift_p_value >= 0.01               a continuation (``tracking.continue_from``): the new data's
+                                        drift test (flows/continuation.py); a small p-value means
+                                        the new experience differs from those learned, and a
+                                        person should look before it is promoted
 
 ``champion`` may be followed by ``+ NUMBER`` or ``- NUMBER``. A gate against the champion passes
 when no version holds ``champion`` yet (said in its reason). A metric the run did not produce, or
@@ -46,6 +50,8 @@ CLIENT_ACC_METRICS = tuple(f"clients_acc_{k}" for k in _SPREAD)
 CLIENT_FORGETTING_METRICS = tuple(f"clients_forgetting_{k}" for k in _SPREAD)
 #: Federated runs with user-level DP: the run's epsilon and the ledger's worst client.
 PRIVACY_METRICS = ("epsilon", "client_epsilon_max")
+#: Continuations: the drift test of the new experiences against the learned ones.
+DRIFT_METRICS = ("drift_p_value", "drift_statistic")
 
 
 class GateError(ValueError):
@@ -92,24 +98,24 @@ def parse_gate(text: str, key: str = "tracking.gates") -> Gate:
     return Gate(m["metric"], m["op"], float(m["value"]))
 
 
-def produced_metrics(flow: str, *, clock: bool, dp: bool) -> set[str]:
+def produced_metrics(flow: str, *, clock: bool, dp: bool, continuing: bool = False) -> set[str]:
     """The final metrics a run of ``flow`` reports, which gates may name."""
     if flow == "multitask":
         return set()
-    out = set(CONTINUAL_METRICS)
+    out = set(CONTINUAL_METRICS) | (set(DRIFT_METRICS) if continuing else set())
     if flow == "federated":
         out |= set(CLIENT_ACC_METRICS) | (set() if clock else set(CLIENT_FORGETTING_METRICS))
         out |= set(PRIVACY_METRICS) if dp else set()
     return out
 
 
-def check_gates(texts: Iterable[str], flow: str, *, clock: bool, dp: bool) -> list[Gate]:
+def check_gates(texts: Iterable[str], flow: str, *, clock: bool, dp: bool, continuing: bool = False) -> list[Gate]:
     """Parse every gate and refuse one on a metric the run will not produce (before any work)."""
     gates = [parse_gate(t, f"tracking.gates[{i}]") for i, t in enumerate(texts)]
     if gates and flow == "multitask":
         raise GateError("tracking.gates: gates judge continual lineages (flow continual or federated); a "
                         "multi-task run has no accuracy matrix to gate on")
-    produced = produced_metrics(flow, clock=clock, dp=dp)
+    produced = produced_metrics(flow, clock=clock, dp=dp, continuing=continuing)
     for i, g in enumerate(gates):
         if g.metric not in produced:
             hint = ""
@@ -118,6 +124,8 @@ def check_gates(texts: Iterable[str], flow: str, *, clock: bool, dp: bool) -> li
                         "synchronous ones, not on the virtual clock)")
             elif g.metric in PRIVACY_METRICS:
                 hint = " (privacy metrics need a federated run with user-level DP)"
+            elif g.metric in DRIFT_METRICS:
+                hint = " (drift is measured when a run continues a lineage: tracking.continue_from)"
             raise GateError(f"tracking.gates[{i}]: {str(g)!r} names {g.metric!r}, which this {flow} run does not "
                             f"produce{hint}; it produces {', '.join(sorted(produced))}")
     return gates

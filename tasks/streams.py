@@ -38,6 +38,7 @@ STREAM_DESCRIPTIONS = {
     "split_cifar10": "CIFAR-10 from stream.data_dir, classes split into experiences",
     "split_cifar100": "CIFAR-100 from stream.data_dir, classes split into experiences",
     "npz": "your own .npz (x, y[, x_test, y_test, domain]) as a class-, task- or domain-incremental stream",
+    "folder": "a folder of .npz files, one experience each in name order, that grows as new data lands",
 }
 
 
@@ -55,6 +56,8 @@ class Stream:
     holdout: tuple[torch.Tensor, torch.Tensor] | None = None
     #: Per-channel mean and standard deviation of the training split (``tasks/standardize.py``).
     input_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: A folder stream's experience files, in order (None for the other streams).
+    files: list[Path] | None = None
     _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _train: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
@@ -113,12 +116,23 @@ def build_stream(cfg: StreamConfig, seed: int) -> Stream:
 
     Kept in-process for the flow's later steps; an npz file edited in between is read anew.
     """
-    stamp = cfg.path.stat().st_mtime_ns if cfg.path is not None and cfg.path.is_file() else None
+    stamp = None
+    if cfg.path is not None and cfg.path.is_file():
+        stamp = cfg.path.stat().st_mtime_ns
+    elif cfg.path is not None and cfg.path.is_dir():  # a file that lands is a new experience
+        stamp = hash(tuple((f.name, f.stat().st_mtime_ns) for f in experience_files(cfg.path)))
     return _build_stream_cached(cfg, seed, stamp)
+
+
+def experience_files(folder: Path) -> list[Path]:
+    """A folder stream's experiences, in arrival order: its ``.npz`` files sorted by name."""
+    return sorted(p for p in Path(folder).glob("*.npz") if p.is_file())
 
 
 @lru_cache(maxsize=4)
 def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = None) -> Stream:
+    if cfg.name == "folder":
+        return _folder_stream(cfg, seed)
     arrays, holdout = _hold_out(load_arrays(cfg, seed), cfg.holdout_fraction, seed)
     if cfg.validation_fraction:
         arrays = _validation_split(arrays, cfg.validation_fraction, seed)
@@ -219,6 +233,38 @@ def _domain_stream(cfg: StreamConfig, a: Arrays, seed: int) -> Stream:
     return Stream(cfg.name, "domain", _with_classes(bm), a.n_classes, a.input_shape, classes)
 
 
+def _folder_stream(cfg: StreamConfig, seed: int) -> Stream:
+    """One experience per file of ``cfg.path``; each file split as an npz stream's is (its own
+    ``x_test`` or a seeded, stratified test share), then validation-split if asked."""
+    folder = Path(cfg.path)
+    if not folder.is_dir():
+        raise DatasetError(f"folder stream: {folder} is not a folder (stream.path)")
+    files = experience_files(folder)
+    if not files:
+        raise DatasetError(f"folder stream: no .npz files in {folder}; each experience is one file with x, y")
+    parts = [load_npz(f, cfg.test_fraction, seed) for f in files]
+    for f, a in zip(files[1:], parts[1:]):
+        if a.input_shape != parts[0].input_shape:
+            raise DatasetError(f"folder stream: {f.name} has inputs of shape {a.input_shape}, "
+                               f"{files[0].name} of {parts[0].input_shape}")
+    n_classes = cfg.n_classes or max(a.n_classes for a in parts)
+    for f, a in zip(files, parts):
+        if a.n_classes > n_classes:
+            raise DatasetError(f"folder stream: {f.name} has class id {a.n_classes - 1}, but stream.n_classes = "
+                               f"{n_classes} (ids 0..{n_classes - 1})")
+    if cfg.validation_fraction:
+        parts = [_validation_split(a, cfg.validation_fraction, seed) for a in parts]
+    bm = benchmark_from_datasets(
+        train=[tensor_dataset(a.x_train, a.y_train, task_labels=0) for a in parts],
+        test=[tensor_dataset(a.x_test, a.y_test, task_labels=0) for a in parts],
+    )
+    classes = [sorted(torch.unique(a.y_train).tolist()) for a in parts]
+    stream = Stream(cfg.name, cfg.resolved_scenario, _with_classes(bm), n_classes, parts[0].input_shape, classes)
+    stream.input_stats = channel_stats(torch.cat([a.x_train for a in parts]))
+    stream.files = files
+    return stream
+
+
 def _with_classes(bm):
     """Give every experience its ``classes_in_this_experience``.
 
@@ -265,7 +311,10 @@ def data_fingerprint(stream: Stream, path: Path | None = None) -> dict:
     out: dict = {"stream": stream.name, "experiences": [
         {"train": digest(stream.train_tensors(i)[:2]), "test": digest(stream.test_tensors(i)[:2])}
         for i in range(stream.n_experiences)]}
-    if path is not None:
+    if stream.files is not None:
+        for e, f in zip(out["experiences"], stream.files):
+            e.update({"file": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
+    elif path is not None:
         out["file"] = {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
     return out
 
