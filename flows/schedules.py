@@ -159,6 +159,8 @@ def deployment_parameters(cfg: Config) -> dict[str, Any]:
     it here makes every scheduled run log where the person who scheduled it expects.
     """
     data = cfg.model_dump(mode="json", by_alias=True)
+    if data["stream"].get("path"):  # read where it was meant, whatever directory serves the runs
+        data["stream"]["path"] = str(Path(data["stream"]["path"]).resolve())
     if not data["tracking"].get("uri"):
         data["tracking"]["uri"] = default_tracking_uri()
     return {"config": data}
@@ -218,6 +220,15 @@ def make_deployment(cfg: Config, name: str, schedule: SCHEDULE_TYPES, source: st
 
     flow = flow_for(cfg)
     about = f"Lifelong {cfg.flow} pipeline" + (f" from {source}" if source else "")
+    limit = None
+    if cfg.tracking.continue_from is not None:
+        # A continuation checks for new data and learns it: two runs at once would both continue the
+        # same champion from the same new file. One at a time; a run due while one works is cancelled
+        # (the next one finds whatever is still new).
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+        limit = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+        about += ": continues the lineage when new experience files land, does nothing when none did"
     try:
         return flow.to_deployment(
             name=name,
@@ -226,6 +237,7 @@ def make_deployment(cfg: Config, name: str, schedule: SCHEDULE_TYPES, source: st
             description=about,
             tags=[TAG],
             entrypoint_type=EntrypointType.MODULE_PATH,
+            concurrency_limit=limit,
         )
     except InvalidNameError as exc:
         raise ScheduleError(f"--name {name!r}: {exc}") from None

@@ -68,6 +68,7 @@ class StreamConfig(_Section):
     name: StreamName = "split_digits"
     #: class-, task- or domain-incremental; defaults to what the stream's name says.
     scenario: Literal["class", "task", "domain"] | None = None
+    #: (A folder stream has one per file in ``stream.path``: leave it out.)
     n_experiences: int = Field(5, ge=1)
     #: Domain shift of a domain-incremental npz stream: a pixel permutation or a rotation per
     #: experience, or ``given`` to split by the file's own ``domain`` array.
@@ -106,7 +107,9 @@ class StreamConfig(_Section):
         if self.path is None:
             raise ValueError("stream.path: a folder stream needs the folder that holds its experiences, "
                              "one .npz file (x, y[, x_test, y_test]) each")
-        if "n_experiences" in self.model_fields_set:
+        # (Not "was the key given": a config dumped and validated again — a deployment's parameter, a
+        # resumed run's record — carries the default.)
+        if self.n_experiences != StreamConfig.model_fields["n_experiences"].default:
             raise ValueError("stream.n_experiences: a folder stream has one experience per .npz file in "
                              "stream.path; remove the key")
         if self.holdout_fraction:
