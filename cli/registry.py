@@ -152,7 +152,11 @@ def lineage(
         width = max(width, len(f["final_row"] or []))
     _table(["version", "aliases", "parent", "experiences", "gates", "created", "run"], rows)
     typer.echo("\naccuracy on each experience after each version (final rows)")
-    _table(["  version", *(f"exp{i}" for i in range(width)), "avg"],
+    # The columns are the experiences of the version that learned the most (a folder stream's file names).
+    longest = max((registry.lineage_fields(v)["experiences"] or [] for v in versions), key=len)
+    heads = [str(e).removesuffix(".npz") for e in longest] if len(longest) == width else \
+        [f"exp{i}" for i in range(width)]
+    _table(["  version", *heads, "avg"],
            [[f"  v{v.version}", *(_num(x) for x in (registry.lineage_fields(v)["final_row"] or [])),
              *([""] * (width - len(registry.lineage_fields(v)["final_row"] or []))),
              _num(v.metrics.get("avg_accuracy"))] for v in versions])

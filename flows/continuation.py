@@ -127,16 +127,36 @@ def plan(cfg: Config, uri: str, stream: Stream) -> Continuation:
     if names[:len(learned)] != learned:
         raise ContinuationError(f"{what}: it learned {learned}, but the folder's first files are "
                                 f"{names[:len(learned)]}; new experiences must sort after the learned ones")
-    data = json.loads(v.tags.get(registry.DATA_TAG, "{}"))
-    for i, e in enumerate(data.get("experiences", [])[:len(learned)]):
-        current = stream.files[i]
-        if e.get("sha256") and hashlib.sha256(current.read_bytes()).hexdigest() != e["sha256"]:
-            raise ContinuationError(f"{what}: {current.name} changed since it was learned (sha256 differs); "
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in stream.files]
+    for i, e in enumerate(_files(v)[:len(learned)]):
+        if e.get("sha256") and digests[i] != e["sha256"]:
+            raise ContinuationError(f"{what}: {names[i]} changed since it was learned (sha256 differs); "
                                     "a learned experience is never rewritten: add new data as a new file")
     if len(names) == len(learned):
         raise NothingNew(f"nothing new to learn: {stream.files[0].parent} holds the {len(names)} experience(s) "
                          f"{name} v{v.version} has learned")
+    tried = _tried(uri, name, v.version, names, digests)
+    if tried is not None:  # a schedule would otherwise register a refused version at every check
+        raise NothingNew(f"nothing new to learn: v{tried.version} already continued v{v.version} on these files "
+                         f"and was not promoted ({tried.promotion or 'no gates'}); add new data, replace the "
+                         f"new file, or promote v{tried.version} by hand (`lifelong registry promote {name} "
+                         f"{tried.version}`)")
     return Continuation(name, v.version, learned, state)
+
+
+def _files(v) -> list[dict]:
+    """A version's learned files as its lineage tag records them (name, sha256)."""
+    return json.loads(v.tags.get(registry.DATA_TAG, "{}")).get("experiences", [])
+
+
+def _tried(uri: str, name: str, parent: str, names: list[str], digests: list[str]):
+    """A child of ``parent`` that already learned exactly these files (names and contents), if any."""
+    for other in registry.lineage(uri, name):
+        files = _files(other)
+        if (other.tags.get(registry.PARENT_TAG) == parent and [e.get("file") for e in files] == names
+                and [e.get("sha256") for e in files] == digests):
+            return other
+    return None
 
 
 def _check_same(what: str, saved: dict[str, str], cfg: Config) -> None:

@@ -186,6 +186,10 @@ def test_a_drift_gate_holds_a_drifted_arrival_back(lineage):
     v2 = registry.show(uri, f"{NAME}/2")
     assert v2.metrics["drift_p_value"] < 0.01
     assert "champion" not in v2.aliases and "not promoted" in v2.promotion
+    # The next check finds the refused try: it does not register the same refusal again.
+    again = run_continual(config(lineage, 'tracking.continue_from="champion"', gate))
+    assert again.nothing_new and "v2 already continued v1 on these files" in again.nothing_new
+    assert versions(lineage) == ["1", "2"]
 
 
 # --------------------------------------------------------------------------- the test itself
