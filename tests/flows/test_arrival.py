@@ -18,7 +18,7 @@ from lifelong import registry
 from lifelong.config import load_config
 from lifelong.flows.continual import run_continual
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 REPO = Path(__file__).resolve().parents[2]
 NAME = "arrivals"
 GATES = ["avg_accuracy >= champion - 0.5"]

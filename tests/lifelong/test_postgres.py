@@ -22,7 +22,7 @@ from servers import MlflowServer, PostgresServer
 from lifelong import registry
 from lifelong.tracking import client_for, read_results
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 WRITERS, STEPS, METRICS = 8, 100, ("m/a", "m/b")
 
