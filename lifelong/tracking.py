@@ -124,11 +124,16 @@ class MLflowLogger(BaseLogger):
         self._buffer.clear()
 
     def flush(self) -> None:
+        """Send what is buffered. A batch the store refuses or cannot be reached for (MLflow's client
+        retries a server that is down for a while first) stays buffered, and the error is raised:
+        a later flush, or a resumed run, sends it; nothing is dropped. Sending a batch again that
+        did arrive duplicates nothing (the stores skip an identical key, value, timestamp, step)."""
         while self._buffer or self._tags:
-            tags, self._tags = self._tags[:_BATCH_PARAMS], self._tags[_BATCH_PARAMS:]
+            tags = self._tags[:_BATCH_PARAMS]
             n = _BATCH_METRICS - len(tags)  # (MLflow's limit of 1,000 counts tags too)
-            chunk, self._buffer = self._buffer[:n], self._buffer[n:]
+            chunk = self._buffer[:n]
             self.client.log_batch(self.run_id, metrics=chunk, tags=tags)
+            del self._tags[:len(tags)], self._buffer[:len(chunk)]
 
     def flush_if_older(self, seconds: float) -> None:
         """Flush when the oldest buffered value is ``seconds`` old: a value reaches MLflow at
