@@ -14,11 +14,13 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def check_before_work(cfg) -> None:
-    """Read the data and build the model once: missing or bad data fails here, before any work."""
+    """Read the data and build the model once, and open the MLflow store: missing or bad data, an
+    unreachable server or a foreign database fails here, before any work."""
     if cfg.flow == "multitask":
         from lifelong.flows.multitask import load_data
 
         load_data(cfg)
+        check_tracking_store(cfg)
         return
     from lifelong.bridges.avalanche.learners import resolve_device
     from lifelong.flows.continual import pretraining_data
@@ -39,3 +41,15 @@ def check_before_work(cfg) -> None:
 
             check_ray_address(cfg.federated.ray_address)  # no cluster there: refused here
         privacy_plan(cfg)  # an unreachable target epsilon or an exceeded budget: refused here
+    check_tracking_store(cfg)
+
+
+def check_tracking_store(cfg) -> None:
+    """Last of the checks: opening a SQLite store that does not exist yet creates it."""
+    from lifelong.config import ConfigError
+    from lifelong.registry import StoreUnavailable, check_store
+
+    try:
+        check_store(cfg.tracking.uri)
+    except StoreUnavailable as exc:
+        raise ConfigError(str(exc)) from None

@@ -301,6 +301,23 @@ def _translated(uri: str) -> Iterator[None]:
         raise RegistryError(f"MLflow store {uri}: {first[:300]}") from None
 
 
+def check_store(uri: str | None) -> str:
+    """The run's MLflow store answers, and is MLflow's at this MLflow's schema: checked before any
+    work, so a run does not train for an hour and then fail to log (a SQLite file that does not
+    exist yet is created, as the run would). One line naming the store and the problem otherwise."""
+    uri = uri or default_tracking_uri()
+    with fail_fast():
+        try:
+            with _translated(uri):
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except RegistryError as exc:
+            raise StoreUnavailable(f"tracking.uri: {exc}") from None
+        except Exception as exc:  # the database driver's own: no server there, refused login, foreign schema
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise StoreUnavailable(f"tracking.uri: cannot use {uri} as an MLflow store: {first[:300]}") from None
+    return uri
+
+
 def _open(uri: str | None) -> tuple[MlflowClient, str]:
     """A client for reading ``uri``; a SQLite file that does not exist is an error, not a new store."""
     uri = uri or default_tracking_uri()

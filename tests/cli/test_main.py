@@ -57,3 +57,18 @@ def test_results_of_an_unknown_run(tmp_path):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "lifelong.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "results" in out.stdout
+
+
+def test_an_unreachable_or_foreign_tracking_store_is_refused_before_any_work(tmp_path):
+    import sqlite3
+
+    foreign = tmp_path / "prefect.db"  # another tool's database: alembic at a revision MLflow does not know
+    with sqlite3.connect(foreign) as db:
+        db.execute("create table alembic_version (version_num varchar(32))")
+        db.execute("insert into alembic_version values ('deadbeef1234')")
+    for uri, expected in (("http://127.0.0.1:9", "cannot reach the MLflow tracking server at http://127.0.0.1:9"),
+                          (f"sqlite:///{foreign}", "Can't locate revision identified by 'deadbeef1234'")):
+        result = runner.invoke(app, ["run", "--set", f'tracking.uri="{uri}"', "--set", "training.epochs=1"])
+        assert result.exit_code == 2, result.output
+        assert "error: tracking.uri:" in result.output and expected in result.output
+        assert "Traceback" not in result.output
