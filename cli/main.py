@@ -156,9 +156,6 @@ def print_multitask_table(result) -> None:
 
 
 def print_federated(result) -> None:
-    if result.nothing_new:  # a continuation that found no new file: not an error
-        typer.echo(result.nothing_new)
-        return
     cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]
     typer.echo("")
     typer.echo(f"{'strategy':<24}" + "".join(f"{c:>15}" for c in cols))
@@ -305,7 +302,7 @@ def sweep(
 def print_results_table(result) -> None:
     from lifelong.tasks.metrics import matrix_summary  # noqa: F401  (keeps the import cost out of --help)
 
-    if result.nothing_new:  # a continuation that found no new file: not an error
+    if getattr(result, "nothing_new", None):  # a continuation that found no new file: not an error
         typer.echo(result.nothing_new)
         return
     cols = ["avg_accuracy", "avg_forgetting", "bwt", "min_acc", "wc_acc", "wf_10"]

@@ -165,7 +165,11 @@ def test_every_example_config_survives_the_trip_through_a_deployment_parameter()
         cfg = load_config(path)
         params = sched.deployment_parameters(cfg)
         back = validate_config(json.loads(json.dumps(params["config"])))  # what a run receives
-        assert back.model_copy(update={"tracking": cfg.tracking}) == cfg, path
+        # The data path is pinned too, so a run reads it wherever the deployment is served from.
+        stream = cfg.stream if cfg.stream.path is None else \
+            cfg.stream.model_copy(update={"path": cfg.stream.path.resolve()})
+        assert back.model_copy(update={"tracking": cfg.tracking}) == cfg.model_copy(update={"stream": stream}), path
+        assert back.stream.path is None or back.stream.path.is_absolute()
         assert back.tracking.uri  # the MLflow store is pinned when the schedule is made
     assert sched.default_name("configs/default.toml") == "default"
 
