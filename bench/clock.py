@@ -15,11 +15,19 @@ or two each), 5 experiences, the MLP, replay 200, 1 local epoch.
 Each side's figure is its event loop or rounds alone (``VirtualClock.run`` / ``serve``, after
 the MLflow run is open), over the local rounds that reached the model. The target: the clock's
 cost per applied update ≤ 1.3 × the synchronous flow's.
+
+Per-client evaluation's cost (issue 20's target: ≤ 25% of a 1,000-client run's time): on each
+side, the time spent in what per-client evaluation adds to the global evaluation — the clients'
+test shares, reading each client's accuracy off the shared pass, the spreads — timed by wrapping
+those functions during the run, as a share of that side's wall time. The model's pass over the
+test splits is the global evaluation's and is not counted.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.setup import bench_config, create_store, out_folder, start_prefect_api, store
@@ -30,6 +38,37 @@ COMMON = ['flow="federated"', 'stream.name="permuted_digits"', "stream.n_experie
 CLOCK = ['clock={mode="fedbuff", hours=24, concurrency=50, buffer=10, round_minutes=20, experience_hours=4, '
          'on_hours=2, off_hours=2}']
 SYNC = ["federated.fraction=0.05", "federated.rounds=14"]
+
+
+@contextmanager
+def per_client_eval_timer():
+    """Seconds spent in per-client evaluation's own functions while the block runs."""
+    import lifelong.flows.federated as fed
+    import lifelong.flows.virtual_clock as vcm
+    from lifelong.tasks import client_eval
+
+    spent = defaultdict(float)
+    targets = [(client_eval, n) for n in ("client_accuracies", "seen_accuracy", "spread", "client_forgetting",
+                                          "matrix_table")]
+    targets += [(fed, "client_test_indices"), (vcm, "client_test_indices")]
+    originals = [(m, n, getattr(m, n)) for m, n in targets]
+
+    def wrap(f):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent["s"] += time.perf_counter() - t
+        return timed
+
+    for m, n, f in originals:
+        setattr(m, n, wrap(f))
+    try:
+        yield spent
+    finally:
+        for m, n, f in originals:
+            setattr(m, n, f)
 
 
 def run(out_dir: Path | None = None) -> dict:
@@ -49,14 +88,16 @@ def run(out_dir: Path | None = None) -> dict:
     with open("/dev/null", "w") as quiet:
         vc = VirtualClock(clock_cfg, run_id, uri, log=quiet)
         t = time.perf_counter()
-        vc.run()
+        with per_client_eval_timer() as clock_eval:
+            vc.run()
         clock_s = time.perf_counter() - t
     clock_updates = vc.total.applied
 
     run_id = open_federated_run(sync_cfg, uri)
     t = time.perf_counter()
-    result = serve(inprocess_grid(sync_cfg), sync_cfg, run_id, uri,
-                   checkpoint=out_dir / "checkpoints" / run_id / "federated.pt")
+    with per_client_eval_timer() as sync_eval:
+        result = serve(inprocess_grid(sync_cfg), sync_cfg, run_id, uri,
+                       checkpoint=out_dir / "checkpoints" / run_id / "federated.pt")
     sync_s = time.perf_counter() - t
     sync_updates = result.rounds * sync_cfg.federated.sampled
     per_clock, per_sync = clock_s / clock_updates, sync_s / sync_updates
@@ -69,6 +110,8 @@ def run(out_dir: Path | None = None) -> dict:
         "sync": {"rounds": result.rounds, "wall_s": sync_s, "updates_applied": sync_updates},
         "clock_s_per_update": per_clock, "sync_s_per_update": per_sync,
         "clock_over_sync_per_update": per_clock / per_sync,
+        "per_client_eval_s": {"clock": clock_eval["s"], "sync": sync_eval["s"]},
+        "per_client_eval_share": {"clock": clock_eval["s"] / clock_s, "sync": sync_eval["s"] / sync_s},
     }
 
 
@@ -84,4 +127,8 @@ def report(r: dict) -> str:
         f"  per applied update: clock {1000 * r['clock_s_per_update']:.1f} ms, sync "
         f"{1000 * r['sync_s_per_update']:.1f} ms  -> {ratio:.2f}x (target <= 1.3x: "
         f"{'met' if ratio <= 1.3 else 'NOT met'})",
+        f"  per-client evaluation (1,000 clients; shares, accuracies, spreads): clock "
+        f"{r['per_client_eval_s']['clock']:.2f} s = {r['per_client_eval_share']['clock']:.1%} of its wall, sync "
+        f"{r['per_client_eval_s']['sync']:.2f} s = {r['per_client_eval_share']['sync']:.1%} (target <= 25%: "
+        f"{'met' if max(r['per_client_eval_share'].values()) <= 0.25 else 'NOT met'})",
     ])
