@@ -52,7 +52,8 @@ from lifelong.bridges.avalanche.worker import ClientReplayBuffer, Worker, seed_r
 from lifelong.bridges.flower import protocol
 from lifelong.clients import state as st
 from lifelong.config import Config, ReplaySpec
-from lifelong.tasks.partition import client_indices, client_share
+from lifelong.tasks.evaluation import correct_predictions
+from lifelong.tasks.partition import client_indices, client_share, client_test_indices
 from lifelong.tasks.standardize import Standardize
 from lifelong.tasks.streams import Stream, build_stream
 
@@ -107,6 +108,27 @@ class ClientLearner:
 
     def share(self, experience: int):
         return client_share(self.cfg, self.stream, experience, self.pid)
+
+    @property
+    def evaluates_personal_model(self) -> bool:
+        """A learner with local state reports its personalised model's accuracy at each experience's
+        end; not under DP, where a per-client figure the mechanism does not cover must not leave the
+        client (``privacy.clipping`` protects the update only, ``[privacy.sample]`` the training)."""
+        return (self.keeps_state and self.cfg.privacy.sample is None and self.cfg.privacy.clipping == "off")
+
+    def personal_accuracy(self, model: torch.nn.Module, experience: int) -> list[float]:
+        """The locally trained model's accuracy on this client's own test share of each experience
+        seen so far (the shares the server evaluates the global model on: ``tasks/client_eval.py``)."""
+        out = []
+        for i in range(experience + 1):
+            idx = client_test_indices(self.cfg, self.stream, i)[self.pid]
+            if not len(idx):
+                out.append(float("nan"))
+                continue
+            x, y, t = (a[idx] for a in self.stream.test_tensors(i))
+            hits = correct_predictions(model, x, y, t, self.cfg.training.eval_batch_size, self.device)
+            out.append(float(hits.float().mean()))
+        return out
 
     def train_round(self, weights: dict[str, torch.Tensor], experience: int, server_round: int,
                     boundary: dict[str, torch.Tensor] | None = None, ends_experience: bool = False,
@@ -198,6 +220,8 @@ class ClientLearner:
             st.write_accountant(staged, worker.dp.engine.accountant.history)
             metrics[protocol.SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon
             metrics[protocol.TRAIN_LOSS] = float("nan")  # computed on the data without noise (docstring)
+        if ends_experience and self.evaluates_personal_model:
+            metrics[protocol.PERSONAL_ACC] = self.personal_accuracy(model, experience)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
     def _consolidate(self, experience: int, model, regularizers, memory, staged: RecordDict) -> None:

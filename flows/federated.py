@@ -357,6 +357,7 @@ class ServerLoop:
             self.logger.log_values({**{f"matrix/acc_exp{i}": a for i, a in enumerate(self.rows[-1])},
                                     "avg_acc_seen": float(np.mean(self.rows[-1][: experience + 1]))}, experience)
             self._client_row(experience, correct)
+            self._personal_spread(rnd, experience)
         if self.checkpoint is not None and server_round:
             # What MLflow does not have yet goes into the checkpoint: a resumed run logs it then.
             save_round(self.checkpoint, self.cfg, self.run_id, rnd, arrays, self.strategy, self.trace, self.rows,
@@ -385,6 +386,25 @@ class ServerLoop:
         self.client_rows.append(row)
         spread = client_eval.spread(client_eval.seen_accuracy(row, experience))
         self.logger.log_values({f"clients/acc_{k}": v for k, v in spread.items()}, experience)
+
+    def _personal_spread(self, rnd: int, experience: int) -> None:
+        """The clients of the experience's last round that evaluated their personalised (locally
+        trained) model: the spread of its accuracy on their own seen experiences
+        (``clients/personal_acc_*``), and its mean gain over the global model on the same shares
+        (``clients/personal_gain_mean``). Only those clients: the others hold no such model now."""
+        done = [o for o in self.strategy.outcomes if o.round == rnd and o.status == "ok" and o.personal]
+        own = np.array([np.nanmean(o.personal) if np.isfinite(o.personal).any() else np.nan for o in done])
+        keep = np.isfinite(own)
+        if not keep.any():
+            return
+        row = self.client_rows[-1]
+        global_own = np.array([np.nanmean(row[o.partition_id, : experience + 1]) for o in done])
+        values = {f"clients/personal_acc_{k}": v for k, v in client_eval.spread(own[keep]).items()}
+        both = keep & np.isfinite(global_own)
+        if both.any():
+            values["clients/personal_gain_mean"] = float(np.mean(own[both] - global_own[both]))
+        values["clients/personal_evaluated"] = int(keep.sum())
+        self.logger.log_values(values, experience)
 
     def _client_spread(self, rnd: int, experience: int, correct: dict[int, torch.Tensor]) -> None:
         """Every ``eval_every_rounds``: each client's accuracy on its own test shares of the

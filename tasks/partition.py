@@ -90,6 +90,7 @@ def experience_labels(experience) -> torch.Tensor:
 # --------------------------------------------------------------------------- clients' shares of a stream
 # Read-only data, cached per process: a stream's client split depends only on the config.
 _SHARES: dict[tuple, list[torch.Tensor]] = {}
+_TEST_SHARES: dict[tuple, list[torch.Tensor]] = {}
 # Clients' shares of one experience as Avalanche experiences (read-only too: a training round
 # reads its share, never changes it), built once per process and experience, not every round.
 _SHARE_EXPERIENCES: dict[tuple, tuple[Stream, dict[int, object]]] = {}
@@ -107,6 +108,15 @@ def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.T
 
 
 def client_test_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
+    """Every client's own test share of ``experience`` (indices into its test split), computed once
+    per process: each client that evaluates its own model asks for it (``clients/learner.py``)."""
+    key = _split_key(cfg, experience)
+    if key not in _TEST_SHARES:
+        _TEST_SHARES[key] = _client_test_indices(cfg, stream, experience)
+    return _TEST_SHARES[key]
+
+
+def _client_test_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
     """Every client's own test share of ``experience`` (indices into its test split).
 
     Each class's test samples are dealt out, after a seeded shuffle, in proportion to the

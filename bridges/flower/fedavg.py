@@ -55,6 +55,9 @@ class ClientOutcome:
     reason: str = ""
     #: The client's sample-level epsilon so far (``[privacy.sample]``; reply metric ``sample-epsilon``).
     sample_epsilon: float | None = None
+    #: Its personalised model's accuracy on its own test share of each experience seen, at an
+    #: experience's last round (reply metric ``personal-acc``; learners with local state, no DP).
+    personal: list[float] | None = None
 
 
 def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -166,7 +169,9 @@ class ContinualFedAvg(FedAvg):
             self.outcomes.append(ClientOutcome(rnd, node, int(m[protocol.PARTITION_ID]), "ok",
                                                int(m[self.weighted_by_key]), float(m[protocol.TRAIN_LOSS]),
                                                sample_epsilon=float(m[protocol.SAMPLE_EPSILON])
-                                               if protocol.SAMPLE_EPSILON in m else None))
+                                               if protocol.SAMPLE_EPSILON in m else None,
+                                               personal=[float(a) for a in m[protocol.PERSONAL_ACC]]
+                                               if protocol.PERSONAL_ACC in m else None))
         for msg in errors:
             node = msg.metadata.src_node_id
             log.warning("round %d: client %d (partition %s) failed: %s", rnd, node,

@@ -38,6 +38,10 @@ PARTITION_ID = "partition-id"
 SAMPLE_EPSILON = "sample-epsilon"
 #: 1 when OnePrompt's VOR phase ran in the round, else 0 (``oneprompt`` only).
 VOR_RAN = "vor-ran"
+#: At an experience's last round, a learner with local state (replay, regularisers) without DP: its
+#: locally trained (personalised) model's accuracy on its own test share of each experience seen so
+#: far, a list (NaN where its share is empty).
+PERSONAL_ACC = "personal-acc"
 
 # --------------------------------------------------------------------------- a SuperNode's node config
 NODE_PARTITION_ID = "partition-id"

@@ -86,6 +86,47 @@ def test_every_client_is_evaluated_on_its_own_share_and_the_shares_add_up_to_the
     assert out.exit_code == 0 and "per client" in out.output and "worst clients: client " in out.output
 
 
+def test_each_client_evaluates_its_personalised_model_on_its_own_shares(finished):
+    """At each experience's end every client that trained (all three here) reports its locally
+    trained model's accuracy on its own test shares; the server logs their spread. The shares are
+    the server's: the final global model, evaluated by each client as its own, gives the server's
+    per-client row exactly — an independent check of what the clients read."""
+    import mlflow
+    from flwr.app import RecordDict
+
+    from lifelong.clients.learner import ClientLearner
+
+    cfg, result = finished
+    client = client_for(cfg.tracking.uri)
+
+    def history(key):
+        return sorted(client.get_metric_history(result.run_id, f"clients/{key}"), key=lambda m: m.step)
+
+    assert [m.step for m in history("personal_acc_mean")] == [0, 1]
+    assert [m.value for m in history("personal_evaluated")] == [3, 3]
+    assert all(0 <= m.value <= 1 for m in history("personal_acc_worst"))
+    assert len(history("personal_gain_mean")) == 2
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    last = read_results(result.run_id, cfg.tracking.uri).client_matrix
+    from lifelong.tasks.client_eval import rows_from_table
+
+    row = rows_from_table(last)[-1]
+    for pid in range(3):
+        learner = ClientLearner(cfg, pid, RecordDict())
+        assert learner.evaluates_personal_model
+        assert learner.personal_accuracy(model, 1) == pytest.approx(list(row[pid]))
+
+
+def test_under_dp_no_personal_figure_leaves_a_client(tmp_path):
+    from flwr.app import RecordDict
+
+    from lifelong.clients.learner import ClientLearner
+
+    cfg = fed_config(tmp_path, 'privacy.clipping="flat"', "privacy.clip=1.0", "privacy.noise_multiplier=1.0")
+    assert not ClientLearner(cfg, 0, RecordDict()).evaluates_personal_model
+
+
 def test_split_and_client_table_are_logged(finished, tmp_path):
     cfg, result = finished
     client = client_for(cfg.tracking.uri)
