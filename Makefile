@@ -18,10 +18,11 @@ run: $(STAMP)  ## set up, then run the default pipeline (naive vs replay vs join
 # Files go out in the order tests/conftest.py puts them, the heaviest first, so the two workers
 # finish together (xdist's own order, files with the most tests first, left the few long
 # deployment and training files for last, with one worker idle while the other ran them).
+# The slowest tests are listed at the end of every run (--durations), to see where the time goes.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)  ## set up, then run the whole test suite
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks: ratios measured side by side in one run
 	$(BIN)/python -m bench
