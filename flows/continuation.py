@@ -138,9 +138,8 @@ def plan(cfg: Config, uri: str, stream: Stream) -> Continuation:
     tried = _tried(uri, name, v.version, names, digests)
     if tried is not None:  # a schedule would otherwise register a refused version at every check
         raise NothingNew(f"nothing new to learn: v{tried.version} already continued v{v.version} on these files "
-                         f"and was not promoted ({tried.promotion or 'no gates'}); add new data, replace the "
-                         f"new file, or promote v{tried.version} by hand (`lifelong registry promote {name} "
-                         f"{tried.version}`)")
+                         f"({tried.promotion or 'no gates decided'}); add new data, replace the new file, or "
+                         f"promote v{tried.version} by hand (`lifelong registry promote {name} {tried.version}`)")
     return Continuation(name, v.version, learned, state)
 
 

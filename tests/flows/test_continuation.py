@@ -15,6 +15,7 @@ from lifelong.config import load_config
 from lifelong.flows.continual import run_continual
 from lifelong.flows.continuation import ContinuationError, drift_test
 from lifelong.tasks.data import DatasetError
+from lifelong.tracking import client_for
 
 pytestmark = pytest.mark.integration
 
@@ -190,6 +191,43 @@ def test_a_drift_gate_holds_a_drifted_arrival_back(lineage):
     again = run_continual(config(lineage, 'tracking.continue_from="champion"', gate))
     assert again.nothing_new and "v2 already continued v1 on these files" in again.nothing_new
     assert versions(lineage) == ["1", "2"]
+
+
+def test_an_interrupted_continuation_resumes_to_the_unbroken_one(tmp_path, monkeypatch):
+    import lifelong.flows.continual as fc
+
+    more = ((0, 1, 2), (3, 4, 5), (6, 7), (8, 9))
+    last_rows = []
+    for name, interrupt in (("unbroken", False), ("interrupted", True)):
+        tmp = tmp_path / name
+        write_experiences(tmp / "data", [0, 1])
+        run_continual(config(tmp))
+        write_experiences(tmp / "data", [2, 3], classes=more)
+        cfg = config(tmp, 'tracking.continue_from="champion"')
+        if not interrupt:
+            last_rows.append(run_continual(cfg).results[0].matrix[-1])
+            continue
+        original = fc.train_experience
+
+        def failing(learner, i):
+            if i == 3:
+                raise RuntimeError("power cut")
+            return original.fn(learner, i)
+
+        monkeypatch.setattr(fc, "train_experience", failing)
+        with pytest.raises(RuntimeError, match="power cut"):
+            run_continual(cfg)
+        monkeypatch.setattr(fc, "train_experience", original)
+        assert versions(tmp) == ["1"]  # nothing registered by the interrupted run
+        client = client_for(cfg.tracking.uri)
+        exp = client.get_experiment_by_name("lifelong").experiment_id
+        parent = next(r.info.run_id for r in client.search_runs([exp], order_by=["attributes.start_time DESC"])
+                      if "mlflow.parentRunId" not in r.data.tags)
+        resumed = run_continual(cfg, resume=parent)
+        last_rows.append(resumed.results[0].matrix[-1])
+        assert versions(tmp) == ["1", "2"]
+        assert registry.lineage_fields(registry.show(cfg.tracking.uri, f"{NAME}/2"))["parent"] == "1"
+    np.testing.assert_allclose(last_rows[1], last_rows[0], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the test itself
