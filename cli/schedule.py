@@ -85,14 +85,17 @@ def _create_and_serve(config: Path, cron, interval, rrule, timezone, name, set_)
         fail(str(exc), exc.code)
     try:
         cfg = load_config(config, set_)
-        check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
     name = name or sched.default_name(config)
-    try:
+    try:  # the name first: a refused schedule touches no data and no store
         deployment = sched.make_deployment(cfg, name, when, source=str(config))
     except sched.ScheduleError as exc:
         fail(str(exc), exc.code)
+    try:
+        check_before_work(cfg)
+    except (ConfigError, ValueError) as exc:
+        fail(str(exc))
     try:
         url = sched.require_server()
         full = sched.apply(deployment)

@@ -305,7 +305,14 @@ def check_store(uri: str | None) -> str:
     """The run's MLflow store answers, and is MLflow's at this MLflow's schema: checked before any
     work, so a run does not train for an hour and then fail to log (a SQLite file that does not
     exist yet is created, as the run would). One line naming the store and the problem otherwise."""
+    import logging
+
     uri = uri or default_tracking_uri()
+    # Creating or migrating a SQLite store is MLflow's and alembic's INFO chatter, not the user's news.
+    quiet = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
     with fail_fast():
         try:
             with _translated(uri):
@@ -315,6 +322,9 @@ def check_store(uri: str | None) -> str:
         except Exception as exc:  # the database driver's own: no server there, refused login, foreign schema
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise StoreUnavailable(f"tracking.uri: cannot use {uri} as an MLflow store: {first[:300]}") from None
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
     return uri
 
 
