@@ -28,6 +28,7 @@ import torch
 from avalanche.logging import BaseLogger
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 matplotlib.use("Agg")  # files only: no display here, and none needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,7 +56,12 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri))
+    except MlflowException as exc:  # a process beside this one (a parallel sweep) created it first
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 @contextmanager

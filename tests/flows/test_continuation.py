@@ -111,11 +111,25 @@ def test_the_lineage_command_shows_the_chain(grown):
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """A lineage's v1 on two files, trained once for the file; each test gets its own copy."""
+    tmp = tmp_path_factory.mktemp("started")
+    write_experiences(tmp / "data", [0, 1])
+    run_continual(config(tmp))
+    return tmp
+
+
+def copy_of(started, tmp):
+    """The lineage's data folder and MLflow store (its artifacts stay where they are, read only)."""
+    shutil.copytree(started / "data", tmp / "data")
+    shutil.copy(started / "mlruns.db", tmp / "mlruns.db")
+    return tmp
+
+
 @pytest.fixture
-def lineage(tmp_path):
-    write_experiences(tmp_path / "data", [0, 1])
-    run_continual(config(tmp_path))
-    return tmp_path
+def lineage(started, tmp_path):
+    return copy_of(started, tmp_path)
 
 
 @pytest.mark.parametrize("extra, strategy, expected", [
@@ -193,15 +207,13 @@ def test_a_drift_gate_holds_a_drifted_arrival_back(lineage):
     assert versions(lineage) == ["1", "2"]
 
 
-def test_an_interrupted_continuation_resumes_to_the_unbroken_one(tmp_path, monkeypatch):
+def test_an_interrupted_continuation_resumes_to_the_unbroken_one(started, tmp_path, monkeypatch):
     import lifelong.flows.continual as fc
 
     more = ((0, 1, 2), (3, 4, 5), (6, 7), (8, 9))
     last_rows = []
     for name, interrupt in (("unbroken", False), ("interrupted", True)):
-        tmp = tmp_path / name
-        write_experiences(tmp / "data", [0, 1])
-        run_continual(config(tmp))
+        tmp = copy_of(started, tmp_path / name)
         write_experiences(tmp / "data", [2, 3], classes=more)
         cfg = config(tmp, 'tracking.continue_from="champion"')
         if not interrupt:

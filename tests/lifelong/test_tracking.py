@@ -101,3 +101,22 @@ def test_figures_render(tmp_path):
                                   (10, 1, {0: 0.4, 1: 0.8})], ["exp0", "exp1"], "t")
     fig2.savefig(tmp_path / "c.png")
     assert (tmp_path / "m.png").stat().st_size > 1000 and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used_not_an_error(tmp_path):
+    """Eight sweep processes opening their first run at once race to create the experiment (seen on
+    PostgreSQL: RESOURCE_ALREADY_EXISTS); the loser uses the winner's."""
+    from lifelong.tracking import client_for, experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    winner, loser = client_for(uri), client_for(uri)
+    made = winner.create_experiment("raced")
+    real, looks = loser.get_experiment_by_name, []
+
+    def stale_first(name):  # the loser's first look came before the winner created it
+        looks.append(name)
+        return None if len(looks) == 1 else real(name)
+
+    loser.get_experiment_by_name = stale_first
+    assert experiment_id(loser, "raced") == made
+    assert len(looks) == 2  # it tried to create it, was told it exists, and looked again
