@@ -33,8 +33,8 @@ from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
 from lifelong.env import default_tracking_uri
-from lifelong.flows import health
 from lifelong.flows import continuation as cont
+from lifelong.flows import health
 from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
 from lifelong.flows.lineage import lineage_of
 from lifelong.progress import EpochProgressPlugin, Progress

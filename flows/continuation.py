@@ -24,7 +24,6 @@ gate can hold a drifted arrival back for a person to look at (``drift_p_value >=
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,22 +112,16 @@ def plan(cfg: Config, uri: str, stream: Stream) -> Continuation:
         raise ContinuationError(f"{what}: it was trained with strategy {v.tags.get('strategy')!r}, the config "
                                 f"has {label!r}")
     _check_same(what, v.config, cfg)
-    state = _download_state(what, v, uri)
-    learned = list(state["experiences"])
-    if tuple(state["input_shape"]) != tuple(stream.input_shape):
-        raise ContinuationError(f"{what}: its inputs have shape {tuple(state['input_shape'])}, the folder's "
-                                f"files {tuple(stream.input_shape)}")
-    if state["n_classes"] != stream.n_classes:
-        raise ContinuationError(f"{what}: its model has {state['n_classes']} outputs (classes 0.."
-                                f"{state['n_classes'] - 1}), the folder's files have {stream.n_classes} classes; "
-                                "fix the new file's labels, or start a new lineage with stream.n_classes set to "
-                                "leave room for new classes")
+    # The files it learned, from its lineage tag: an idle check (a schedule's, every few minutes) ends
+    # here without downloading the continual state, which holds the model and the replay memory.
+    recorded = _files(v)
+    learned = [e.get("file") for e in recorded]
     names = [f.name for f in stream.files]
     if names[:len(learned)] != learned:
         raise ContinuationError(f"{what}: it learned {learned}, but the folder's first files are "
                                 f"{names[:len(learned)]}; new experiences must sort after the learned ones")
     digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in stream.files]
-    for i, e in enumerate(_files(v)[:len(learned)]):
+    for i, e in enumerate(recorded):
         if e.get("sha256") and digests[i] != e["sha256"]:
             raise ContinuationError(f"{what}: {names[i]} changed since it was learned (sha256 differs); "
                                     "a learned experience is never rewritten: add new data as a new file")
@@ -140,19 +133,31 @@ def plan(cfg: Config, uri: str, stream: Stream) -> Continuation:
         raise NothingNew(f"nothing new to learn: v{tried.version} already continued v{v.version} on these files "
                          f"({tried.promotion or 'no gates decided'}); add new data, replace the new file, or "
                          f"promote v{tried.version} by hand (`lifelong registry promote {name} {tried.version}`)")
+    state = _download_state(what, v, uri)
+    if list(state["experiences"]) != learned:
+        raise ContinuationError(f"{what}: its {STATE_ARTIFACT} learned {state['experiences']}, its lineage tag "
+                                f"says {learned}; the version's records disagree")
+    if tuple(state["input_shape"]) != tuple(stream.input_shape):
+        raise ContinuationError(f"{what}: its inputs have shape {tuple(state['input_shape'])}, the folder's "
+                                f"files {tuple(stream.input_shape)}")
+    if state["n_classes"] != stream.n_classes:
+        raise ContinuationError(f"{what}: its model has {state['n_classes']} outputs (classes 0.."
+                                f"{state['n_classes'] - 1}), the folder's files have {stream.n_classes} classes; "
+                                "fix the new file's labels, or start a new lineage with stream.n_classes set to "
+                                "leave room for new classes")
     return Continuation(name, v.version, learned, state)
 
 
 def _files(v) -> list[dict]:
-    """A version's learned files as its lineage tag records them (name, sha256)."""
-    return json.loads(v.tags.get(registry.DATA_TAG, "{}")).get("experiences", [])
+    """A version's learned files as its lineage tag records them (file, sha256, tensor hashes)."""
+    return (registry.lineage_fields(v)["data"] or {}).get("experiences", [])
 
 
 def _tried(uri: str, name: str, parent: str, names: list[str], digests: list[str]):
     """A child of ``parent`` that already learned exactly these files (names and contents), if any."""
     for other in registry.lineage(uri, name):
         files = _files(other)
-        if (other.tags.get(registry.PARENT_TAG) == parent and [e.get("file") for e in files] == names
+        if (registry.lineage_fields(other)["parent"] == parent and [e.get("file") for e in files] == names
                 and [e.get("sha256") for e in files] == digests):
             return other
     return None
@@ -171,6 +176,7 @@ def _check_same(what: str, saved: dict[str, str], cfg: Config) -> None:
 
 def _download_state(what: str, v, uri: str) -> dict:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if not v.run_id:
         raise ContinuationError(f"{what}: the version has no run to read its continual state from")
@@ -178,7 +184,7 @@ def _download_state(what: str, v, uri: str) -> dict:
         try:
             path = mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path=STATE_ARTIFACT,
                                                        dst_path=tmp, tracking_uri=uri)
-        except Exception:  # MlflowException / OSError: the artifact is not there
+        except (MlflowException, OSError):  # the artifact is not there
             raise ContinuationError(f"{what}: its run {v.run_id} kept no {STATE_ARTIFACT} (only runs of a "
                                     "folder stream keep it, and only strategies whose state checkpoints do)") from None
         state = torch.load(path, weights_only=False)
