@@ -96,17 +96,8 @@ class LocalDeployment:
         try:
             self._spawn("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
                                       str(self.port), "--disable-runtime-dependency-installation"])
-            # The SuperNodes share this machine's cores: each node's trainer (its warm worker,
-            # clients/node_worker.py) gets its share of threads. Left to PyTorch's default, every
-            # node would use all cores and the spinning threads of N trainers made a round ~30×
-            # slower on 2 cores (11 s against 0.4 s, 2026-12-07).
-            threads = str(max(1, (os.cpu_count() or 1) // self.num_nodes))
             for i in range(self.num_nodes):
-                self._spawn(f"supernode{i}", [
-                    "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--host", "127.0.0.1", "--port", str(free_port()),
-                    "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"],
-                    {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)})
+                self._spawn_node(i)
             self.cli_home.mkdir(exist_ok=True)
             (self.cli_home / "config.toml").write_text(
                 f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -116,6 +107,30 @@ class LocalDeployment:
             self.stop()
             raise
         return self
+
+    def _spawn_node(self, i: int) -> None:
+        # The SuperNodes share this machine's cores: each node's trainer (its warm worker,
+        # clients/node_worker.py) gets its share of threads. Left to PyTorch's default, every
+        # node would use all cores and the spinning threads of N trainers made a round ~30×
+        # slower on 2 cores (11 s against 0.4 s, 2026-12-07).
+        threads = str(max(1, (os.cpu_count() or 1) // self.num_nodes))
+        self._spawn(f"supernode{i}", [
+            "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(free_port()),
+            "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"],
+            {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)})
+
+    def restart_node(self, i: int) -> None:
+        """Start SuperNode ``i`` again after it died: a new process (to the SuperLink, a new node)
+        serving the same partition, whose client goes on from the state it saved
+        (``clients/state_store.py``). The dead process's log is kept as ``supernodeI-before-restart.log``."""
+        name = f"supernode{i}"
+        old = self.supervisor[name]
+        if old.alive():
+            raise DeploymentError(f"{name} is still running (pid {old.pid}); stop it before restarting it")
+        self.supervisor.processes.remove(old)
+        self.log_file(name).rename(self.log_file(f"{name}-before-restart"))
+        self._spawn_node(i)
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.timeout

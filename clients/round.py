@@ -52,6 +52,7 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
     server_round = int(conf[protocol.ROUND_OFFSET]) + int(conf[protocol.SERVER_ROUND])
     learner = ClientLearner(cfg, partition_id, state)
     saved = None  # where this client saves its state, in a checkpointed run
+    restored = None  # the round of the saved state it went on from, when it loaded one
     if protocol.STATE_RUN in conf and learner.keeps_state:
         saved = state_store.client_dir(state_store.state_root(node_config),
                                        str(conf[protocol.STATE_RUN]), partition_id)
@@ -60,12 +61,14 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
             # up to which round), or a node that died and came back mid-run (a new SuperNode
             # process, fresh Context): it goes on from the newest state it saved before this round.
             upto = int(conf[protocol.RESUME_ROUND]) if protocol.RESUME_ROUND in conf else server_round - 1
-            state_store.restore(state, cfg, saved, upto)
+            restored = state_store.restore(state, cfg, saved, upto)
     boundary = to_state_dict(content[protocol.BOUNDARY]) if protocol.BOUNDARY in content else None
     ends_experience = protocol.EXPERIENCE_END in conf and server_round == int(conf[protocol.EXPERIENCE_END])
     weights, metrics = learner.train_round(to_state_dict(content[protocol.ARRAYS]), int(conf[protocol.EXPERIENCE]),
                                            server_round, boundary, ends_experience, copy=False)
     arrays = from_state_dict(weights)  # at once: the weights are the worker model's own (copy=False)
+    if saved is not None:  # every reply of a round must have the same keys (Flower's check): -1 for none
+        metrics[protocol.RESTORED_ROUND] = -1 if restored is None else restored
     if saved is not None:
         state_store.save(state, cfg, saved, server_round, int(conf[protocol.SAVED_ROUND]))
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(metrics)})

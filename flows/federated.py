@@ -24,7 +24,8 @@ One loop, :class:`ServerLoop` (:func:`serve`), drives the rounds over whatever `
 MLflow: one run per federated run, with the server's metrics per round (``round/*``, step = the
 global round) and per experience (``matrix/*``, step = the experience), the accuracy matrix,
 continual-evaluation metrics over rounds, a per-client table (``clients.json``: every sampled
-client's outcome in every round), the per-client class histograms and the final model. Under
+client's outcome in every round, and for a client whose node came back empty, the round of the
+saved state it went on from), the per-client class histograms and the final model. Under
 sample-level DP (``[privacy.sample]``) every client reports its own epsilon; the server logs
 their maximum and mean over each round's replies (``privacy/sample_epsilon_max``, ``_mean``) and
 each reply's in the table's ``sample_epsilon`` column.
@@ -531,9 +532,11 @@ class ServerLoop:
     def _client_table(self) -> dict:
         """Every sampled client's outcome in every round (``clients.json``)."""
         outcomes = self.strategy.outcomes
-        table = {"columns": ["round", "node_id", "partition_id", "status", "num_examples", "train_loss", "reason"],
+        table = {"columns": ["round", "node_id", "partition_id", "status", "num_examples", "train_loss", "reason",
+                             "restored_from"],
                  "data": [[o.round, o.node_id, o.partition_id, o.status, o.num_examples,
-                           None if np.isnan(o.train_loss) else o.train_loss, o.reason] for o in outcomes]}
+                           None if np.isnan(o.train_loss) else o.train_loss, o.reason, o.restored_from]
+                          for o in outcomes]}
         if self.cfg.privacy.sample is not None:  # each reply's epsilon (None: failed or lost)
             table["columns"].append("sample_epsilon")
             for o, row in zip(outcomes, table["data"]):

@@ -58,6 +58,9 @@ class ClientOutcome:
     #: Its personalised model's accuracy on its own test share of each experience seen, at an
     #: experience's last round (reply metric ``personal-acc``; learners with local state, no DP).
     personal: list[float] | None = None
+    #: The round of the saved state the client went on from, when its node had none (it came
+    #: back after dying, or the run was resumed; reply metric ``restored-from-round``).
+    restored_from: int | None = None
 
 
 def _mean_loss(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -81,6 +84,7 @@ class ContinualFedAvg(FedAvg):
         self.outcomes: list[ClientOutcome] = []
         self.skipped_rounds: list[int] = []
         self._sent: list[int] = []
+        self._messages: list[Message] = []
         self._partition_of: dict[int, int] = {}
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
         self._global: ArrayRecord | None = None  # the model this round was sent with
@@ -104,7 +108,9 @@ class ContinualFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         if self.boundary is not None:
             record[protocol.BOUNDARY] = self.boundary
-        return self._construct_messages(record, self._sent, MessageType.TRAIN)
+        # Kept to know whom a reply answers: the grid gives each message its id when it pushes it.
+        self._messages = list(self._construct_messages(record, self._sent, MessageType.TRAIN))
+        return self._messages
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # the server evaluates the global model itself, on every experience
@@ -162,23 +168,37 @@ class ContinualFedAvg(FedAvg):
         replies = list(replies)
         rnd = self.round_offset + server_round
         valid, errors = self._check_and_log_replies(replies, is_train=True)
+        # The node a reply answers for: the one its message went to. An error the SuperLink sends
+        # on behalf of a node (e.g. "Node Unavailable", once a dead node's heartbeat expired) comes
+        # from the SuperLink's own node id, not from the node that never answered.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages if m.metadata.message_id}
+
+        def node_of(msg: Message) -> int:
+            return sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
         for msg in valid:
             m = msg.content[protocol.METRICS]
-            node = msg.metadata.src_node_id
+            node = node_of(msg)
             self._partition_of[node] = int(m[protocol.PARTITION_ID])
             self.outcomes.append(ClientOutcome(rnd, node, int(m[protocol.PARTITION_ID]), "ok",
                                                int(m[self.weighted_by_key]), float(m[protocol.TRAIN_LOSS]),
                                                sample_epsilon=float(m[protocol.SAMPLE_EPSILON])
                                                if protocol.SAMPLE_EPSILON in m else None,
                                                personal=[float(a) for a in m[protocol.PERSONAL_ACC]]
-                                               if protocol.PERSONAL_ACC in m else None))
+                                               if protocol.PERSONAL_ACC in m else None,
+                                               restored_from=int(m[protocol.RESTORED_ROUND])
+                                               if m.get(protocol.RESTORED_ROUND, -1) >= 0 else None))
+            if m.get(protocol.RESTORED_ROUND, -1) >= 0:
+                log.info("round %d: client %d (partition %d) had no state on its node and went on from "
+                         "the state it saved after round %d", rnd, node, int(m[protocol.PARTITION_ID]),
+                         int(m[protocol.RESTORED_ROUND]))
         for msg in errors:
-            node = msg.metadata.src_node_id
+            node = node_of(msg)
             log.warning("round %d: client %d (partition %s) failed: %s", rnd, node,
                         self._partition_of.get(node, "?"), msg.error.reason)
             self.outcomes.append(ClientOutcome(rnd, node, self._partition_of.get(node), "failed",
                                                reason=msg.error.reason))
-        replied = {m.metadata.src_node_id for m in replies}
+        replied = {node_of(m) for m in replies}
         for node in self._sent:
             if node not in replied:
                 log.warning("round %d: client %d (partition %s) sent no reply before the round's timeout",

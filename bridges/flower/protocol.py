@@ -42,6 +42,10 @@ VOR_RAN = "vor-ran"
 #: locally trained (personalised) model's accuracy on its own test share of each experience seen so
 #: far, a list (NaN where its share is empty).
 PERSONAL_ACC = "personal-acc"
+#: A client that found its node's state empty mid-run (its SuperNode died and came back) or in a
+#: resumed run's first message, and went on from the state it had saved: the round that state is from
+#: (-1: it had its state; sent by every client of a checkpointed run whose learner keeps state).
+RESTORED_ROUND = "restored-from-round"
 
 # --------------------------------------------------------------------------- a SuperNode's node config
 NODE_PARTITION_ID = "partition-id"

@@ -18,27 +18,6 @@ def flower_processes(workdir) -> list[str]:
     return processes_mentioning(str(workdir), command="flower-super|flwr-serverapp|flwr-clientapp")
 
 
-def test_two_supernodes_run_two_rounds_and_metrics_arrive_in_mlflow(tmp_path):
-    """`lifelong clients launch --deployment`: a SuperLink and 2 SuperNodes as processes, `flwr run`."""
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    sets = ["federated.clients=2", "stream.n_experiences=2", "federated.rounds=1", 'model.name="mlp"',
-            "model.hidden=32", "tracking.log_model=false", "tracking.log_plots=false",
-            'tracking.experiment="deployed"', f'tracking.uri="{uri}"']
-    out = CliRunner().invoke(cli, ["clients", "launch", "configs/federated.toml", "--deployment",
-                                   "--workdir", str(tmp_path / "flower"), *sum((["--set", s] for s in sets), [])])
-    assert out.exit_code == 0, out.output
-    assert "completed" in out.output and "lifelong results" in out.output
-    run_id = out.output.split("lifelong results ")[1].split()[0]
-    client = client_for(uri)
-    res = read_results(run_id, uri)
-    assert res.status == "FINISHED" and res.matrix.shape == (2, 2)
-    assert client.get_run(run_id).data.tags["flwr.run_id"]
-    steps = [m.step for m in client.get_metric_history(run_id, "round/avg_acc_seen")]
-    assert steps == [0, 1, 2]  # initial model, then one round per experience
-    assert [m.value for m in client.get_metric_history(run_id, "round/clients_ok")] == [2, 2]
-    assert not flower_processes(tmp_path)
-
-
 def test_a_port_in_use_is_refused_with_the_service_named(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,11 +42,13 @@ def test_a_service_that_dies_at_start_names_its_log(tmp_path, monkeypatch):
     assert not flower_processes(tmp_path)
 
 
-def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
-    """Three SuperNodes; one is killed (SIGKILL, with its ClientApp process) once the first round
-    has been logged. The SuperLink still lists it until its heartbeat expires, so the server keeps
-    sampling it for a while: those rounds time out on it (``lost``) or get Flower's error reply
-    (``failed``), aggregate the two live clients, and the run finishes."""
+def test_a_supernode_killed_mid_run_is_survived_and_comes_back_with_its_saved_state(tmp_path):
+    """Three SuperNodes; one is killed (SIGKILL, with its ClientApp and its warm worker) once the
+    first round has been logged, and started again at once, as a new process. The round in flight
+    times out on the dead node (``lost``), aggregates the two live clients, and goes on; a later
+    round samples the new node (the SuperLink drops the dead one when its heartbeat expires), whose
+    client finds no state in its fresh process and goes on from the replay memory it saved before
+    it died (``restored_from`` in ``clients.json``); the run finishes."""
     import json
     import os
     import signal
@@ -75,9 +56,12 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     import time
 
     from lifelong.cli.deploy import app_dir
+    from lifelong.clients.state_store import saved_rounds, state_root
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    sets = ["flow=\"federated\"", "federated.clients=3", "stream.n_experiences=2", "federated.rounds=1",
+    # Four rounds (two experiences of two): the kill lands in round 2, the new node is sampled in
+    # round 3 (round 4 too, should the dead node still be listed when round 3 starts: it is then lost again).
+    sets = ["flow=\"federated\"", "federated.clients=3", "stream.n_experiences=2", "federated.rounds=2",
             "federated.round_timeout=60", 'model.name="mlp"', "model.hidden=32", "training.epochs=1",
             "tracking.log_model=false", "tracking.log_plots=false", 'tracking.experiment="killed"']
     run_config = {"config": str(app_dir() / "configs/federated.toml"), "set": ";".join(sets), "tracking-uri": uri}
@@ -89,7 +73,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
         victim = dict(dep.procs)["supernode2"]  # partition 2
         deadline = time.monotonic() + 300
         while True:  # wait until the first round's metrics are in MLflow
-            assert runner.is_alive() and time.monotonic() < deadline, "the first round never completed"
+            assert runner.is_alive() and time.monotonic() < deadline, f"the first round never completed: {finished}"
             exp = client.get_experiment_by_name("killed")
             runs = client.search_runs([exp.experiment_id]) if exp else []
             if runs and (done := client.get_metric_history(runs[0].info.run_id, "round/clients_ok")):
@@ -98,6 +82,8 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
         killed_after = max(m.step for m in done)
         assert len(flower_processes(tmp_path)) >= 4  # the check below sees this deployment's processes
         os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        dep.restart_node(2)
         runner.join(timeout=600)
     assert finished["status"] == "finished:completed", finished
     run_id = runs[0].info.run_id
@@ -105,17 +91,26 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(tmp_path):
     assert res.status == "FINISHED" and res.matrix.shape == (2, 2)
     ok = {m.step: m.value for m in client.get_metric_history(run_id, "round/clients_ok")}
     table = json.loads(open(client.download_artifacts(run_id, "clients.json", str(tmp_path))).read())
-    assert sorted(ok) == list(range(1, 3)) and all(v >= 2 for v in ok.values()), (killed_after, ok, table)
-    victim_rows = [row for row in table["data"] if row[2] == 2]
-    assert all(row[3] == "ok" for row in victim_rows if row[0] <= killed_after)
-    # The round in flight at the kill may still have had its reply; none after that.
-    assert not [row for row in victim_rows if row[0] > killed_after + 1 and row[3] == "ok"]
-    assert [row for row in victim_rows if row[3] in ("lost", "failed")], "the dead node was never sampled again"
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert sorted(ok) == list(range(1, 5)) and all(v >= 2 for v in ok.values()), (killed_after, ok, rows)
+    victim_rows = [r for r in rows if r["partition_id"] == 2]
+    before = [r for r in victim_rows if r["round"] <= killed_after]
+    assert before and all(r["status"] == "ok" and r["restored_from"] is None for r in before)
+    assert [r for r in victim_rows if r["status"] in ("lost", "failed")], "the dead node was never sampled again"
+    # The new process's client: a new node id, the same partition, and the state it saved before
+    # the kill (the round in flight at the kill may still have had its reply: saved too).
+    back = [r for r in victim_rows if r["status"] == "ok" and r["round"] > killed_after + 1]
+    assert back, rows
+    old_node = before[0]["node_id"]
+    assert back[0]["node_id"] != old_node and back[0]["restored_from"] in (killed_after, killed_after + 1), rows
+    assert all(r["restored_from"] is None for r in back[1:])  # loaded once; then its own Context.state
+    assert max(saved_rounds(state_root() / run_id / "2")) == 4  # and it saved again after the last round
     assert not flower_processes(tmp_path)
 
 
 def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_state(tmp_path):
-    """`lifelong clients launch --deployment --resume RUN_ID`: fresh SuperNode processes go on from
+    """`lifelong clients launch --deployment --resume RUN_ID` (a SuperLink and 2 SuperNodes as
+    processes, `flwr run`, metrics into the same MLflow run): fresh SuperNode processes go on from
     the server's checkpoint, each client with the state it saved (here by the in-process clients
     of the interrupted run, in the same LIFELONG_HOME): its replay memory of experience 0."""
     import numpy as np
@@ -140,9 +135,13 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     out = CliRunner().invoke(cli, ["clients", "launch", "--deployment", "--resume", run_id, "--tracking-uri",
                                    cfg.tracking.uri, "--workdir", str(tmp_path / "flower")])
     assert out.exit_code == 0, out.output
-    assert f"lifelong results {run_id}" in out.output
+    assert "completed" in out.output and f"lifelong results {run_id}" in out.output
     back = read_results(run_id, cfg.tracking.uri)
-    assert back.status == "FINISHED" and client.get_run(run_id).data.tags["lifelong.backend"] == "deployment"
+    tags = client.get_run(run_id).data.tags
+    assert back.status == "FINISHED" and tags["lifelong.backend"] == "deployment" and tags["flwr.run_id"]
+    # One metric per round, the deployed round's beside the in-process one's: nothing lost or twice.
+    assert [m.step for m in client.get_metric_history(run_id, "round/avg_acc_seen")] == [0, 1, 2]
+    assert [m.value for m in client.get_metric_history(run_id, "round/clients_ok")] == [2, 2]
     unbroken = run_federated(config("unbroken.db"))
     assert np.allclose(back.matrix, unbroken.matrix, atol=1e-6)
     assert not flower_processes(tmp_path)

@@ -102,6 +102,25 @@ def test_a_failing_client_is_recorded_and_the_round_aggregates_the_rest():
     assert len(failed) == 1 and failed[0].node_id == 2 and "partition 1 is down" in failed[0].reason
 
 
+def test_an_error_the_superlink_sends_for_an_unavailable_node_is_that_nodes_outcome():
+    """Flower's SuperLink answers a message to a node whose heartbeat expired with an error reply
+    from its own node id (1), ``reply_to`` the message: the outcome is the dead node's ``failed``,
+    not a failure of "node 1" and a ``lost`` of the dead node (one row each, before)."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    grid = InProcessGrid(EchoApp([torch.ones(1)] * 3, [1] * 3), 3)
+    strategy = ContinualFedAvg(1.0, 1, 3, seed=0)
+    msgs, replies = run_round(strategy, grid)
+    dead = next(m for m in msgs if m.metadata.dst_node_id != 1)  # (the grid numbers its nodes from 1)
+    error = create_message_error_unavailable_res_message(dead.metadata, "node_unavail")  # the SuperLink's own
+    assert error.metadata.src_node_id == 1
+    live = [r for r in replies if r.metadata.reply_to_message_id != dead.metadata.message_id]
+    strategy.aggregate_train(1, [*live, error])
+    assert [(o.node_id, o.status) for o in strategy.outcomes if o.status != "ok"] == [
+        (dead.metadata.dst_node_id, "failed")]
+    assert {o.node_id for o in strategy.outcomes} == {m.metadata.dst_node_id for m in msgs}
+
+
 def test_too_few_results_keep_the_global_model():
     grid = InProcessGrid(EchoApp([torch.zeros(1)] * 3, [1] * 3, fail={0, 1}), 3)
     strategy = ContinualFedAvg(1.0, 2, 3, seed=0)
