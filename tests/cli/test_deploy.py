@@ -1,6 +1,7 @@
 """A real Flower deployment on loopback: a SuperLink and 2 SuperNodes as separate processes."""
 
 import socket
+from pathlib import Path
 
 import pytest
 from servers import processes_mentioning
@@ -90,7 +91,7 @@ def test_a_supernode_killed_mid_run_is_survived_and_comes_back_with_its_saved_st
     res = read_results(run_id, uri)
     assert res.status == "FINISHED" and res.matrix.shape == (2, 2)
     ok = {m.step: m.value for m in client.get_metric_history(run_id, "round/clients_ok")}
-    table = json.loads(open(client.download_artifacts(run_id, "clients.json", str(tmp_path))).read())
+    table = json.loads(Path(client.download_artifacts(run_id, "clients.json", str(tmp_path))).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert sorted(ok) == list(range(1, 5)) and all(v >= 2 for v in ok.values()), (killed_after, ok, rows)
     victim_rows = [r for r in rows if r["partition_id"] == 2]
