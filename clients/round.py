@@ -13,7 +13,9 @@ experience, under ``[privacy.sample]`` the client's sample-level epsilon so far,
 
 In a checkpointed run the client also saves its state after every successful round, and a
 resumed run's clients load it back (``clients/state_store.py``): Ray actors and SuperNodes keep
-their state where the server cannot reach it.
+their state where the server cannot reach it. Under user-level DP with clients' own records, the
+client records each round it sends an update in, and reports the rounds of runs the server's
+ledger does not hold (``clients/privacy_record.py``).
 
 This module imports the learning stack (PyTorch, Avalanche); ``clients/app.py`` imports it only
 in a process that handles messages itself, never in a deployed SuperNode's per-message process
@@ -30,7 +32,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from lifelong.bridges.flower import protocol
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
-from lifelong.clients import state_store
+from lifelong.clients import privacy_record, state_store
 from lifelong.clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
 
@@ -69,6 +71,20 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
     arrays = from_state_dict(weights)  # at once: the weights are the worker model's own (copy=False)
     if saved is not None:  # every reply of a round must have the same keys (Flower's check): -1 for none
         metrics[protocol.RESTORED_ROUND] = -1 if restored is None else restored
+    if protocol.LEDGER_RUNS in conf:
+        metrics[protocol.PRIOR_DP_ROUNDS] = _record_dp_round(conf, cfg, node_config, partition_id, server_round)
     if saved is not None:
         state_store.save(state, cfg, saved, server_round, int(conf[protocol.SAVED_ROUND]))
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(metrics)})
+
+
+def _record_dp_round(conf, cfg: Config, node_config: Mapping[str, object], partition_id: int,
+                     server_round: int) -> list[float]:
+    """Record this round in the client's own DP record; the rounds it recorded in runs the
+    server's ledger does not hold (read first: this round is in a run it holds)."""
+    root, population = state_store.state_root(node_config), privacy_record.population_key(cfg)
+    runs = [str(r) for r in conf[protocol.LEDGER_RUNS]]
+    prior = privacy_record.prior_rounds(root, population, partition_id, runs)
+    privacy_record.record(root, population, partition_id, runs[0], server_round, int(conf[protocol.EXPERIENCE]),
+                          float(conf[protocol.DP_ACCOUNTED_Z]))
+    return prior

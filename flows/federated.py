@@ -171,7 +171,8 @@ def privacy_plan(cfg: Config) -> UserLevelPrivacy | None:
 
 
 def server_strategy(cfg: Config, privacy: UserLevelPrivacy | None, clients: int, sampled: int,
-                    frozen: Collection[str] = (), ledger: PrivacyLedger | None = None, run_id: str = ""):
+                    frozen: Collection[str] = (), ledger: PrivacyLedger | None = None, run_id: str = "",
+                    client_records: bool = False):
     """The server's strategy for ``clients`` nodes of which ``sampled`` train a round: FedAvg with
     the server optimizer, wrapped in user-level DP when ``privacy`` is given (also what the canary
     audit runs, flows/canary_audit.py)."""
@@ -184,7 +185,8 @@ def server_strategy(cfg: Config, privacy: UserLevelPrivacy | None, clients: int,
                 if p.adaptive_clipping else None)
     return UserLevelDP(strategy, p.clipping, p.clip, privacy.update_noise_multiplier, sampled, p.allocation,
                        cfg.seed, adaptive, frozen=frozen, ledger=ledger,
-                       accounted_noise_multiplier=privacy.noise_multiplier, run_id=run_id)
+                       accounted_noise_multiplier=privacy.noise_multiplier, run_id=run_id,
+                       client_records=client_records)
 
 
 def count_noise_std(cfg: Config) -> float | None:
@@ -225,14 +227,15 @@ def public_state(cfg: Config, stream: Stream, state: dict[str, torch.Tensor],
 
 
 def serve(grid: Grid, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
-          checkpoint: Path | None = None, resume: dict | None = None) -> FederatedResult:
+          checkpoint: Path | None = None, resume: dict | None = None, deployed: bool = False) -> FederatedResult:
     """Run every experience's rounds over ``grid``, logging to MLflow run ``run_id``.
 
     ``checkpoint``: where to save the server's state after every round; the clients then save
     theirs, on their side (``clients/state_store.py``); ``resume``: such a checkpoint, to go on
-    from the round after it, with each client's state of that round.
+    from the round after it, with each client's state of that round; ``deployed``: the clients
+    are SuperNodes (real clients: they keep their own DP record by default).
     """
-    return ServerLoop(cfg, run_id, uri, progress, checkpoint).run(grid, resume)
+    return ServerLoop(cfg, run_id, uri, progress, checkpoint, deployed).run(grid, resume)
 
 
 class ServerLoop:
@@ -242,8 +245,9 @@ class ServerLoop:
     version. Built once per run; :meth:`run` drives it."""
 
     def __init__(self, cfg: Config, run_id: str, uri: str, progress: Progress | None = None,
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, deployed: bool = False):
         self.cfg, self.run_id, self.uri, self.progress, self.checkpoint = cfg, run_id, uri, progress, checkpoint
+        self.deployed = deployed  # SuperNodes: real clients (privacy.client_records' default)
         self.client = tracking.client_for(uri)
         self.logger = tracking.MLflowLogger(run_id, self.client)
         self.stream = build_stream(cfg.stream, cfg.seed)
@@ -276,8 +280,10 @@ class ServerLoop:
         privacy = privacy_plan(self.cfg)
         if privacy is not None:
             self.ledger = build_ledger(self.cfg)
+        records = self.cfg.privacy.client_records
         strategy = server_strategy(self.cfg, privacy, self.fed.clients, self.fed.sampled,
-                                   frozen_keys(self.cfg, self.stream), self.ledger, self.run_id)
+                                   frozen_keys(self.cfg, self.stream), self.ledger, self.run_id,
+                                   client_records=self.deployed if records is None else records)
         # The params hold the keys as given (None: the optimizer's default); the tag, what was used.
         self.logger.set_tags({"server_optimizer": strategy.server_optimizer.describe()})
         if privacy is not None:
@@ -589,7 +595,8 @@ def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = 
     with tracking.terminated(client, run_id):
         if resume is None:
             log_split(cfg, run_id, uri, hists)
-        return serve(grid, cfg, run_id, uri, checkpoint=checkpoint_file(run_id), resume=state)
+        return serve(grid, cfg, run_id, uri, checkpoint=checkpoint_file(run_id), resume=state,
+                     deployed=(tags or {}).get("lifelong.backend") == "deployment")
 
 
 # --------------------------------------------------------------------------- Flower ServerApp

@@ -597,10 +597,15 @@ class PrivacyConfig(_Section):
     #: The MLflow run id of an earlier federated run whose ledger this run continues (its clients
     #: keep what they spent there; the same delta, number of clients and tracking store).
     ledger_from: str | None = None
+    #: Clients keep their own record of the DP rounds they took part in, across runs, and report
+    #: the rounds of runs this ledger does not hold, which are charged (clients/privacy_record.py).
+    #: Default (None): on in a deployment, where clients are real; off in simulation, where
+    #: independent runs (a sweep's cells) reuse the same virtual clients.
+    client_records: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:
-        for key in ("client_budget", "client_budgets", "ledger_from"):
+        for key in ("client_budget", "client_budgets", "ledger_from", "client_records"):
             if getattr(self, key) is not None and self.clipping == "off":
                 raise ValueError(f"privacy.{key}: the per-client ledger accounts user-level DP; set "
                                  "privacy.clipping (and noise) too")
@@ -755,6 +760,9 @@ class Config(_Section):
                 raise ValueError("clock: oneprompt's VOR phase needs the server's word that an experience ends, "
                                  "which clients on their own clocks do not get; use naive or replay (with plugins)")
             p = self.privacy
+            if p.client_records:
+                raise ValueError("privacy.client_records: the virtual clock's clients do not keep their own DP "
+                                 "record yet; its ledger carries over with privacy.ledger_from")
             if p.clipping != "off" and p.noise_multiplier is None:
                 raise ValueError("privacy.target_epsilon: on the virtual clock, calibrating z to a target epsilon "
                                  "needs a known number of rounds, which clients on a clock do not have; give "

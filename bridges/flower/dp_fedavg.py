@@ -37,11 +37,16 @@ recorded as one Gaussian round (the *accounted* ``z``) for its client; a client 
 would exceed its budget is not sampled (its partition is known from an earlier reply), and a reply
 from one that was sampled before the server knew who it was is dropped before aggregation, so its
 data never reaches the released model. Both decisions read only participation counts, never data.
+With ``client_records`` the clients keep their own record too (``clients/privacy_record.py``):
+each message says which runs the ledger holds, each reply lists the rounds its client recorded in
+other runs, and those are charged (once: as entries of the pseudo-run ``client-record``) before the
+budget check, so a run that does not continue the ledger (``privacy.ledger_from``) cannot reset it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -56,6 +61,8 @@ from lifelong.privacy.clipping import clip_update, noisy_unclipped_fraction, pri
 from lifelong.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("lifelong.federated")
+#: The ledger's run name for rounds a client reported from its own record (runs the ledger did not hold).
+CLIENT_RECORD = "client-record"
 
 
 @dataclass(frozen=True)
@@ -81,11 +88,13 @@ class UserLevelDP(Strategy):
     def __init__(self, inner, mode: str, clip: float, noise_multiplier: float, expected_cohort: int,
                  allocation: str = "uniform", seed: int = 0, adaptive: AdaptiveClipping | None = None,
                  frozen: Collection[str] = (), ledger: PrivacyLedger | None = None,
-                 accounted_noise_multiplier: float | None = None, run_id: str = ""):
+                 accounted_noise_multiplier: float | None = None, run_id: str = "",
+                 client_records: bool = False):
         """``noise_multiplier``: the update's (``z_delta`` when ``adaptive``); ``clip``: the bound, the
         starting one when ``adaptive``; ``frozen``: the state-dict keys of the parameters the
         clients' learner never trains (left out of the private update); ``ledger``: the per-client
-        account, charged ``accounted_noise_multiplier`` (default ``noise_multiplier``) a round."""
+        account, charged ``accounted_noise_multiplier`` (default ``noise_multiplier``) a round;
+        ``client_records``: the clients keep their own record, and report earlier runs' rounds."""
         self.inner, self.mode, self.clip, self.allocation = inner, mode, clip, allocation
         self.frozen = frozenset(frozen)
         self.noise_multiplier, self.expected_cohort, self.adaptive = noise_multiplier, expected_cohort, adaptive
@@ -96,6 +105,7 @@ class UserLevelDP(Strategy):
         #: Per round: the fraction of replies whose update was clipped and their mean pre-clip norm.
         self.clip_stats: dict[int, dict[str, float]] = {}
         self.ledger, self.run_id = ledger, run_id
+        self.client_records = client_records and ledger is not None
         self._all_at_limit = False
         self.accounted_z = noise_multiplier if accounted_noise_multiplier is None else accounted_noise_multiplier
 
@@ -134,6 +144,10 @@ class UserLevelDP(Strategy):
                 self._all_at_limit = True
                 log.warning("round %d: every client is at its privacy budget: from here on no client is sampled "
                             "and the global model is kept", rnd)
+        if self.client_records:
+            config[protocol.DP_ACCOUNTED_Z] = self.accounted_z
+            config[protocol.LEDGER_RUNS] = [self.run_id, *sorted(
+                {e.run for e in self.ledger.entries} - {self.run_id, CLIENT_RECORD})]
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -146,6 +160,8 @@ class UserLevelDP(Strategy):
         if valid is None:
             return None, None
         if self.ledger is not None:
+            if self.client_records:
+                self._charge_client_records(rnd, valid)
             valid = self._within_budget(rnd, valid)
             if len(valid) < self.inner.min_results:  # (min_results counts the replies that are used)
                 self.inner.skipped_rounds.append(rnd)
@@ -182,6 +198,20 @@ class UserLevelDP(Strategy):
             self.clip = update_clip_bound(self.clip, unclipped, a.target_quantile, a.learning_rate)
         metrics = self.inner.train_metrics_aggr_fn([m.content for m in valid], self.inner.weighted_by_key)
         return self.inner.server_step(from_state_dict(arrays)), metrics
+
+    def _charge_client_records(self, rnd: int, valid: list[Message]) -> None:
+        """Charge the rounds each client reports from runs the ledger does not hold, beyond those
+        it reported before (a client's record only grows, so the difference is what is new)."""
+        for msg in valid:
+            m = msg.content[protocol.METRICS]
+            pid = int(m[protocol.PARTITION_ID])
+            held = Counter(e.noise_multiplier for e in self.ledger.entries if e.client == pid and e.run == CLIENT_RECORD)
+            new = Counter(float(z) for z in m.get(protocol.PRIOR_DP_ROUNDS, [])) - held
+            for z in sorted(new.elements()):
+                self.ledger.record(pid, CLIENT_RECORD, -1, rnd, z)
+            if new:
+                log.warning("round %d: client %d's own record holds %d DP rounds of runs this ledger did not hold; "
+                            "charged: it has spent epsilon %.3g", rnd, pid, sum(new.values()), self.ledger.spent(pid))
 
     def _within_budget(self, rnd: int, valid: list[Message]) -> list[Message]:
         """The replies whose client can afford this round; the others are dropped, unread, and

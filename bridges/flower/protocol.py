@@ -29,6 +29,10 @@ ROUND_OFFSET = "round-offset"
 STATE_RUN = "state-run"
 SAVED_ROUND = "checkpointed-round"
 RESUME_ROUND = "resume-round"
+#: User-level DP with clients' own records (``clients/privacy_record.py``): the round's accounted
+#: noise multiplier, and the runs the server's ledger holds (this run first).
+DP_ACCOUNTED_Z = "dp-accounted-z"
+LEDGER_RUNS = "dp-ledger-runs"
 
 # --------------------------------------------------------------------------- the reply's metric record
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
@@ -46,6 +50,8 @@ PERSONAL_ACC = "personal-acc"
 #: resumed run's first message, and went on from the state it had saved: the round that state is from
 #: (-1: it had its state; sent by every client of a checkpointed run whose learner keeps state).
 RESTORED_ROUND = "restored-from-round"
+#: The noise multipliers of the DP rounds the client recorded in runs not in ``LEDGER_RUNS`` (a list).
+PRIOR_DP_ROUNDS = "dp-prior-rounds"
 
 # --------------------------------------------------------------------------- a SuperNode's node config
 NODE_PARTITION_ID = "partition-id"

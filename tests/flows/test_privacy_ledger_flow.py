@@ -65,6 +65,34 @@ def test_the_ledger_stops_clients_at_their_budget_and_carries_into_the_next_run(
         build_ledger(config(tmp_path, f'privacy.client_budgets="{tmp_path / "bad.json"}"'))
 
 
+def test_the_clients_own_records_keep_a_new_run_from_resetting_their_budgets(tmp_path, monkeypatch):
+    """A second run of the same clients that does not continue the first's ledger (no
+    privacy.ledger_from): with client records, each client reports the rounds it spent in the
+    first, which are charged; none can afford another round, so nothing of theirs is used. Without
+    them, the same run starts every client at zero."""
+    from lifelong.bridges.flower.dp_fedavg import CLIENT_RECORD
+    from lifelong.clients import privacy_record
+
+    monkeypatch.setenv("LIFELONG_CLIENT_STATE_DIR", str(tmp_path / "clients"))
+    records = ["privacy.client_budget=5.0", "privacy.client_records=true"]
+    first = run_federated(config(tmp_path, *records))
+    second = run_federated(config(tmp_path, *records))
+    uri = first.tracking_uri
+    ledger = PrivacyLedger.from_json(read_ledger(second.run_id, uri))
+    assert second.skipped_rounds == [1, 2, 3, 4]  # every client's update of round 1 dropped, then none sampled
+    for c in range(3):
+        assert [e.run for e in ledger.entries if e.client == c] == [CLIENT_RECORD] * 2
+        assert ledger.spent(c) == pytest.approx(PrivacyLedger.from_json(read_ledger(first.run_id, uri)).spent(c))
+    assert sorted((r, c) for r, c, _ in ledger.stops) == [(1, 0), (1, 1), (1, 2)]
+    # Each client's record: the first run's two rounds, and the round it sent in the second
+    # (recorded when sent: an upper bound of what the server used).
+    key = privacy_record.population_key(config(tmp_path))
+    assert [len(privacy_record.prior_rounds(tmp_path / "clients", key, c, [])) for c in range(3)] == [3, 3, 3]
+
+    third = run_federated(config(tmp_path, "privacy.client_budget=5.0", "privacy.client_records=false"))
+    assert third.skipped_rounds == [3, 4]  # the budgets start from zero: what the records prevent
+
+
 def test_ledger_keys_need_user_level_dp():
     from lifelong.config import ConfigError
 
