@@ -64,7 +64,7 @@ def test_the_server_charges_what_clients_report_once_and_drops_an_update_beyond_
                            accounted_noise_multiplier=1.0, run_id="now", client_records=True)
     grid, arrays = InProcessGrid(app, 2), ArrayRecord({"w": torch.zeros(2)})
     for rnd in (1, 2):
-        new, _ = strategy.aggregate_train(rnd, list(grid.send_and_receive(
+        strategy.aggregate_train(rnd, list(grid.send_and_receive(
             list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid)))))
     # the messages said which runs the ledger holds (this one first) and the round's z
     assert app.configs[0][protocol.LEDGER_RUNS] == ["now", "earlier"] and app.configs[0][protocol.DP_ACCOUNTED_Z] == 1.0
