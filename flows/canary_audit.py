@@ -201,7 +201,7 @@ def log_canary_audit(cfg: Config, r: CanaryAuditResult, scores: np.ndarray, incl
 
 
 def scores_figure(scores: np.ndarray, included: np.ndarray, r: CanaryAuditResult):
-    import matplotlib.pyplot as plt
+    plt = tracking.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.histogram_bin_edges(scores, bins=40)

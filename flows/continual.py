@@ -29,6 +29,7 @@ from lifelong.bridges.avalanche.learners import (
     quiet_avalanche_deprecations,
     resolve_device,
 )
+from lifelong.bridges.avalanche.mlflow_logger import AvalancheMLflowLogger
 from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
@@ -104,7 +105,7 @@ class Learner:
             self.gradients,
         ]
         self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      EvaluationPlugin(loggers=[self.logger]), stream.n_classes, cfg.seed,
+                                      EvaluationPlugin(loggers=[AvalancheMLflowLogger(self.logger)]), stream.n_classes, cfg.seed,
                                       sample_dp=sample_dp_config(cfg))
         self.start = 0  # the first experience to train (later than 0 when resumed)
         self.t0 = time.perf_counter()  # the cost row of a sweep: wall time since this process took over

@@ -210,7 +210,7 @@ def log_audit(cfg: Config, settings: AttackSettings, cases: list[AuditCase], x, 
 
 def audit_figure(x: torch.Tensor, y: torch.Tensor, cases: list[AuditCase]):
     """True samples (top row) and each case's reconstructions, each under the true sample it matched."""
-    import matplotlib.pyplot as plt
+    plt = tracking.pyplot()
 
     n, rows = len(x), 1 + len(cases)
     fig, axes = plt.subplots(rows, n, figsize=(1.6 * n + 1.4, 1.7 * rows), squeeze=False)

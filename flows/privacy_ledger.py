@@ -84,7 +84,7 @@ def log_ledger(client, run_id: str, ledger: PrivacyLedger, clients: int, plots: 
 
 def ledger_figure(ledger: PrivacyLedger, clients: int):
     """Each client's spent epsilon over rounds (one line each, budgets dashed)."""
-    import matplotlib.pyplot as plt
+    plt = tracking.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     # Server steps in the order they were charged: a continued ledger's rounds restart at 1, so

@@ -450,7 +450,7 @@ def _run_federated(table: SweepTable, v: Variant, cfg: Config, z: float | None) 
 def accuracy_vs_epsilon_figure(t: SweepTable):
     """Final average accuracy against the run's epsilon, one line per clipping mode (log x);
     runs without DP are a dashed horizontal line (epsilon = infinity)."""
-    import matplotlib.pyplot as plt
+    plt = tracking.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     modes = sorted({m for m in t.clipping.values() if m != "off"})

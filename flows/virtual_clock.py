@@ -495,7 +495,7 @@ class VirtualClock:
 def clock_figure(hourly: list[dict[str, float]], total: Counters, label: str):
     """Accuracy and the clients' spread over virtual hours; updates applied and dropped per
     interval; the staleness of the applied updates."""
-    import matplotlib.pyplot as plt
+    plt = tracking.pyplot()
 
     hours = [h["hour"] for h in hourly]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))

@@ -1,8 +1,10 @@
 """MLflow tracking: runs, metrics logged in batches, the accuracy matrix, plots, models.
 
-* ``MLflowLogger`` is an Avalanche ``BaseLogger`` (Avalanche ships none for MLflow), so plain
-  Avalanche code can log to MLflow too: ``EvaluationPlugin(..., loggers=[MLflowLogger(run_id)])``.
-  Values are buffered and sent with ``log_batch`` (one call per 1,000 values, not one per value).
+* ``MLflowLogger`` buffers values and sends them with ``log_batch`` (one call per 1,000 values,
+  not one per value); Avalanche's evaluation logs into it through
+  ``bridges/avalanche/mlflow_logger.py`` (Avalanche ships no MLflow logger).
+* Matplotlib and PyTorch are imported where a plot or a model is made, not with this module, so
+  commands that only read or write runs (``lifelong registry``, ``lifelong results``) start fast.
 * Everything addresses runs by id through one ``MlflowClient``: MLflow's "active run" is per
   thread, and Prefect runs steps in worker threads.
 """
@@ -20,18 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import mlflow
-import mlflow.pytorch
 import numpy as np
-import torch
-from avalanche.logging import BaseLogger
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-
-matplotlib.use("Agg")  # files only: no display here, and none needed
-import matplotlib.pyplot as plt  # noqa: E402
 
 from lifelong.env import default_tracking_uri
 
@@ -90,7 +84,7 @@ def artifact_root(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
-class MLflowLogger(BaseLogger):
+class MLflowLogger:
     """Buffers metric values of one MLflow run and sends them with ``log_batch``.
 
     ``x_plot`` becomes the MLflow step. Non-numeric values (images, tensors) are skipped.
@@ -98,7 +92,6 @@ class MLflowLogger(BaseLogger):
     """
 
     def __init__(self, run_id: str, client: MlflowClient | None = None, tracking_uri: str | None = None):
-        super().__init__()
         self.run_id = run_id
         self.client = client or client_for(tracking_uri)
         self._buffer: list[Metric] = []
@@ -158,16 +151,6 @@ class MLflowLogger(BaseLogger):
         equal to a logged one in key, value, timestamp and step."""
         self._buffer.extend(Metric(k, v, t, s) for k, v, t, s in pending)
 
-    # Avalanche calls these hooks on loggers: flush at natural boundaries.
-    def after_training_exp(self, strategy, metric_values=None, **kwargs):
-        self.flush()
-
-    def after_eval(self, strategy, metric_values=None, **kwargs):
-        self.flush()
-
-    def after_training(self, strategy, metric_values=None, **kwargs):
-        self.flush()
-
 
 def open_run(client: MlflowClient, name: str, params: dict, tags: dict[str, str],
              experiment: str | None = None, parent_run_id: str | None = None) -> str:
@@ -202,7 +185,18 @@ def log_matrix(client: MlflowClient, run_id: str, matrix: np.ndarray, labels: li
     client.log_dict(run_id, {"rows": rows, "columns": labels, "matrix": matrix.tolist()}, MATRIX_FILE)
 
 
+def pyplot():
+    """Matplotlib's pyplot, drawing to files only (no display here, and none needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
+    plt = pyplot()
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 2, 0.8 * matrix.shape[0] + 1.6))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -222,6 +216,7 @@ def matrix_figure(matrix: np.ndarray, labels: list[str], title: str):
 
 def curve_figure(points: list[tuple[int, int, dict[int, float]]], labels: list[str], title: str,
                  xlabel: str = "training iteration"):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     tasks = sorted({i for _, _, accs in points for i in accs})
     for i in tasks:
@@ -246,6 +241,7 @@ def clients_figure(final: np.ndarray, spreads: list[dict[str, float]], labels: l
     """Per-client continual evaluation: left, every client's final accuracy on each experience
     (clients × experiences; NaN, no data, left blank); right, the spread of the clients' seen
     accuracy after each experience (mean, p10–p90 band, worst client)."""
+    plt = pyplot()
     n_clients = final.shape[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
     im = left.imshow(np.ma.masked_invalid(final), vmin=0, vmax=1, cmap="viridis", aspect="auto",
@@ -269,6 +265,7 @@ def clients_figure(final: np.ndarray, spreads: list[dict[str, float]], labels: l
 
 def histogram_figure(histograms: list[np.ndarray], title: str):
     """Per-client class counts, one panel per experience (clients × classes, stacked bars)."""
+    plt = pyplot()
     n = len(histograms)
     fig, axes = plt.subplots(1, n, figsize=(min(3.2 * n, 16), 3.4), squeeze=False, sharey=True)
     cmap = plt.get_cmap("tab10" if histograms[0].shape[1] <= 10 else "tab20")
@@ -289,7 +286,7 @@ def histogram_figure(histograms: list[np.ndarray], title: str):
 
 def log_figure(client: MlflowClient, run_id: str, fig, name: str) -> None:
     client.log_figure(run_id, fig, name)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def log_torch_model(run_id: str, model, uri: str | None, name: str = "model") -> str:
@@ -301,6 +298,9 @@ def log_torch_model(run_id: str, model, uri: str | None, name: str = "model") ->
     not spend seconds inferring them.
     """
     import logging
+
+    import mlflow.pytorch
+    import torch
 
     # MLflow warns on every pickle save; the choice is deliberate (see above).
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
