@@ -86,7 +86,9 @@ def run(out_dir: Path | None = None) -> dict:
 
     run_id = open_federated_run(clock_cfg, uri)
     with open("/dev/null", "w") as quiet:
-        vc = VirtualClock(clock_cfg, run_id, uri, log=quiet)
+        # Checkpointed after every hourly evaluation, as the flow does (the synchronous side
+        # below checkpoints every round).
+        vc = VirtualClock(clock_cfg, run_id, uri, log=quiet, checkpoint=out_dir / "checkpoints" / run_id / "clock.pt")
         t = time.perf_counter()
         with per_client_eval_timer() as clock_eval:
             vc.run()

@@ -86,6 +86,18 @@ class InProcessGrid(Grid):
                                              state=RecordDict(), run_config={})
         return self.contexts[node_id]
 
+    def states(self) -> dict[int, RecordDict]:
+        """Every materialised client's ``Context.state`` by node id (for a checkpoint)."""
+        return {node: ctx.state for node, ctx in self.contexts.items()}
+
+    def restore_states(self, states: dict[int, RecordDict]) -> None:
+        """Give the clients back the states :meth:`states` returned (a resumed run)."""
+        self.contexts.clear()
+        for node, state in states.items():
+            ctx = self.context(node)
+            self.contexts[node] = Context(run_id=ctx.run_id, node_id=node, node_config=ctx.node_config,
+                                          state=state, run_config=ctx.run_config)
+
     def _deliver(self, msg: Message) -> Message:
         node_id = msg.metadata.dst_node_id
         ctx = self.context(node_id)

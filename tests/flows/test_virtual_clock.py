@@ -4,6 +4,7 @@ server modes run, the same seed gives the same event log and metrics, and bad in
 import itertools
 import json
 
+import numpy as np
 import pytest
 
 from lifelong.config import ConfigError, load_config
@@ -116,3 +117,41 @@ def test_user_level_dp_on_the_clock_charges_applied_updates_only(tmp_path, mode)
     assert all(ledger.spent(c) <= 6.0 for c in range(8))
     assert ledger.stops  # z = 1 at delta 1e-3: a budget of 6 buys 3 updates, so clients hit it
     assert "privacy/client_epsilon_max" in client.get_run(result.run_id).data.metrics
+
+
+@pytest.mark.parametrize("mode", ["fedbuff", "deadline"])
+def test_a_stopped_clock_run_resumes_from_its_last_hour_to_the_same_end(tmp_path, mode):
+    """The machine dies in the middle of virtual hour 2 (a KeyboardInterrupt in a client's round,
+    as in the federated resume tests); `--resume` goes on from the checkpoint of hour 1 — the
+    event queue with the rounds in flight, the clients' replay memories, the generators — to the
+    unbroken run's event log and metrics, and logs every hour once."""
+    from client_apps import interrupting_app
+
+    strategy = '{name="replay", mem_size=30, plugins=[{name="ewc", lambda=100.0}]}'
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    unbroken = run_federated(clock_config(tmp_path / "a", mode, strategy=strategy))
+    client = client_for(unbroken.tracking_uri)
+    client.download_artifacts(unbroken.run_id, "clock_events.json", str(tmp_path / "a"))
+    log = json.loads((tmp_path / "a" / "clock_events.json").read_text())["data"]
+    trained = [e for e in log if e[1] == "start" and "outcome" not in e[3]]  # (the n-th is local round n)
+    at = next(n for n, e in enumerate(trained, 1) if e[0] > 1.3)  # a round of hour 2, after hour 1's checkpoint
+    cfg = clock_config(tmp_path / "b", mode, strategy=strategy)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(at))
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("clock").experiment_id])[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "clock/avg_acc_reached")] == [1]
+    back = run_federated(cfg, resume=run_id)
+    assert back.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert back.summary == pytest.approx(unbroken.summary, abs=0, nan_ok=True)
+    assert np.array_equal(back.matrix, unbroken.matrix, equal_nan=True)
+    client.download_artifacts(run_id, "clock_events.json", str(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "clock_events.json").read_text())["data"] == log
+    assert [m.step for m in client.get_metric_history(run_id, "clock/avg_acc_reached")] == [1, 2, 3]
+
+
+def test_a_clock_run_without_a_checkpoint_is_refused_with_the_reason(tmp_path):
+    from lifelong.checkpoints import ResumeError
+
+    with pytest.raises(ResumeError, match="stopped before its first evaluation"):
+        run_federated(clock_config(tmp_path, "fedbuff"), resume="0123456789abcdef0123456789abcdef")
