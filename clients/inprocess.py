@@ -40,6 +40,7 @@ class InProcessGrid(Grid):
         self.partitions = {pid + 1: pid for pid in range(num_nodes)}
         self.num_nodes = num_nodes
         self.contexts: dict[int, Context] = {}  # only clients that have been sampled
+        self.changed: set[int] = set()  # nodes whose state a round replaced since take_changed()
         self._replies: dict[str, Message] = {}
         # Messages are built with the identity of the task that sends them; Flower's runtime sets
         # it in its ServerApp process, and this grid's ServerApp runs in ours.
@@ -86,12 +87,15 @@ class InProcessGrid(Grid):
                                              state=RecordDict(), run_config={})
         return self.contexts[node_id]
 
-    def states(self) -> dict[int, RecordDict]:
-        """Every materialised client's ``Context.state`` by node id (for a checkpoint)."""
-        return {node: ctx.state for node, ctx in self.contexts.items()}
+    def take_changed(self) -> dict[int, RecordDict]:
+        """The ``Context.state`` of every client that trained since the last call, by node id
+        (an incremental checkpoint: a client's state changes only when it trains)."""
+        changed = {node: self.contexts[node].state for node in sorted(self.changed)}
+        self.changed.clear()
+        return changed
 
     def restore_states(self, states: dict[int, RecordDict]) -> None:
-        """Give the clients back the states :meth:`states` returned (a resumed run)."""
+        """Give the clients back their saved states (a resumed run)."""
         self.contexts.clear()
         for node, state in states.items():
             ctx = self.context(node)
@@ -108,6 +112,7 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(msg, trial)
             self.contexts[node_id] = trial
+            self.changed.add(node_id)
         except Exception as exc:  # as Flower's engine does: the failure becomes an error reply
             log.warning("client %d (partition %d) failed: %s", node_id, self.partitions[node_id], exc)
             log.debug(traceback.format_exc())

@@ -405,7 +405,7 @@ class ServerLoop:
         if not keep.any():
             return
         row = self.client_rows[-1]
-        global_own = np.array([np.nanmean(row[o.partition_id, : experience + 1]) for o in done])
+        global_own = client_eval.seen_accuracy(row, experience)[[o.partition_id for o in done]]
         values = {f"clients/personal_acc_{k}": v for k, v in client_eval.spread(own[keep]).items()}
         both = keep & np.isfinite(global_own)
         if both.any():

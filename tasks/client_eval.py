@@ -37,6 +37,15 @@ def seen_accuracy(row: np.ndarray, experience: int) -> np.ndarray:
         return np.nanmean(row[:, : experience + 1], axis=1)
 
 
+def reached_accuracy(row: np.ndarray, reached: np.ndarray) -> np.ndarray:
+    """Each client's mean accuracy over the experiences it has reached (``reached[c]``: its
+    newest; -1, none: NaN). ``row``: clients × experiences."""
+    mask = np.arange(row.shape[1])[None, :] <= np.asarray(reached)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a client with no data reached: NaN
+        return np.nanmean(np.where(mask, row, np.nan), axis=1)
+
+
 def client_forgetting(rows: list[np.ndarray]) -> np.ndarray:
     """Each client's average forgetting over the experiences before the last (``rows[e]``: the
     clients × experiences accuracies after experience ``e``); NaN for a client with none."""
