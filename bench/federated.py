@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench import flower_baseline
 from bench.overhead import COUNT, count_step
 from bench.setup import bench_config, create_store, out_folder, start_prefect_api, store
 
@@ -127,9 +128,14 @@ def run(out_dir: Path | None = None) -> dict:
         runs = [("bare", lambda: bare_loop(cfg)), ("inprocess", rounds)] * PAIRS
         runs[2:2] = [("flow", lambda: _timed(run_federated, cfg))]
         runs.append(("ray", lambda: _timed(run_federated, ray_cfg)))
+        # Flower's own run_simulation on the same workload, right after ours (same machine state).
+        flower_baseline.prepare(cfg, out_dir / "flower-baseline")
+        runs.append(("flower_ray", lambda: flower_baseline.run(cfg, out_dir / "flower-baseline")))
         for name, fn in runs:
             COUNT["steps"] = 0
             seconds = fn()
+            if name == "flower_ray":
+                flower_run, seconds = seconds, seconds["seconds"]
             if name in ("bare", "inprocess"):
                 times[name].append(seconds)
             else:
@@ -148,6 +154,9 @@ def run(out_dir: Path | None = None) -> dict:
         "pair_ratios": pair_ratios, "median_pair_ratio": statistics.median(pair_ratios),
         "flow_over_bare": times["flow"] / bare_s,
         "ray_over_inprocess_flow": times["ray"] / times["flow"], "ray_over_bare": times["ray"] / bare_s,
+        # The target: our Ray backend (the whole flow) at most Flower's own run_simulation.
+        "flower_run_simulation_s": times["flower_ray"], "flower_run_simulation_final_acc": flower_run["final_acc"],
+        "ray_over_flower_run_simulation": times["ray"] / times["flower_ray"],
         # Ray's actors step in other processes: this process's hook does not see them.
         "optimizer_steps": {"bare": steps["bare"], "inprocess": steps["inprocess"], "flow": steps["flow"]},
         "same_steps": len({steps["bare"], steps["inprocess"], steps["flow"]}) == 1,
@@ -243,6 +252,9 @@ def report(r: dict) -> str:
         "(+ Prefect steps, MLflow run, split report, plots, artifacts)",
         f"  Flower's Ray, whole flow     {r['ray_flow_s']:6.2f} s  ratio to in-process flow "
         f"{r['ray_over_inprocess_flow']:.1f}, to bare {r['ray_over_bare']:.1f}",
+        f"  Flower's own run_simulation  {r['flower_run_simulation_s']:6.2f} s  (plain FedAvg and PyTorch clients, "
+        f"final accuracy {r['flower_run_simulation_final_acc']:.3f}); our Ray flow / it "
+        f"{r['ray_over_flower_run_simulation']:.2f} (target <= 1)",
         f"  optimizer steps: {r['optimizer_steps']} -> {'same' if r['same_steps'] else 'DIFFERENT'}",
         "  peak memory, in-process backend, 10 clients sampled per round (Permuted-Digits, replay):",
     ]
