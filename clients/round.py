@@ -32,6 +32,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from lifelong.bridges.flower import protocol
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
+from lifelong.checkpoints import ResumeError
 from lifelong.clients import privacy_record, state_store
 from lifelong.clients.learner import ClientLearner
 from lifelong.config import Config, validate_config
@@ -64,6 +65,8 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
             # process, fresh Context): it goes on from the newest state it saved before this round.
             upto = int(conf[protocol.RESUME_ROUND]) if protocol.RESUME_ROUND in conf else server_round - 1
             restored = state_store.restore(state, cfg, saved, upto)
+            if restored is None and protocol.TRAINED_PARTITIONS in conf:
+                _check_nothing_was_saved(conf, partition_id, saved)
     boundary = to_state_dict(content[protocol.BOUNDARY]) if protocol.BOUNDARY in content else None
     ends_experience = protocol.EXPERIENCE_END in conf and server_round == int(conf[protocol.EXPERIENCE_END])
     weights, metrics = learner.train_round(to_state_dict(content[protocol.ARRAYS]), int(conf[protocol.EXPERIENCE]),
@@ -88,3 +91,15 @@ def _record_dp_round(conf, cfg: Config, node_config: Mapping[str, object], parti
     privacy_record.record(root, population, partition_id, runs[0], server_round, int(conf[protocol.EXPERIENCE]),
                           float(conf[protocol.DP_ACCOUNTED_Z]))
     return prior
+
+
+def _check_nothing_was_saved(conf, partition_id: int, saved) -> None:
+    """A resumed run's client that found no state: refused if the server's checkpoint says it had
+    trained (its saved state is missing: another client-state-dir, a wiped disk), rather than
+    going on with an empty memory as if it had not."""
+    trained = dict(zip((int(p) for p in conf[protocol.TRAINED_PARTITIONS]),
+                       (int(r) for r in conf[protocol.TRAINED_ROUNDS])))
+    if partition_id in trained:
+        raise ResumeError(f"{state_store.REFUSED}: partition {partition_id} trained in round {trained[partition_id]} "
+                          f"of this run, but no state it saved by then is in {saved} (a different client-state-dir "
+                          f"or {state_store.ENV_VAR}, or the folder was removed); point the client at its saved state")

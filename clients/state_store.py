@@ -24,8 +24,9 @@ own records, and the server, which cannot reach them, only says which round they
 (``flower-supernode --node-config "partition-id=0 num-partitions=2 client-state-dir='/data/lifelong'"``),
 else ``$LIFELONG_CLIENT_STATE_DIR``, else ``<LIFELONG_HOME>/client-state``, next to the server's
 ``checkpoints/``. A file that is corrupt or was written by another config is refused, never
-silently used: the client fails the round with a message that starts with ``REFUSED``, and the
-server stops the run with it (``flows/federated.py``).
+silently used, and so is a missing state of a client the resumed run's checkpoint says had
+trained (``clients/round.py``): the client fails the round with a message that starts with
+``REFUSED``, and the server stops the run with it (``flows/federated.py``).
 """
 
 from __future__ import annotations

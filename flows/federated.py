@@ -304,6 +304,12 @@ class ServerLoop:
             self.client_keys = {protocol.STATE_RUN: self.run_id, protocol.SAVED_ROUND: self.done_rounds}
             if resume is not None:
                 self.client_keys[protocol.RESUME_ROUND] = self.done_rounds
+                last = {}
+                for o in self.strategy.outcomes:
+                    if o.status == "ok" and o.partition_id is not None and o.round <= self.done_rounds:
+                        last[o.partition_id] = max(o.round, last.get(o.partition_id, 0))
+                self.client_keys[protocol.TRAINED_PARTITIONS] = sorted(last)
+                self.client_keys[protocol.TRAINED_ROUNDS] = [last[p] for p in sorted(last)]
 
     def run(self, grid: Grid, resume: dict | None = None) -> FederatedResult:
         self._restore(resume)

@@ -29,6 +29,10 @@ ROUND_OFFSET = "round-offset"
 STATE_RUN = "state-run"
 SAVED_ROUND = "checkpointed-round"
 RESUME_ROUND = "resume-round"
+#: A resumed run's: the partitions that had trained by the resume round, and the last round each did
+#: (a client of these whose saved state is missing refuses to go on empty).
+TRAINED_PARTITIONS = "trained-partitions"
+TRAINED_ROUNDS = "trained-rounds"
 #: User-level DP with clients' own records (``clients/privacy_record.py``): the round's accounted
 #: noise multiplier, and the runs the server's ledger holds (this run first).
 DP_ACCOUNTED_Z = "dp-accounted-z"

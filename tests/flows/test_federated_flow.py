@@ -309,6 +309,28 @@ def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_p
     assert client.get_run(run_id).info.status == "FAILED"
 
 
+def test_a_client_whose_saved_state_is_missing_stops_the_resumed_run_naming_it(tmp_path):
+    """Client 1's state folder is gone when the run resumes (another client-state-dir, a wiped
+    disk): it trained before the checkpoint, so it refuses to go on with an empty replay memory."""
+    import shutil
+
+    from lifelong.clients import state_store
+
+    cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false")
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, client_app=interrupting_app(5))  # checkpointed after round 4
+    client = client_for(cfg.tracking.uri)
+    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    missing = state_store.state_root() / run_id / "1"
+    shutil.rmtree(missing)
+    out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
+    assert out.exit_code == 2, out.output
+    assert f"refused client state: partition 1 trained in round 4 of this run, but no state it saved by then is in {missing}" \
+        in " ".join(out.output.split())
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
 def test_adaptive_clipping_and_fedadam_resume_as_an_unbroken_run(tmp_path):
     """The clip bound (logged per round), FedAdam's moments and the DP noise generator are all
     server state: a run resumed mid-experience ends as the unbroken run does."""
