@@ -3,6 +3,8 @@ an atomic write, and a read that refuses a corrupt, foreign or mismatched file."
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 from pathlib import Path
 
@@ -14,6 +16,11 @@ from lifelong.env import state_dir
 
 class ResumeError(ValueError):
     """A run that cannot be resumed: a corrupt or mismatched checkpoint, an unknown run."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a file-size limit, no permission);
+    the previous one at that path is intact."""
 
 
 def checkpoint_dir(run_id: str) -> Path:
@@ -28,10 +35,28 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 def write_checkpoint(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``state`` to ``path`` atomically: a kill or a full disk mid-write leaves the previous
+    checkpoint intact (and no partial file behind); a failed write raises ``CheckpointWriteError``
+    naming the path and the cause."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    # Serialised in memory first, then written with a plain write: a failed write then says why
+    # (the OS's error: "No space left on device"), where torch.save writing to the file itself
+    # reports only an internal offset mismatch.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        full = exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        error = CheckpointWriteError(f"could not write {path}: {exc.strerror or exc}"
+                                     + (" (the disk or the file-size limit is full)" if full else "")
+                                     + "; the previous checkpoint there is intact")
+        error.errno = exc.errno
+        raise error from exc
 
 
 def read_checkpoint(path: Path, cfg: Config, version: int, what: str, unreadable_hint: str = "") -> dict:
