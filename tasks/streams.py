@@ -60,6 +60,8 @@ class Stream:
     files: list[Path] | None = None
     _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _train: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    #: Each experience's train and test digests (``data_fingerprint``), computed once per stream.
+    _digests: list[dict[str, str]] | None = field(default=None, repr=False)
 
     @property
     def train_stream(self):
@@ -308,9 +310,12 @@ def data_fingerprint(stream: Stream, path: Path | None = None) -> dict:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    out: dict = {"stream": stream.name, "experiences": [
-        {"train": digest(stream.train_tensors(i)[:2]), "test": digest(stream.test_tensors(i)[:2])}
-        for i in range(stream.n_experiences)]}
+    # Once per stream (streams are kept in-process): hashing reads every experience's training
+    # split again, which each run of a sweep or a benchmark in one process would otherwise repeat.
+    if stream._digests is None:
+        stream._digests = [{"train": digest(stream.train_tensors(i)[:2]), "test": digest(stream.test_tensors(i)[:2])}
+                           for i in range(stream.n_experiences)]
+    out: dict = {"stream": stream.name, "experiences": [dict(d) for d in stream._digests]}
     if stream.files is not None:
         for e, f in zip(out["experiences"], stream.files):
             e.update({"file": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
