@@ -132,7 +132,7 @@ class ClientLearner:
 
     def train_round(self, weights: dict[str, torch.Tensor], experience: int, server_round: int,
                     boundary: dict[str, torch.Tensor] | None = None, ends_experience: bool = False,
-                    copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                    copy: bool = True, report_personal: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Train on this client's share of ``experience``; returns the new weights and metrics.
 
         ``boundary``: the global model at the end of the previous experience, which the client
@@ -142,12 +142,15 @@ class ClientLearner:
         runs its VOR phase then). The client's state changes only if the round succeeds: a failed
         round leaves it as it was. ``copy=False`` returns the worker model's own tensors, which the
         worker's next round overwrites: for a caller that encodes them at once (the ClientApp).
+        ``report_personal``: report the personalised model's accuracy in this round's reply even if
+        it does not end the experience (the virtual clock, where a client's last round on an
+        experience is not known in advance).
         """
         worker = worker_for(self.cfg, self.stream)
         staged = RecordDict()
         try:
             new, metrics = self._train_round(worker, weights, experience, server_round, boundary, staged,
-                                             ends_experience)
+                                             ends_experience, report_personal)
         except BaseException:
             workers.clear()  # a failed round may leave hooks or half-loaded state: rebuild next time
             raise
@@ -156,7 +159,7 @@ class ClientLearner:
         return {k: v.clone() if copy else v for k, v in new.items()}, metrics
 
     def _train_round(self, worker: Worker, weights, experience: int, server_round: int, boundary,
-                     staged: RecordDict, ends_experience: bool):
+                     staged: RecordDict, ends_experience: bool, report_personal: bool = False):
         cfg, stream, model = self.cfg, self.stream, worker.model
         model.load_state_dict(boundary if boundary is not None else weights)
         # Seeded after the worker exists (building one draws from the RNG): a client's round
@@ -220,7 +223,7 @@ class ClientLearner:
             st.write_accountant(staged, worker.dp.engine.accountant.history)
             metrics[protocol.SAMPLE_EPSILON] = worker.dp.reports[-1].epsilon
             metrics[protocol.TRAIN_LOSS] = float("nan")  # computed on the data without noise (docstring)
-        if ends_experience and self.evaluates_personal_model:
+        if (ends_experience or report_personal) and self.evaluates_personal_model:
             metrics[protocol.PERSONAL_ACC] = self.personal_accuracy(model, experience)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 

@@ -70,7 +70,8 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
     boundary = to_state_dict(content[protocol.BOUNDARY]) if protocol.BOUNDARY in content else None
     ends_experience = protocol.EXPERIENCE_END in conf and server_round == int(conf[protocol.EXPERIENCE_END])
     weights, metrics = learner.train_round(to_state_dict(content[protocol.ARRAYS]), int(conf[protocol.EXPERIENCE]),
-                                           server_round, boundary, ends_experience, copy=False)
+                                           server_round, boundary, ends_experience, copy=False,
+                                           report_personal=bool(conf.get(protocol.REPORT_PERSONAL, 0)))
     arrays = from_state_dict(weights)  # at once: the weights are the worker model's own (copy=False)
     if saved is not None:  # every reply of a round must have the same keys (Flower's check): -1 for none
         metrics[protocol.RESTORED_ROUND] = -1 if restored is None else restored

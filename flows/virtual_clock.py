@@ -32,7 +32,9 @@ Evaluation, every ``clock.eval_every_hours`` and at the end: the global model on
 some client has reached (``clock/acc_exp*``), each client's accuracy on its own test shares of
 the experiences *it* has reached, and their spread (``clock/clients_acc_*``), with the updates
 applied and dropped, the staleness of the applied ones and the clients that took part, per
-virtual hour. The accuracy matrix's row ``k`` is the evaluation at ``(k + 1) * experience_hours``
+virtual hour; for learners with local state (no DP), the spread of each client's personalised
+model's accuracy as it last reported it (every round: a client's last round on an experience is not
+known in advance; ``clock/personal_acc_*``, ``clock/personal_gain_mean``). The accuracy matrix's row ``k`` is the evaluation at ``(k + 1) * experience_hours``
 (when experience ``k + 1`` starts arriving; the last at the end), so the summary (average
 accuracy, forgetting) reads as in synchronous runs. MLflow also gets the event log
 (``clock_events.json``), the per-client table (``clock_clients.json``) and ``clock.png``.
@@ -113,7 +115,7 @@ from lifelong.tasks.streams import build_stream
 CLOCK_VERSION = 1
 #: The loop's attributes a checkpoint holds as they are (the rest: generators, ledger, clients).
 _LOOP_STATE = ("events", "seq", "busy", "buffer", "buffered", "log", "window", "total", "participations",
-               "drops", "starts", "rows", "hourly", "state", "version")
+               "drops", "starts", "rows", "hourly", "state", "version", "personal")
 EVENTS_FILE = "clock_events.json"
 CLIENTS_FILE = "clock_clients.json"
 FIGURE_FILE = "clock.png"
@@ -187,6 +189,9 @@ class VirtualClock:
         self.rows: list[list[float]] = []
         self.hourly: list[dict[str, float]] = []
         self.test_shares: dict[int, list[torch.Tensor]] = {}
+        #: Each client's latest report of its personalised model's accuracy on its own test share
+        #: of each experience it had seen (learners with local state, without DP).
+        self.personal: dict[int, list[float]] = {}
         #: User-level DP: each applied update clipped, the noise added once per server step, and
         #: every client charged in the ledger for the updates of its that were applied.
         p = cfg.privacy
@@ -316,7 +321,8 @@ class VirtualClock:
         if self._encoded is None or self._encoded[0] != self.version:
             self._encoded = (self.version, from_state_dict(self.state))
         config = ConfigRecord({protocol.SERVER_ROUND: self.starts, protocol.ROUND_OFFSET: 0,
-                               protocol.EXPERIENCE: experience, protocol.RUN_CONFIG: self.config_json})
+                               protocol.EXPERIENCE: experience, protocol.RUN_CONFIG: self.config_json,
+                               protocol.REPORT_PERSONAL: 1})
         msg = self.grid.create_message(RecordDict({protocol.ARRAYS: self._encoded[1], protocol.CONFIG: config}),
                                        MessageType.TRAIN, self.node_of[client], group_id="clock")
         reply: Message = next(iter(self.grid.send_and_receive([msg])))
@@ -367,6 +373,7 @@ class VirtualClock:
     def arrive(self, t: float, s: Started) -> None:
         """An asynchronous update arrives: mixed in (FedAsync) or buffered (FedBuff)."""
         self.busy.pop(s.client, None)
+        self._personal(s)
         staleness = self.version - s.version
         new = to_state_dict(s.content[protocol.ARRAYS])
         c = self.clock
@@ -403,6 +410,12 @@ class VirtualClock:
                 self.record(t, "step", None, version=self.version)
         self.fill(t)
 
+    def _personal(self, s: Started) -> None:
+        """Keep the client's report of its personalised model, when its round finished."""
+        m = s.content[protocol.METRICS]
+        if protocol.PERSONAL_ACC in m:
+            self.personal[s.client] = [float(a) for a in m[protocol.PERSONAL_ACC]]
+
     def _applied(self, staleness: int) -> None:
         for counter in (self.window, self.total):
             counter.applied += 1
@@ -432,6 +445,9 @@ class VirtualClock:
     def end_round(self, t: float, payload) -> None:
         started, accepted = payload
         kept = {s.client for s in accepted}
+        for s in started:  # a late client trained its own model all the same
+            if s.content is not None and s.finish <= t:
+                self._personal(s)
         for s in started:
             if s.client in kept:
                 continue
@@ -518,6 +534,7 @@ class VirtualClock:
         values["clock/avg_acc_reached"] = float(np.mean(list(accs.values()))) if accs else float("nan")
         if np.isfinite(own).any():
             values.update({f"clock/clients_acc_{k}": v for k, v in client_eval.spread(own[np.isfinite(own)]).items()})
+        values.update(self._personal_values(own))
         w = self.window
         values.update({"clock/updates_applied": w.applied, "clock/updates_dropped": w.dropped,
                        "clock/updates_late": w.late, "clock/server_version": self.version,
@@ -539,6 +556,22 @@ class VirtualClock:
         print(f"[clock] hour {index:g}: version {self.version}, accuracy on reached experiences "
               f"{values['clock/avg_acc_reached']:.3f}, {w.applied} updates applied, {w.dropped} dropped",
               file=self.out, flush=True)
+
+    def _personal_values(self, own: np.ndarray) -> dict[str, float]:
+        """The spread of the clients' latest personalised accuracy (each over the experiences it had
+        seen when it reported), and its mean gain over the global model's on the same clients."""
+        clients = sorted(self.personal)
+        mine = np.array([np.nanmean(self.personal[c]) if np.isfinite(self.personal[c]).any() else np.nan
+                         for c in clients])
+        keep = np.isfinite(mine)
+        if not keep.any():
+            return {}
+        values = {f"clock/personal_acc_{k}": v for k, v in client_eval.spread(mine[keep]).items()}
+        values["clock/personal_evaluated"] = int(keep.sum())
+        both = keep & np.isfinite(own[clients])
+        if both.any():
+            values["clock/personal_gain_mean"] = float(np.mean(mine[both] - own[clients][both]))
+        return values
 
     # -- the end ------------------------------------------------------------------------------------
     def finish(self, wall_s: float) -> FederatedResult:

@@ -22,6 +22,9 @@ RUN_CONFIG = "lifelong-config"
 EXPERIENCE = "experience"
 #: The global round that ends the message's experience (its last round).
 EXPERIENCE_END = "experience-end-round"
+#: 1: report the personalised model's accuracy (``PERSONAL_ACC``) in this round's reply whatever
+#: the round (the virtual clock: a client's last round on an experience is not known in advance).
+REPORT_PERSONAL = "report-personal"
 #: Rounds before this ``strategy.start``: the global round is ``ROUND_OFFSET + SERVER_ROUND``.
 ROUND_OFFSET = "round-offset"
 #: Checkpointed runs: the MLflow run id the client's saved state belongs to, the last round the

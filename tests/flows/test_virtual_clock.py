@@ -35,6 +35,9 @@ def test_each_server_mode_learns_on_the_clock_and_logs_per_hour(tmp_path, mode):
     assert [m.step for m in hist] == [1, 2, 3]  # every virtual hour
     assert {"clock/updates_applied", "clock/updates_dropped", "clock/clients_acc_p10", "clock/clients_acc_worst",
             "clock/clients_participated", "final/avg_accuracy", "cost/updates"} <= set(metrics)
+    # replay keeps local state: each client's personalised model, as it last reported it
+    assert {"clock/personal_acc_mean", "clock/personal_acc_worst", "clock/personal_gain_mean"} <= set(metrics)
+    assert 0 < metrics["clock/personal_evaluated"] <= 8 and 0 <= metrics["clock/personal_acc_mean"] <= 1
     assert result.matrix.shape == (2, 2) and metrics["cost/updates"] > 0
     assert result.summary["avg_accuracy"] > 0.3  # chance is 0.1: the clients' updates were applied
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -100,6 +103,7 @@ def test_user_level_dp_on_the_clock_charges_applied_updates_only(tmp_path, mode)
     # every update that arrived was charged, and nothing else: drop-outs and late ones spend nothing
     assert [ledger.participations(c) for c in range(8)] == [row[3] for row in table]
     metrics = client.get_run(result.run_id).data.metrics
+    assert not [k for k in metrics if "personal" in k]  # under DP no per-client figure leaves a client
     client.download_artifacts(result.run_id, "clock_events.json", str(tmp_path))
     log = json.loads((tmp_path / "clock_events.json").read_text())["data"]
     leftover = 0
