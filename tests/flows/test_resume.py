@@ -236,7 +236,9 @@ def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("fed").experiment_id])[0]
     assert run.info.status == "RUNNING" and run.data.tags["lifelong.backend"] == "ray"
     done = torch.load(home / "checkpoints" / run.info.run_id / "federated.pt", weights_only=False)["round"]
-    assert done == 3  # killed before the end
+    # Killed within round 4 (the last): the checkpoint is round 3's, or round 4's when the kill came
+    # just after it was written; either way the run never said it ended.
+    assert 3 <= done <= 4
     states = home / "client-state" / run.info.run_id
     assert all(any(r <= done for r in saved_rounds(states / p)) for p in ("0", "1"))
     out = subprocess.run([*lifelong, "--resume", run.info.run_id, "--tracking-uri", uri], env=env,
