@@ -24,7 +24,6 @@ median moved by ±0.02 (2026-12-04, README).
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import statistics
@@ -78,13 +77,7 @@ def bare_loop(cfg) -> float:
                 model.load_state_dict(weights)
                 model.train()
                 opt = make_optimizer(cfg.training, model)
-                for _ in range(cfg.training.epochs):
-                    perm = torch.randperm(len(x), generator=gen)
-                    for b in range(math.ceil(len(x) / bs)):
-                        sel = perm[b * bs:(b + 1) * bs]
-                        opt.zero_grad()
-                        torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
-                        opt.step()
+                flower_baseline.local_sgd(model, x, y, opt, cfg.training.epochs, bs, gen)
                 updates.append((len(x), {k: v.detach().clone() for k, v in model.state_dict().items()}))
             total = sum(n for n, _ in updates)
             weights = {k: sum(n * u[k] for n, u in updates) / total for k in weights}

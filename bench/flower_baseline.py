@@ -59,6 +59,17 @@ def _load(folder: Path):
         return torch.load(folder / "data.pt", weights_only=False), torch.jit.load(folder / "model.pt")
 
 
+def local_sgd(model, x, y, opt, epochs: int, batch_size: int, generator: torch.Generator) -> None:
+    """Plain mini-batch SGD on one client's share (the bare loop's too, ``bench/federated.py``)."""
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=generator)
+        for b in range(math.ceil(len(x) / batch_size)):
+            sel = perm[b * batch_size:(b + 1) * batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
+            opt.step()
+
+
 def _optimizer(params, name: str, lr: float, momentum: float, weight_decay: float):
     """The training config's optimizer (as ``make_optimizer`` builds it)."""
     if name == "sgd":
@@ -80,15 +91,8 @@ def client_app():
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         model.train()
         opt = _optimizer(model.parameters(), *data["optimizer"])
-        gen = torch.Generator().manual_seed(data["seed"] * 1000 + pid)
-        bs = data["batch_size"]
-        for _ in range(data["epochs"]):
-            perm = torch.randperm(len(x), generator=gen)
-            for b in range(math.ceil(len(x) / bs)):
-                sel = perm[b * bs:(b + 1) * bs]
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[sel]), y[sel]).backward()
-                opt.step()
+        local_sgd(model, x, y, opt, data["epochs"], data["batch_size"],
+                  torch.Generator().manual_seed(data["seed"] * 1000 + pid))
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
                                    "metrics": MetricRecord({"num-examples": len(x)})}), reply_to=msg)
 

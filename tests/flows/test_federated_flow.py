@@ -289,15 +289,22 @@ def test_a_client_that_comes_back_with_no_state_goes_on_from_its_saved_memory(tm
     assert back.summary == pytest.approx(full.summary)
 
 
-def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):
-    from lifelong.clients import state_store
-
+def interrupted_after_round_4(tmp_path):
+    """A run of 3 clients stopped in round 5 (checkpointed after round 4): its config, MLflow client
+    and run id."""
     cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false")
     with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, client_app=interrupting_app(5))  # checkpointed after round 4
+        run_federated(cfg, client_app=interrupting_app(5))
     client = client_for(cfg.tracking.uri)
     run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
                                 order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    return cfg, client, run_id
+
+
+def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):
+    from lifelong.clients import state_store
+
+    cfg, client, run_id = interrupted_after_round_4(tmp_path)
     folder = state_store.state_root() / run_id
     assert {p.name for p in folder.iterdir()} == {"0", "1", "2"}  # every client saved its own state
     assert all(sorted(state_store.saved_rounds(folder / c)) == [3, 4] for c in "012")
@@ -316,12 +323,7 @@ def test_a_client_whose_saved_state_is_missing_stops_the_resumed_run_naming_it(t
 
     from lifelong.clients import state_store
 
-    cfg = fed_config(tmp_path, "federated.rounds=3", "tracking.log_model=false", "tracking.log_plots=false")
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, client_app=interrupting_app(5))  # checkpointed after round 4
-    client = client_for(cfg.tracking.uri)
-    run_id = client.search_runs([client.get_experiment_by_name("fed").experiment_id],
-                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
+    cfg, client, run_id = interrupted_after_round_4(tmp_path)
     missing = state_store.state_root() / run_id / "1"
     shutil.rmtree(missing)
     out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
