@@ -34,7 +34,8 @@ the experiences *it* has reached, and their spread (``clock/clients_acc_*``), wi
 applied and dropped, the staleness of the applied ones and the clients that took part, per
 virtual hour; for learners with local state (no DP), the spread of each client's personalised
 model's accuracy as it last reported it (every round: a client's last round on an experience is not
-known in advance; ``clock/personal_acc_*``, ``clock/personal_gain_mean``). The accuracy matrix's row ``k`` is the evaluation at ``(k + 1) * experience_hours``
+known in advance; ``clock/personal_acc_*``, ``clock/personal_gain_mean``). The accuracy matrix's
+row ``k`` is the evaluation at ``(k + 1) * experience_hours``
 (when experience ``k + 1`` starts arriving; the last at the end), so the summary (average
 accuracy, forgetting) reads as in synchronous runs. MLflow also gets the event log
 (``clock_events.json``), the per-client table (``clock_clients.json``) and ``clock.png``.
@@ -156,7 +157,7 @@ def clock_checkpoint_file(run_id: str) -> Path:
 class VirtualClock:
     def __init__(self, cfg: Config, run_id: str, uri: str, client_app=None, log=sys.stderr,
                  checkpoint: Path | None = None):
-        """``checkpoint``: where to save the loop after every hourly evaluation (None: nowhere)."""
+        """``checkpoint``: where to save the loop, every ``clock.checkpoint_every_hours`` (None: nowhere)."""
         from lifelong.clients.app import app as default_app
 
         self.cfg, self.clock, self.run_id, self.uri, self.out = cfg, cfg.clock, run_id, uri, log
@@ -656,10 +657,13 @@ def load_clock_checkpoint(run_id: str, cfg: Config) -> dict:
 
 
 @flow(name="federated-clock", validate_parameters=False)
-def clock_flow(cfg: Config, client_app=None, log=sys.stderr, resume: str | None = None) -> FederatedResult:
+def clock_flow(cfg: Config, client_app=None, log=None, resume: str | None = None) -> FederatedResult:
     """A federated run on the virtual clock: opens the MLflow run (or goes on in ``resume``'s,
-    from its checkpoint), runs the event loop."""
+    from its checkpoint), runs the event loop. ``log``: where progress lines go (default stderr;
+    not a default value itself: Prefect would try to put the stream in the flow's JSON schema)."""
     from lifelong.env import default_tracking_uri
+
+    log = log or sys.stderr
 
     uri = cfg.tracking.uri or default_tracking_uri()
     client = tracking.client_for(uri)
