@@ -406,18 +406,10 @@ class ServerLoop:
         (``clients/personal_acc_*``), and its mean gain over the global model on the same shares
         (``clients/personal_gain_mean``). Only those clients: the others hold no such model now."""
         done = [o for o in self.strategy.outcomes if o.round == rnd and o.status == "ok" and o.personal]
-        own = np.array([np.nanmean(o.personal) if np.isfinite(o.personal).any() else np.nan for o in done])
-        keep = np.isfinite(own)
-        if not keep.any():
-            return
-        row = self.client_rows[-1]
-        global_own = client_eval.seen_accuracy(row, experience)[[o.partition_id for o in done]]
-        values = {f"clients/personal_acc_{k}": v for k, v in client_eval.spread(own[keep]).items()}
-        both = keep & np.isfinite(global_own)
-        if both.any():
-            values["clients/personal_gain_mean"] = float(np.mean(own[both] - global_own[both]))
-        values["clients/personal_evaluated"] = int(keep.sum())
-        self.logger.log_values(values, experience)
+        global_own = client_eval.seen_accuracy(self.client_rows[-1], experience)[[o.partition_id for o in done]]
+        summary = client_eval.personal_summary([o.personal for o in done], global_own)
+        if summary:
+            self.logger.log_values({f"clients/{k}": v for k, v in summary.items()}, experience)
 
     def _client_spread(self, rnd: int, experience: int, correct: dict[int, torch.Tensor]) -> None:
         """Every ``eval_every_rounds``: each client's accuracy on its own test shares of the

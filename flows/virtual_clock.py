@@ -562,17 +562,8 @@ class VirtualClock:
         """The spread of the clients' latest personalised accuracy (each over the experiences it had
         seen when it reported), and its mean gain over the global model's on the same clients."""
         clients = sorted(self.personal)
-        mine = np.array([np.nanmean(self.personal[c]) if np.isfinite(self.personal[c]).any() else np.nan
-                         for c in clients])
-        keep = np.isfinite(mine)
-        if not keep.any():
-            return {}
-        values = {f"clock/personal_acc_{k}": v for k, v in client_eval.spread(mine[keep]).items()}
-        values["clock/personal_evaluated"] = int(keep.sum())
-        both = keep & np.isfinite(own[clients])
-        if both.any():
-            values["clock/personal_gain_mean"] = float(np.mean(mine[both] - own[clients][both]))
-        return values
+        summary = client_eval.personal_summary([self.personal[c] for c in clients], own[clients])
+        return {f"clock/{k}": v for k, v in summary.items()}
 
     # -- the end ------------------------------------------------------------------------------------
     def finish(self, wall_s: float) -> FederatedResult:

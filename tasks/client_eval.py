@@ -46,6 +46,26 @@ def reached_accuracy(row: np.ndarray, reached: np.ndarray) -> np.ndarray:
         return np.nanmean(np.where(mask, row, np.nan), axis=1)
 
 
+def personal_summary(personal: list[list[float]], global_own: np.ndarray) -> dict[str, float]:
+    """Clients' personalised (locally trained) models: ``personal[i]``, client i's accuracy on its
+    own test share of each experience it had seen; ``global_own[i]``, the global model's on the same
+    client. The spread of their means (``personal_acc_*``), how many had one
+    (``personal_evaluated``), and the mean gain over the global model (``personal_gain_mean``);
+    nothing when no client has a finite figure."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a client with no test data: NaN
+        mine = np.array([np.nanmean(p) if len(p) else np.nan for p in personal])
+    keep = np.isfinite(mine)
+    if not keep.any():
+        return {}
+    values = {f"personal_acc_{k}": v for k, v in spread(mine[keep]).items()}
+    values["personal_evaluated"] = int(keep.sum())
+    both = keep & np.isfinite(global_own)
+    if both.any():
+        values["personal_gain_mean"] = float(np.mean(mine[both] - global_own[both]))
+    return values
+
+
 def client_forgetting(rows: list[np.ndarray]) -> np.ndarray:
     """Each client's average forgetting over the experiences before the last (``rows[e]``: the
     clients × experiences accuracies after experience ``e``); NaN for a client with none."""

@@ -179,6 +179,7 @@ class ContinualFedAvg(FedAvg):
         for msg in valid:
             m = msg.content[protocol.METRICS]
             node = node_of(msg)
+            restored = int(m.get(protocol.RESTORED_ROUND, -1))  # -1: the client had its state
             self._partition_of[node] = int(m[protocol.PARTITION_ID])
             self.outcomes.append(ClientOutcome(rnd, node, int(m[protocol.PARTITION_ID]), "ok",
                                                int(m[self.weighted_by_key]), float(m[protocol.TRAIN_LOSS]),
@@ -186,12 +187,10 @@ class ContinualFedAvg(FedAvg):
                                                if protocol.SAMPLE_EPSILON in m else None,
                                                personal=[float(a) for a in m[protocol.PERSONAL_ACC]]
                                                if protocol.PERSONAL_ACC in m else None,
-                                               restored_from=int(m[protocol.RESTORED_ROUND])
-                                               if m.get(protocol.RESTORED_ROUND, -1) >= 0 else None))
-            if m.get(protocol.RESTORED_ROUND, -1) >= 0:
+                                               restored_from=restored if restored >= 0 else None))
+            if restored >= 0:
                 log.info("round %d: client %d (partition %d) had no state on its node and went on from "
-                         "the state it saved after round %d", rnd, node, int(m[protocol.PARTITION_ID]),
-                         int(m[protocol.RESTORED_ROUND]))
+                         "the state it saved after round %d", rnd, node, int(m[protocol.PARTITION_ID]), restored)
         for msg in errors:
             node = node_of(msg)
             log.warning("round %d: client %d (partition %s) failed: %s", rnd, node,
