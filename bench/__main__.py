@@ -1,4 +1,4 @@
-"""`python -m bench [overhead] [multitask] [federated] [deployed] [privacy] [clock]`: run the benchmarks (default: all), print the ratios,
+"""`python -m bench [overhead] [multitask] [federated] [deployed] [privacy] [clock] [population]`: run the benchmarks (default: all), print the ratios,
 write bench/out/results.json."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import clock, deployed, federated, multitask, overhead, privacy
+from bench import clock, deployed, federated, multitask, overhead, population, privacy
 
 
 def main() -> None:
-    which = sys.argv[1:] or ["overhead", "multitask", "federated", "deployed", "privacy", "clock"]
+    which = sys.argv[1:] or ["overhead", "multitask", "federated", "deployed", "privacy", "clock", "population"]
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
@@ -34,6 +34,9 @@ def main() -> None:
     if "clock" in which:
         results["clock"] = clock.run(out / "clock")
         print(clock.report(results["clock"]))
+    if "population" in which:
+        results["population"] = population.run(out / "population")
+        print(population.report(results["population"]))
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {path}")
 

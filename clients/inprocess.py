@@ -10,6 +10,12 @@ Clients are virtual until sampled: a node is an id and a partition id; its ``Con
 persistent ``state`` where the client keeps its continual-learning memory) is created the first
 time a message reaches it. A ClientApp that raises gets an error reply, as Flower's engine gives
 one, so the strategy counts it as a failure and the round goes on.
+
+With ``release_states``, only a round's cohort is in memory: after a client's round in a
+checkpointed run, which saved its state to the client state store (``clients/state_store.py``),
+its Context is let go, and the next message to it starts from an empty one marked
+``protocol.NODE_RELEASED``, from which the client reloads what it saved (``clients/round.py``).
+A population of 10^5 virtual clients then costs the memory of the clients a round samples.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ log = logging.getLogger("lifelong.clients")
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1):
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, release_states: bool = False):
         self.client_app = client_app
+        self.release_states = release_states
+        self.released: set[int] = set()  # nodes whose Context was let go after a saved round
         self._run = Run.create_empty(run_id)
         # Node ids are fixed (partition id + 1), so client sampling is reproducible.
         self.partitions = {pid + 1: pid for pid in range(num_nodes)}
@@ -82,15 +90,17 @@ class InProcessGrid(Grid):
     def context(self, node_id: int) -> Context:
         if node_id not in self.contexts:
             pid = self.partitions[node_id]
-            self.contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id,
-                                             node_config={protocol.NODE_PARTITION_ID: pid, protocol.NUM_PARTITIONS: self.num_nodes},
+            node_config = {protocol.NODE_PARTITION_ID: pid, protocol.NUM_PARTITIONS: self.num_nodes}
+            if node_id in self.released:
+                node_config[protocol.NODE_RELEASED] = 1
+            self.contexts[node_id] = Context(run_id=self._run.run_id, node_id=node_id, node_config=node_config,
                                              state=RecordDict(), run_config={})
         return self.contexts[node_id]
 
     def take_changed(self) -> dict[int, RecordDict]:
         """The ``Context.state`` of every client that trained since the last call, by node id
         (an incremental checkpoint: a client's state changes only when it trains)."""
-        changed = {node: self.contexts[node].state for node in sorted(self.changed)}
+        changed = {node: self.contexts[node].state for node in sorted(self.changed) if node in self.contexts}
         self.changed.clear()
         return changed
 
@@ -101,6 +111,14 @@ class InProcessGrid(Grid):
             ctx = self.context(node)
             self.contexts[node] = Context(run_id=ctx.run_id, node_id=node, node_config=ctx.node_config,
                                           state=state, run_config=ctx.run_config)
+
+    @staticmethod
+    def _may_release(msg: Message, reply: Message) -> bool:
+        """Whether the client's Context may go after this reply: a successful round of a
+        checkpointed run (``protocol.STATE_RUN``), where a client that keeps state saved it to
+        its store, and one that keeps none reads nothing back."""
+        conf = msg.content[protocol.CONFIG] if protocol.CONFIG in msg.content else {}
+        return not reply.has_error() and protocol.STATE_RUN in conf
 
     def _deliver(self, msg: Message) -> Message:
         node_id = msg.metadata.dst_node_id
@@ -113,6 +131,9 @@ class InProcessGrid(Grid):
             reply = self.client_app(msg, trial)
             self.contexts[node_id] = trial
             self.changed.add(node_id)
+            if self.release_states and self._may_release(msg, reply):
+                del self.contexts[node_id]
+                self.released.add(node_id)
         except Exception as exc:  # as Flower's engine does: the failure becomes an error reply
             log.warning("client %d (partition %d) failed: %s", node_id, self.partitions[node_id], exc)
             log.debug(traceback.format_exc())

@@ -28,7 +28,8 @@ def default_client_app() -> ClientApp:
 
 def inprocess_grid(cfg: Config, client_app: ClientApp | None = None) -> InProcessGrid:
     quiet_flower()
-    return InProcessGrid(client_app or default_client_app(), cfg.federated.clients)
+    return InProcessGrid(client_app or default_client_app(), cfg.federated.clients,
+                         release_states=cfg.federated.release_states)
 
 
 def simulate_with_ray(cfg: Config, serve: Callable[[Grid], object], client_app: ClientApp | None = None):

@@ -53,7 +53,7 @@ from lifelong.bridges.flower import protocol
 from lifelong.clients import state as st
 from lifelong.config import Config, ReplaySpec
 from lifelong.tasks.evaluation import correct_predictions
-from lifelong.tasks.partition import client_indices, client_share, client_test_indices
+from lifelong.tasks.partition import client_share, client_tensors, client_test_indices
 from lifelong.tasks.standardize import Standardize
 from lifelong.tasks.streams import Stream, build_stream
 
@@ -203,8 +203,7 @@ class ClientLearner:
                                          ends_experience, round_seed(cfg.seed, server_round, self.pid))
         share = self.share(experience)
         if worker.batches is not None:
-            indices = client_indices(cfg, stream, experience)[self.pid]
-            worker.batches.tensors = tuple(a[indices] for a in stream.train_tensors(experience))
+            worker.batches.tensors = client_tensors(cfg, stream, experience, self.pid)
         with quiet_avalanche_deprecations():
             # Opacus' backward hooks on the first layer, whose input needs no gradient: harmless
             # (per-sample gradients come from the output's), but PyTorch says so every round.

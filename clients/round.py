@@ -57,16 +57,22 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
     saved = None  # where this client saves its state, in a checkpointed run
     restored = None  # the round of the saved state it went on from, when it loaded one
     if protocol.STATE_RUN in conf and learner.keeps_state:
-        saved = state_store.client_dir(state_store.state_root(node_config),
-                                       str(conf[protocol.STATE_RUN]), partition_id)
+        saved = state_store.client_slot(state_store.state_root(node_config),
+                                        str(conf[protocol.STATE_RUN]), partition_id)
         if not list(state.keys()):
             # An empty state in a checkpointed run: a resumed run's first message (the server says
             # up to which round), or a node that died and came back mid-run (a new SuperNode
             # process, fresh Context): it goes on from the newest state it saved before this round.
+            # Or a virtual client whose Context the in-process grid let go after its last round.
             upto = int(conf[protocol.RESUME_ROUND]) if protocol.RESUME_ROUND in conf else server_round - 1
             restored = state_store.restore(state, cfg, saved, upto)
             if restored is None and protocol.TRAINED_PARTITIONS in conf:
                 _check_nothing_was_saved(conf, partition_id, saved)
+            if node_config.get(protocol.NODE_RELEASED) and protocol.RESUME_ROUND not in conf:
+                if restored is None:
+                    raise ResumeError(f"{state_store.REFUSED}: partition {partition_id} saved its state after its "
+                                      f"last round, but {saved} holds none; was the run's state folder removed?")
+                restored = None  # its own state, as it left it: no come-back
     boundary = to_state_dict(content[protocol.BOUNDARY]) if protocol.BOUNDARY in content else None
     ends_experience = protocol.EXPERIENCE_END in conf and server_round == int(conf[protocol.EXPERIENCE_END])
     weights, metrics = learner.train_round(to_state_dict(content[protocol.ARRAYS]), int(conf[protocol.EXPERIENCE]),
@@ -102,5 +108,5 @@ def _check_nothing_was_saved(conf, partition_id: int, saved) -> None:
                        (int(r) for r in conf[protocol.TRAINED_ROUNDS])))
     if partition_id in trained:
         raise ResumeError(f"{state_store.REFUSED}: partition {partition_id} trained in round {trained[partition_id]} "
-                          f"of this run, but no state it saved by then is in {saved} (a different client-state-dir "
+                          f"of this run, but no state it saved by then is in {saved.run_dir} (a different client-state-dir "
                           f"or {state_store.ENV_VAR}, or the folder was removed); point the client at its saved state")

@@ -8,38 +8,56 @@ own records, and the server, which cannot reach them, only says which round they
 * every train message of a checkpointed run carries the run key (``protocol.STATE_RUN``, the MLflow run id)
   and the last round the server has durably checkpointed (``protocol.SAVED_ROUND``);
 * after a successful round r the client (one whose learner keeps state: ``ClientLearner.keeps_state``;
-  a plain fine-tuner reads nothing back) writes its records to
-  ``<root>/<run>/<partition-id>/round-<r>.pt`` (atomically) and deletes its files older than the
-  newest one at or below the server's checkpointed round — at most one file more than needed:
-  the server may die after the client's round r and before its own checkpoint of r;
+  a plain fine-tuner reads nothing back) writes its records, as round r of its partition, to the
+  run's store and deletes its rounds older than the newest one at or below the server's
+  checkpointed round — at most one round more than needed: the server may die after the
+  client's round r and before its own checkpoint of r;
 * a resumed run's messages also carry ``protocol.RESUME_ROUND``; a client whose ``Context.state`` is
-  empty (every client of the new Flower run, until it trains) loads its newest file at or below
+  empty (every client of the new Flower run, until it trains) loads its newest round at or below
   that round — or starts empty if it had not trained by then — and deletes the newer ones, which
   the resumed run redoes;
 * a client whose ``Context.state`` is empty in the middle of a run that is not resumed — its
-  SuperNode died and a new one came back with the same partition — loads its newest file from
-  before the current round, and goes on from the memory it had when it died.
+  SuperNode died and a new one came back with the same partition, or the in-process grid let a
+  virtual client's context go after its round (``clients/inprocess.py``) — loads its newest round
+  from before the current round, and goes on from the memory it had.
 
 ``<root>``: the node config's ``client-state-dir``
 (``flower-supernode --node-config "partition-id=0 num-partitions=2 client-state-dir='/data/lifelong'"``),
 else ``$LIFELONG_CLIENT_STATE_DIR``, else ``<LIFELONG_HOME>/client-state``, next to the server's
-``checkpoints/``. A file that is corrupt or was written by another config is refused, never
+``checkpoints/``. A state that is corrupt or was written by another config is refused, never
 silently used, and so is a missing state of a client the resumed run's checkpoint says had
 trained (``clients/round.py``): the client fails the round with a message that starts with
 ``REFUSED``, and the server stops the run with it (``flows/federated.py``).
+
+The store: ``<root>/<run>/`` holds 16 SQLite files (``states-NN.sqlite``, partition mod 16), a row
+per (partition, round) with the records serialised as a checkpoint is — not a file per client
+and round, so a population of 10^5 virtual clients is 16 files however many of them trained.
+SQLite is in Python's standard library, writes a row whole or not at all (a kill or a full disk
+mid-write leaves the previous rounds intact), and lets the processes of one machine (a host's
+SuperNodes, Ray's actors) write at once under its own locking; the shards let writers of
+different partitions go at once (one file has one writer at a time) and keep each file small.
+A run's folder is its state: removing it forgets every client's.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import re
+import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from lifelong.bridges.flower import protocol
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
-from lifelong.checkpoints import ResumeError, config_fingerprint, read_checkpoint, write_checkpoint
+from lifelong.checkpoints import (
+    CheckpointWriteError,
+    ResumeError,
+    checkpoint_bytes,
+    config_fingerprint,
+    read_checkpoint_bytes,
+)
 from lifelong.config import Config
 from lifelong.env import state_dir
 
@@ -48,7 +66,10 @@ ENV_VAR = "LIFELONG_CLIENT_STATE_DIR"
 #: How a client's refusal starts, so that the server recognises it in an error reply.
 REFUSED = "refused client state"
 VERSION = 1
-_FILE = re.compile(r"round-(\d+)\.pt")
+SHARDS = 16
+_SCHEMA = """CREATE TABLE IF NOT EXISTS states (
+    partition INTEGER NOT NULL, round INTEGER NOT NULL, records BLOB NOT NULL,
+    PRIMARY KEY (partition, round)) WITHOUT ROWID"""
 
 
 def state_root(node_config: dict | None = None) -> Path:
@@ -56,16 +77,71 @@ def state_root(node_config: dict | None = None) -> Path:
     return Path(str(configured)).resolve() if configured else state_dir() / "client-state"
 
 
-def client_dir(root: Path, run: str, partition_id: int) -> Path:
+@dataclass(frozen=True)
+class Slot:
+    """Where one client's state of one run is kept: its partition's rows in the run's store."""
+
+    run_dir: Path
+    partition: int
+
+    @property
+    def shard(self) -> Path:
+        return self.run_dir / f"states-{self.partition % SHARDS:02d}.sqlite"
+
+    def __str__(self) -> str:
+        return f"{self.shard} (partition {self.partition})"
+
+
+def client_slot(root: Path, run: str, partition_id: int) -> Slot:
     if not run or "/" in run or run.startswith("."):
         raise ValueError(f"run key {run!r} is not a plain name")
-    return root / run / str(partition_id)
+    return Slot(root / run, int(partition_id))
 
 
-def saved_rounds(directory: Path) -> dict[int, Path]:
-    if not directory.is_dir():
-        return {}
-    return {int(m.group(1)): p for p in directory.iterdir() if (m := _FILE.fullmatch(p.name))}
+def _connect(shard: Path, create: bool) -> sqlite3.Connection | None:
+    if not create and not shard.exists():
+        return None
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(shard, timeout=60.0)  # (other processes of the host may be writing)
+    db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for a writer
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed row of an intact disk
+    db.execute(_SCHEMA)
+    return db
+
+
+def saved_rounds(slot: Slot) -> list[int]:
+    """The rounds whose state ``slot`` holds, oldest first."""
+    db = _connect(slot.shard, create=False)
+    if db is None:
+        return []
+    try:
+        return [r for (r,) in db.execute("SELECT round FROM states WHERE partition = ? ORDER BY round",
+                                         (slot.partition,))]
+    finally:
+        db.close()
+
+
+def saved_partitions(run_dir: Path) -> set[int]:
+    """The partitions whose state the run's store in ``run_dir`` holds."""
+    out: set[int] = set()
+    for shard in sorted(run_dir.glob("states-*.sqlite")):
+        db = _connect(shard, create=False)
+        try:
+            out.update(p for (p,) in db.execute("SELECT DISTINCT partition FROM states"))
+        finally:
+            db.close()
+    return out
+
+
+def forget(slot: Slot) -> None:
+    """Remove every state ``slot`` holds (the client starts over)."""
+    db = _connect(slot.shard, create=False)
+    if db is not None:
+        try:
+            with db:
+                db.execute("DELETE FROM states WHERE partition = ?", (slot.partition,))
+        finally:
+            db.close()
 
 
 def records(state: RecordDict) -> dict:
@@ -86,39 +162,57 @@ def record_dict(saved: dict) -> RecordDict:
     return RecordDict({k: from_state_dict(v) if kind == "arrays" else ConfigRecord(v) for k, (kind, v) in saved.items()})
 
 
-def save(state: RecordDict, cfg: Config, directory: Path, rnd: int, checkpointed: int) -> Path:
-    """Write the state after round ``rnd``; keep only what a resume from ``checkpointed`` or later needs."""
-    path = directory / f"round-{rnd}.pt"
-    write_checkpoint({"version": VERSION, "config": config_fingerprint(cfg), "round": rnd,
-                      "records": records(state)}, path)
-    rounds = saved_rounds(directory)
-    keep = max((r for r in rounds if r <= checkpointed), default=None)
-    for r, p in rounds.items():
-        if keep is not None and r < keep:
-            p.unlink(missing_ok=True)
-    return path
+def save(state: RecordDict, cfg: Config, slot: Slot, rnd: int, checkpointed: int) -> None:
+    """Write the state after round ``rnd``; keep only what a resume from ``checkpointed`` or later
+    needs. In one transaction: a failed write (a full disk) leaves the rounds saved before."""
+    data = checkpoint_bytes({"version": VERSION, "config": config_fingerprint(cfg), "round": rnd,
+                             "records": records(state)})
+    try:
+        db = _connect(slot.shard, create=True)
+        try:
+            with db:
+                db.execute("INSERT OR REPLACE INTO states VALUES (?, ?, ?)", (slot.partition, rnd, data))
+                # The newest round at or below the server's checkpoint, and every later one, stay.
+                db.execute("DELETE FROM states WHERE partition = ? AND round < (SELECT MAX(round) FROM states "
+                           "WHERE partition = ? AND round <= ?)", (slot.partition, slot.partition, checkpointed))
+        finally:
+            db.close()
+    except (sqlite3.OperationalError, OSError) as exc:
+        # SQLite names no OS error: a write it could not make is SQLITE_FULL or SQLITE_IOERR_WRITE.
+        name = getattr(exc, "sqlite_errorname", "")
+        full = name.startswith(("SQLITE_FULL", "SQLITE_IOERR")) or getattr(exc, "errno", None) in (
+            errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise CheckpointWriteError(f"could not write the state of {slot}: {exc}"
+                                   + (f" ({name}: is the disk or the file-size limit full?)" if full else "")
+                                   + "; the rounds saved before are intact") from exc
 
 
-def restore(state: RecordDict, cfg: Config, directory: Path, resume_round: int) -> int | None:
+def restore(state: RecordDict, cfg: Config, slot: Slot, resume_round: int) -> int | None:
     """Load the newest state at or below ``resume_round`` into ``state``; the round it is from,
     or None when the client had not trained by then. Raises ``ResumeError`` (starting with
-    ``REFUSED``, naming the file) for a corrupt file or one of another config."""
-    rounds = saved_rounds(directory)
-    for r, p in rounds.items():
-        if r > resume_round:  # after the server's checkpoint: the resumed run trains it again
-            p.unlink(missing_ok=True)
-    below = [r for r in rounds if r <= resume_round]
-    if not below:
+    ``REFUSED``, naming the store) for a corrupt state or one of another config."""
+    db = _connect(slot.shard, create=False)
+    if db is None:
         return None
-    rnd = max(below)
     try:
-        saved = read_checkpoint(rounds[rnd], cfg, VERSION, "Lifelong client state",
-                                "; delete the client's state folder to restart the run without it")
+        with db:  # after the server's checkpoint: the resumed run trains them again
+            db.execute("DELETE FROM states WHERE partition = ? AND round > ?", (slot.partition, resume_round))
+        row = db.execute("SELECT round, records FROM states WHERE partition = ? ORDER BY round DESC LIMIT 1",
+                         (slot.partition,)).fetchone()
+    finally:
+        db.close()
+    if row is None:
+        return None
+    rnd, data = row
+    where = f"the state of round {rnd} in {slot}"
+    try:
+        saved = read_checkpoint_bytes(data, where, cfg, VERSION, "Lifelong client state",
+                                      "; delete the client's state folder to restart the run without it")
         loaded = record_dict(saved["records"])
     except ResumeError as exc:
         raise ResumeError(f"{REFUSED}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise ResumeError(f"{REFUSED}: {rounds[rnd]} holds no client records ({exc})") from None
+        raise ResumeError(f"{REFUSED}: {where} holds no client records ({exc})") from None
     for key in list(loaded.keys()):
         state[key] = loaded[key]
     return rnd

@@ -97,6 +97,8 @@ from lifelong.tasks.streams import Stream, build_stream
 
 #: Per-client histograms are plotted for at most this many clients (all are in the table).
 MAX_PLOTTED_CLIENTS = 100
+#: A generated population's histograms cover its first this many clients (each one's data is drawn to count it).
+POPULATION_HISTOGRAMS = 1000
 #: Round metrics reach MLflow in one batch at most this many seconds after they are computed
 #: (at the end of the run, on failure, at once; what is not yet sent is in the round checkpoint).
 FLUSH_EVERY_S = 5.0
@@ -128,6 +130,9 @@ def split_report(cfg: Config) -> list[np.ndarray]:
     stream = build_stream(cfg.stream, cfg.seed)
     hists = []
     for e in range(stream.n_experiences):
+        if stream.population is not None:  # drawn per client: the first ones show the skew
+            hists.append(stream.population.class_counts(range(min(cfg.federated.clients, POPULATION_HISTOGRAMS)), e))
+            continue
         try:
             parts = client_indices(cfg, stream, e)
         except PartitionError as exc:
@@ -571,9 +576,11 @@ def log_split(cfg: Config, run_id: str, uri: str, hists: list[np.ndarray]) -> No
     client.log_dict(run_id, {f"exp{e}": h.tolist() for e, h in enumerate(hists)}, "class_histograms.json")
     if cfg.tracking.log_plots:
         shown = [h[:MAX_PLOTTED_CLIENTS] for h in hists]
-        more = f" (first {MAX_PLOTTED_CLIENTS} of {len(hists[0])})" if len(hists[0]) > MAX_PLOTTED_CLIENTS else ""
+        more = (f" (first {MAX_PLOTTED_CLIENTS} of {cfg.federated.clients})"
+                if cfg.federated.clients > MAX_PLOTTED_CLIENTS else "")
+        split = "population" if cfg.stream.name == "population" else f"{cfg.federated.partition} split"
         tracking.log_figure(client, run_id, tracking.histogram_figure(
-            shown, f"{cfg.federated.partition} split: samples per client and class{more}"), "class_histograms.png")
+            shown, f"{split}: samples per client and class{more}"), "class_histograms.png")
 
 
 def run_server(grid: Grid, cfg: Config, uri: str, tags: dict[str, str] | None = None,

@@ -112,7 +112,7 @@ def target_batch(cfg: Config, samples: int):
     """The global model and client 0's first ``samples`` samples of experience 0."""
     from lifelong.flows.federated import initial_weights
     from lifelong.tasks.models import build_model
-    from lifelong.tasks.partition import client_indices
+    from lifelong.tasks.partition import client_tensors
     from lifelong.tasks.streams import build_stream
 
     if samples < 1:
@@ -122,11 +122,10 @@ def target_batch(cfg: Config, samples: int):
                         input_stats=stream.input_stats)
     model.load_state_dict(initial_weights(cfg))
     model.eval()  # dropout off: the attacker's best case (it cannot know the client's masks)
-    indices = client_indices(cfg, stream, 0)[0]
-    if len(indices) < samples:
-        raise AuditError(f"--samples: client 0 holds {len(indices)} samples of experience 0, fewer than {samples}")
-    x, y, _ = stream.train_tensors(0)
-    return model, x[indices[:samples]], y[indices[:samples]], stream
+    x, y, _ = client_tensors(cfg, stream, 0, 0)
+    if len(y) < samples:
+        raise AuditError(f"--samples: client 0 holds {len(y)} samples of experience 0, fewer than {samples}")
+    return model, x[:samples], y[:samples], stream
 
 
 def attack_cases(cfg: Config) -> list[tuple[str, str, dict | None]]:

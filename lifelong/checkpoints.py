@@ -42,12 +42,11 @@ def write_checkpoint(state: dict, path: Path) -> None:
     # Serialised in memory first, then written with a plain write: a failed write then says why
     # (the OS's error: "No space left on device"), where torch.save writing to the file itself
     # reports only an internal offset mismatch.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+    data = checkpoint_bytes(state)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -59,17 +58,35 @@ def write_checkpoint(state: dict, path: Path) -> None:
         raise error from exc
 
 
+def checkpoint_bytes(state: dict) -> bytes:
+    """``state`` serialised as a checkpoint file holds it (for a store that keeps it in a row)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def read_checkpoint(path: Path, cfg: Config, version: int, what: str, unreadable_hint: str = "") -> dict:
     """The checkpoint at ``path``, if it is a ``what`` checkpoint of ``version`` written by ``cfg``."""
+    return _load_checked(path, f"checkpoint {path}", cfg, version, what, unreadable_hint)
+
+
+def read_checkpoint_bytes(data: bytes, where: str, cfg: Config, version: int, what: str,
+                          unreadable_hint: str = "") -> dict:
+    """A checkpoint serialised by ``checkpoint_bytes``, checked as ``read_checkpoint`` checks a
+    file; ``where`` names it in errors."""
+    return _load_checked(io.BytesIO(data), where, cfg, version, what, unreadable_hint)
+
+
+def _load_checked(source, where: str, cfg: Config, version: int, what: str, unreadable_hint: str) -> dict:
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(source, weights_only=False)
     except Exception as exc:  # truncated, not a checkpoint, unreadable
-        raise ResumeError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}){unreadable_hint}") from None
+        raise ResumeError(f"{where} is unreadable ({type(exc).__name__}: {exc}){unreadable_hint}") from None
     if not isinstance(state, dict) or state.get("version") != version:
-        raise ResumeError(f"checkpoint {path} is not a {what} checkpoint of version {version}")
+        raise ResumeError(f"{where} is not a {what} checkpoint of version {version}")
     if state["config"] != config_fingerprint(cfg):
         old, new = _flatten(json.loads(state["config"])), _flatten(json.loads(config_fingerprint(cfg)))
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise ResumeError(f"checkpoint {path} was written with a different config (differs in: "
+        raise ResumeError(f"{where} was written with a different config (differs in: "
                           f"{', '.join(keys[:8])}); resume with the run's own config")
     return state

@@ -51,15 +51,45 @@ BUILTIN_STREAMS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "split_cifar100": ("cifar100", ("class", "task"), "class"),
     "npz": ("npz", ("class", "task", "domain"), "class"),
     "folder": ("folder", ("class", "domain"), "class"),
+    "population": ("population", ("class",), "class"),
 }
 #: Number of classes of the built-in datasets (for checks before any data is read).
-DATASET_CLASSES = {"digits": 10, "digits28": 10, "digits32c": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+DATASET_CLASSES = {"population": 10, "digits": 10, "digits28": 10, "digits32c": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
 
 StreamName = Literal[
     "split_digits", "permuted_digits", "rotated_digits", "split_digits28", "rotated_digits28",
     "split_digits32c", "split_mnist", "permuted_mnist",
-    "rotated_mnist", "split_cifar10", "split_cifar100", "npz", "folder",
+    "rotated_mnist", "split_cifar10", "split_cifar100", "npz", "folder", "population",
 ]
+
+
+class PopulationConfig(_Section):
+    """A generated federated population (``stream.name = "population"``, ``tasks/population.py``):
+    each client's data is drawn from its id and the run's seed when it is sampled, so a population
+    of any size holds no data for the clients a round does not sample."""
+
+    #: Features per sample (a flat vector: use ``model.name = "mlp"``).
+    features: int = Field(32, ge=2)
+    #: Median samples per client and experience; sizes are log-normal (heavy-tailed, as client
+    #: sizes are in real federations) with this shape, clipped to ``[1, size_max]``. 0: all equal.
+    size_median: int = Field(24, ge=1)
+    size_sigma: float = Field(1.0, ge=0)
+    size_max: int = Field(1000, ge=1)
+    #: Each client's class mix: Dirichlet(label_alpha) over the classes (small: few classes each).
+    label_alpha: float = Field(0.5, gt=0)
+    #: Each client's own feature shift (standard deviation, in units of the classes' spread), and
+    #: the samples' noise around their class centre plus the shift.
+    shift: float = Field(0.5, ge=0)
+    noise: float = Field(1.0, gt=0)
+    #: The clients (ids 0..panel-1) whose data make the stream's pooled training and test splits: the
+    #: global model's test set, and what a continual (non-federated) run learns.
+    panel: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> PopulationConfig:
+        if self.size_max < self.size_median:
+            raise ValueError(f"stream.population.size_max: {self.size_max} is below size_median {self.size_median}")
+        return self
 
 
 class StreamConfig(_Section):
@@ -94,6 +124,8 @@ class StreamConfig(_Section):
     #: split that the run evaluates on *instead of* the test split: for choosing hyperparameters
     #: (``lifelong sweep``'s ``[protocol]``) without ever reading the test split.
     validation_fraction: float = Field(0.0, ge=0, lt=1)
+    #: The generated population's settings (``stream.name = "population"`` only).
+    population: PopulationConfig | None = None
 
     @property
     def dataset(self) -> str:
@@ -130,6 +162,8 @@ class StreamConfig(_Section):
             self._check_folder()
         elif self.n_classes is not None:
             raise ValueError(f"stream.n_classes: only a folder stream takes it; {self.name!r} knows its classes")
+        if self.population is not None and self.name != "population":
+            raise ValueError(f"stream.population: only the population stream takes it; {self.name!r} has its own data")
         if self.name not in ("npz", "folder") and self.path is not None:
             raise ValueError(f"stream.path: only the npz stream reads a file; {self.name!r} has its own data")
         if self.domain_shift is not None and scenario != "domain":
@@ -402,6 +436,10 @@ class FederatedConfig(_Section):
     eval_every_rounds: int = Field(0, ge=0)
     #: Where simulated clients run: in this process (``inprocess``) or on Flower's Ray engine.
     backend: Literal["inprocess", "ray"] = "inprocess"
+    #: In-process backend: let each client's state go from memory after its round (it reloads what
+    #: it saved to its disk store when sampled again), so only a round's cohort is in memory.
+    #: Default: above 1,000 clients (``release_states``).
+    release_client_states: bool | None = None
     #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).
     ray_cpus_per_client: float = Field(1.0, gt=0)
     #: Ray backend: the address (``host:port``) of a running Ray cluster to put the client actors
@@ -451,6 +489,10 @@ class FederatedConfig(_Section):
                 f"clients are sampled per round ({self.fraction} × {self.clients})"
             )
         return self
+
+    @property
+    def release_states(self) -> bool:
+        return self.clients > 1000 if self.release_client_states is None else self.release_client_states
 
     @property
     def sampled(self) -> int:
@@ -783,6 +825,25 @@ class Config(_Section):
             if self.clock.mode != "deadline" and self.clock.concurrency > self.federated.clients:
                 raise ValueError(f"clock.concurrency: {self.clock.concurrency} clients at a time but "
                                  f"federated.clients = {self.federated.clients}")
+
+    @model_validator(mode="after")
+    def _check_population(self) -> Config:
+        """A generated population draws each client's data itself; what splits a pooled stream does not apply."""
+        if self.stream.name != "population":
+            return self
+        if self.stream.holdout_fraction:
+            raise ValueError("stream.holdout_fraction: a generated population holds nothing apart to pretrain on; "
+                             "remove the key")
+        if self.flow != "federated":
+            return self
+        fed, panel = self.federated, (self.stream.population or PopulationConfig()).panel
+        if fed.partition != "iid" or fed.alpha != FederatedConfig.model_fields["alpha"].default:
+            raise ValueError("federated.partition: a generated population gives each client its own class mix "
+                             "(stream.population.label_alpha); remove federated.partition and federated.alpha")
+        if panel > fed.clients:
+            raise ValueError(f"stream.population.panel: the {panel} clients whose data make the test split must be "
+                             f"clients of the run, which has federated.clients = {fed.clients}; set panel <= {fed.clients}")
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Config:

@@ -99,11 +99,9 @@ def matrix_table(rows: list[np.ndarray], shares: list[list[int]]) -> dict:
     """The per-client matrices as one table (``{"columns", "data"}``; ``pandas.DataFrame(t["data"],
     columns=t["columns"])``): a line per client, experience trained and experience evaluated."""
     data = []
-    for after, row in enumerate(rows):
-        for client in range(row.shape[0]):
-            for exp in range(row.shape[1]):
-                if not np.isnan(row[client, exp]):
-                    data.append([client, after, exp, float(row[client, exp]), shares[exp][client]])
+    for after, row in enumerate(rows):  # the evaluated cells only (a population's panel of 10^5 clients)
+        clients, exps = np.nonzero(~np.isnan(row))
+        data.extend([int(c), after, int(e), float(row[c, e]), shares[e][c]] for c, e in zip(clients, exps))
     return {"columns": ["client", "after_experience", "experience", "accuracy", "test_samples"], "data": data}
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lifelong.config import Config
-from lifelong.tasks.streams import Stream, experience_share
+from lifelong.tasks.streams import Stream, experience_share, samples_dataset
 
 Method = Literal["iid", "dirichlet", "shards"]
 
@@ -98,6 +98,9 @@ _SHARE_EXPERIENCES: dict[tuple, tuple[Stream, dict[int, object]]] = {}
 
 def client_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
     """Every client's sample indices in ``experience`` (the same in every process)."""
+    if stream.population is not None:
+        raise PartitionError("a generated population's clients draw their data on demand: they have no indices "
+                             "into a pooled split (use client_tensors)")
     key = _split_key(cfg, experience)
     if key not in _SHARES:
         fed = cfg.federated
@@ -112,8 +115,20 @@ def client_test_indices(cfg: Config, stream: Stream, experience: int) -> list[to
     per process: each client that evaluates its own model asks for it (``clients/learner.py``)."""
     key = _split_key(cfg, experience)
     if key not in _TEST_SHARES:
-        _TEST_SHARES[key] = _client_test_indices(cfg, stream, experience)
+        if stream.population is not None:
+            _TEST_SHARES[key] = _panel_test_indices(cfg.federated.clients, stream.panel_counts[experience])
+        else:
+            _TEST_SHARES[key] = _client_test_indices(cfg, stream, experience)
     return _TEST_SHARES[key]
+
+
+def _panel_test_indices(n_clients: int, counts: list[int]) -> list[torch.Tensor]:
+    """A generated population's test shares: the pooled test split is its panel's own test samples,
+    client after client, so each panel client is tested on its own; the others hold none."""
+    ends = np.cumsum(counts)
+    shares = [torch.arange(end - n, end) for n, end in zip(counts, ends)]
+    empty = torch.zeros(0, dtype=torch.long)
+    return shares[:n_clients] + [empty] * max(0, n_clients - len(shares))
 
 
 def _client_test_indices(cfg: Config, stream: Stream, experience: int) -> list[torch.Tensor]:
@@ -151,8 +166,22 @@ def apportion(n: int, weights: np.ndarray) -> np.ndarray:
     return whole
 
 
+def client_tensors(cfg: Config, stream: Stream, experience: int, partition_id: int):
+    """Client ``partition_id``'s (x, y, task) training samples of ``experience``."""
+    if stream.population is not None:
+        return stream.population.client_data(partition_id, experience)
+    indices = client_indices(cfg, stream, experience)[partition_id]
+    return tuple(a[indices] for a in stream.train_tensors(experience))
+
+
 def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
     """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
+    if stream.population is not None:  # drawn anew each round: no population's worth of shares kept
+        import copy
+
+        share = copy.copy(stream.train_stream[experience])
+        share._dataset = samples_dataset(*stream.population.client_data(partition_id, experience))
+        return share
     split = (_split_key(cfg, experience), id(stream))
     if split not in _SHARE_EXPERIENCES:
         _SHARE_EXPERIENCES.clear()  # one experience's shares at a time

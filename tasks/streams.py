@@ -19,9 +19,10 @@ from avalanche.benchmarks.utils.classification_dataset import (
     _make_taskaware_tensor_classification_dataset as tensor_dataset,
 )
 
-from lifelong.config import BUILTIN_STREAMS, StreamConfig, _check_class_split
+from lifelong.config import BUILTIN_STREAMS, PopulationConfig, StreamConfig, _check_class_split
 from lifelong.tasks.data import Arrays, DatasetError, load_cifar, load_digits, load_mnist, load_npz
 from lifelong.tasks.distorted_digits import load_distorted_digits
+from lifelong.tasks.population import N_CLASSES, Population
 from lifelong.tasks.standardize import channel_stats
 
 #: What ``lifelong streams`` shows.
@@ -39,6 +40,7 @@ STREAM_DESCRIPTIONS = {
     "split_cifar100": "CIFAR-100 from stream.data_dir, classes split into experiences",
     "npz": "your own .npz (x, y[, x_test, y_test, domain]) as a class-, task- or domain-incremental stream",
     "folder": "a folder of .npz files, one experience each in name order, that grows as new data lands",
+    "population": "a generated federated population of any size: each client's data drawn from its id on demand",
 }
 
 
@@ -60,6 +62,11 @@ class Stream:
     files: list[Path] | None = None
     _test: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _train: tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    #: A generated population (``tasks/population.py``): clients' data is drawn on demand, and the
+    #: pooled splits are its panel's; None for the streams split from one dataset.
+    population: Population | None = None
+    #: Per experience, how many samples of the pooled evaluation split each panel client gave.
+    panel_counts: list[list[int]] | None = None
     #: Each experience's train and test digests (``data_fingerprint``), computed once per stream.
     _digests: list[dict[str, str]] | None = field(default=None, repr=False)
 
@@ -135,6 +142,8 @@ def experience_files(folder: Path) -> list[Path]:
 def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = None) -> Stream:
     if cfg.name == "folder":
         return _folder_stream(cfg, seed)
+    if cfg.name == "population":
+        return _population_stream(cfg, seed)
     arrays, holdout = _hold_out(load_arrays(cfg, seed), cfg.holdout_fraction, seed)
     if cfg.validation_fraction:
         arrays = _validation_split(arrays, cfg.validation_fraction, seed)
@@ -146,6 +155,32 @@ def _build_stream_cached(cfg: StreamConfig, seed: int, file_stamp: int | None = 
     stream.holdout = holdout
     stream.input_stats = channel_stats(arrays.x_train)
     return stream
+
+
+def _population_stream(cfg: StreamConfig, seed: int) -> Stream:
+    """The generated population's stream: its panel's data as the pooled splits (``tasks/population.py``)."""
+    order = list(range(N_CLASSES))
+    if cfg.class_order == "shuffled":
+        order = torch.randperm(N_CLASSES, generator=torch.Generator().manual_seed(seed)).tolist()
+    per = N_CLASSES // cfg.n_experiences
+    classes = [sorted(order[i * per:(i + 1) * per]) for i in range(cfg.n_experiences)]
+    pop = Population(cfg.population or PopulationConfig(), seed, tuple(tuple(c) for c in classes),
+                     cfg.test_fraction, validation=bool(cfg.validation_fraction))
+    train, test, counts, inputs = [], [], [], []
+    for e in range(cfg.n_experiences):
+        (x, y, _), _ = pop.panel_data(e, "train")
+        train.append(tensor_dataset(x, y, task_labels=0))
+        inputs.append(x)
+        (x, y, _), n = pop.panel_data(e, pop.eval_split())
+        test.append(tensor_dataset(x, y, task_labels=0))
+        counts.append(n)
+    bm = benchmark_from_datasets(train=train, test=test)
+    for stream in bm.streams.values():  # the experience's classes, whether or not the panel holds each
+        for exp, c in zip(stream, classes):
+            exp.classes_in_this_experience = list(c)
+    out = Stream(cfg.name, "class", bm, N_CLASSES, (pop.cfg.features,), classes, population=pop, panel_counts=counts)
+    out.input_stats = channel_stats(torch.cat(inputs))
+    return out
 
 
 def _hold_out(a: Arrays, fraction: float, seed: int):

@@ -3,10 +3,16 @@
 This runs before any test imports ``lifelong``, whose import configures Prefect from it.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
-os.environ.setdefault("LIFELONG_HOME", tempfile.mkdtemp(prefix="lifelong-test-home-"))
+if "LIFELONG_HOME" not in os.environ:
+    # Made by the process that starts the session (xdist's workers inherit it), removed when it exits.
+    _HOME = tempfile.mkdtemp(prefix="lifelong-test-home-")
+    os.environ["LIFELONG_HOME"] = _HOME
+    atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.pop("PREFECT_API_URL", None)  # tests start their own API (ephemeral or a real server)
 # xdist's workers share the cores: one compute thread each. Torch's default (a thread per core)
 # oversubscribed them — the 28×28 training tests ran 2-4× slower side by side. Set before torch

@@ -65,3 +65,6 @@ NODE_PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 #: Where a node keeps its clients' state.
 NODE_STATE_DIR = "client-state-dir"
+#: Set by the in-process grid on a virtual client whose Context it let go after its last round
+#: (``clients/inprocess.py``): its empty state is expected, and reloading it is no come-back.
+NODE_RELEASED = "state-released"

@@ -57,7 +57,7 @@ def test_a_supernode_killed_mid_run_is_survived_and_comes_back_with_its_saved_st
     import time
 
     from lifelong.cli.deploy import app_dir
-    from lifelong.clients.state_store import saved_rounds, state_root
+    from lifelong.clients.state_store import client_slot, saved_rounds, state_root
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     # Four rounds (two experiences of two): the kill lands in round 2, the new node is sampled in
@@ -105,7 +105,7 @@ def test_a_supernode_killed_mid_run_is_survived_and_comes_back_with_its_saved_st
     old_node = before[0]["node_id"]
     assert back[0]["node_id"] != old_node and back[0]["restored_from"] in (killed_after, killed_after + 1), rows
     assert all(r["restored_from"] is None for r in back[1:])  # loaded once; then its own Context.state
-    assert max(saved_rounds(state_root() / run_id / "2")) == 4  # and it saved again after the last round
+    assert max(saved_rounds(client_slot(state_root(), run_id, 2))) == 4  # and it saved again after the last round
     assert not flower_processes(tmp_path)
 
 
@@ -117,7 +117,7 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
     import numpy as np
     from client_apps import interrupting_app
 
-    from lifelong.clients.state_store import saved_rounds, state_root
+    from lifelong.clients.state_store import client_slot, saved_rounds, state_root
     from lifelong.config import load_config
     from lifelong.flows.federated import run_federated
 
@@ -132,7 +132,7 @@ def test_an_interrupted_run_resumes_on_a_deployment_whose_supernodes_load_their_
         run_federated(cfg, client_app=interrupting_app(2))
     client = client_for(cfg.tracking.uri)
     run_id = client.search_runs([client.get_experiment_by_name("lifelong").experiment_id])[0].info.run_id
-    assert all(sorted(saved_rounds(state_root() / run_id / p)) == [1] for p in ("0", "1"))
+    assert all(saved_rounds(client_slot(state_root(), run_id, p)) == [1] for p in (0, 1))
     out = CliRunner().invoke(cli, ["clients", "launch", "--deployment", "--resume", run_id, "--tracking-uri",
                                    cfg.tracking.uri, "--workdir", str(tmp_path / "flower")])
     assert out.exit_code == 0, out.output

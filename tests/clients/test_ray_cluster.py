@@ -16,7 +16,7 @@ import torch
 from servers import processes_mentioning
 
 from lifelong.cli.supervisor import free_port
-from lifelong.clients.state_store import ENV_VAR
+from lifelong.clients.state_store import ENV_VAR, saved_partitions
 from lifelong.config import load_config
 from lifelong.flows.federated import run_federated
 
@@ -70,8 +70,9 @@ def test_a_run_on_a_two_node_cluster_uses_both_nodes_and_equals_the_single_node_
     # Both nodes ran clients: each saved the state of the clients it trained in its own folder
     # (Flower's pool hands a round's client to whichever actor is free, so a client may train on
     # either node from round to round; its Context travels with the message).
-    saved = {node: {p.name for p in (tmp_path / node).glob("*/*")} for node in ("state-head", "state-node2")}
-    assert all(saved.values()) and set.union(*saved.values()) == {"0", "1"}, saved
+    saved = {node: set().union(*(saved_partitions(run) for run in (tmp_path / node).iterdir()))
+             for node in ("state-head", "state-node2")}
+    assert all(saved.values()) and set.union(*saved.values()) == {0, 1}, saved
     # The same seed on one node (in this process, one thread as each actor had) gives the same bits.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,4 +1,5 @@
-"""A client's state on its own disk: what is kept after each round, what a resume loads, what is refused."""
+"""A client's state on its own disk: what is kept after each round, what a resume loads, what is refused,
+and the store that holds it (SQLite shards: rows, not a file per client and round)."""
 
 import pytest
 import torch
@@ -24,40 +25,96 @@ def client_state(trained: int) -> RecordDict:
 
 
 def test_each_round_is_saved_and_only_the_newest_checkpointed_one_is_kept(tmp_path, cfg):
-    d = ss.client_dir(tmp_path, "run1", 0)
+    d = ss.client_slot(tmp_path, "run1", 0)
     ss.save(client_state(1), cfg, d, rnd=1, checkpointed=0)
-    assert sorted(ss.saved_rounds(d)) == [1]
+    assert ss.saved_rounds(d) == [1]
     ss.save(client_state(2), cfg, d, rnd=2, checkpointed=1)
-    assert sorted(ss.saved_rounds(d)) == [1, 2]  # the server may die before its checkpoint of round 2
+    assert ss.saved_rounds(d) == [1, 2]  # the server may die before its checkpoint of round 2
     ss.save(client_state(4), cfg, d, rnd=4, checkpointed=3)  # not sampled in round 3
-    assert sorted(ss.saved_rounds(d)) == [2, 4]  # round 2's is the newest at or below round 3
+    assert ss.saved_rounds(d) == [2, 4]  # round 2's is the newest at or below round 3
     ss.save(client_state(5), cfg, d, rnd=5, checkpointed=4)
-    assert sorted(ss.saved_rounds(d)) == [4, 5]
+    assert ss.saved_rounds(d) == [4, 5]
 
 
 def test_a_resume_loads_the_newest_state_at_or_below_the_servers_round(tmp_path, cfg):
-    d = ss.client_dir(tmp_path, "run1", 1)
+    d = ss.client_slot(tmp_path, "run1", 1)
     for r in (2, 4, 5):
         ss.save(client_state(r), cfg, d, rnd=r, checkpointed=0)
     state = RecordDict()
     assert ss.restore(state, cfg, d, resume_round=4) == 4
     assert st.read_progress(state) == {"trained": 4, "consolidated": 3}
     assert torch.equal(st.read_tensors(state, st.REPLAY)["0/x"], torch.full((2, 3), 4.0))
-    assert sorted(ss.saved_rounds(d)) == [2, 4]  # round 5 is trained again by the resumed run
+    assert ss.saved_rounds(d) == [2, 4]  # round 5 is trained again by the resumed run
     assert ss.restore(RecordDict(), cfg, d, resume_round=1) is None  # it had not trained by round 1
-    assert ss.restore(RecordDict(), cfg, ss.client_dir(tmp_path, "run1", 7), resume_round=9) is None
+    assert ss.restore(RecordDict(), cfg, ss.client_slot(tmp_path, "run1", 7), resume_round=9) is None
 
 
-def test_a_corrupt_state_file_is_refused_naming_the_file(tmp_path, cfg):
-    d = ss.client_dir(tmp_path, "run1", 0)
-    path = ss.save(client_state(3), cfg, d, rnd=3, checkpointed=2)
-    path.write_bytes(b"half a file")
-    with pytest.raises(ResumeError, match=rf"^{ss.REFUSED}: checkpoint {path} is unreadable"):
+def test_a_corrupt_state_is_refused_naming_the_store(tmp_path, cfg):
+    import sqlite3
+
+    d = ss.client_slot(tmp_path, "run1", 0)
+    ss.save(client_state(3), cfg, d, rnd=3, checkpointed=2)
+    with sqlite3.connect(d.shard) as db:
+        db.execute("UPDATE states SET records = ? WHERE partition = 0", (b"half a file",))
+    with pytest.raises(ResumeError, match=rf"^{ss.REFUSED}: the state of round 3 in {d.shard} \(partition 0\) is unreadable"):
         ss.restore(RecordDict(), cfg, d, resume_round=3)
 
 
+def test_a_population_of_clients_is_sixteen_files_and_clients_keep_apart(tmp_path, cfg):
+    for pid in range(40):
+        ss.save(client_state(pid + 1), cfg, ss.client_slot(tmp_path, "run1", pid), rnd=1, checkpointed=0)
+    assert sorted(p.name for p in (tmp_path / "run1").glob("*.sqlite")) == [f"states-{i:02d}.sqlite" for i in range(16)]
+    state = RecordDict()
+    assert ss.restore(state, cfg, ss.client_slot(tmp_path, "run1", 17), resume_round=1) == 1
+    assert st.read_progress(state)["trained"] == 18  # partition 17's own (its shard also holds 1 and 33)
+    ss.forget(ss.client_slot(tmp_path, "run1", 1))
+    assert ss.saved_rounds(ss.client_slot(tmp_path, "run1", 1)) == []
+    assert ss.saved_rounds(ss.client_slot(tmp_path, "run1", 33)) == [1]
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from flwr.app import RecordDict
+from lifelong.checkpoints import CheckpointWriteError
+from lifelong.clients import state as st, state_store as ss
+from lifelong.config import load_config
+
+cfg = load_config(None, ['flow="federated"', 'model.name="mlp"', "federated.clients=2"])
+slot = ss.client_slot(Path(sys.argv[1]), "run1", 0)
+def state(n):
+    s = RecordDict()
+    st.write_tensors(s, st.REPLAY, {"x": torch.zeros(n)})
+    return s
+ss.save(state(10), cfg, slot, rnd=1, checkpointed=0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    ss.save(state(200_000), cfg, slot, rnd=2, checkpointed=1)
+except CheckpointWriteError as exc:
+    print("REFUSED", exc)
+print("ROUNDS", ss.saved_rounds(slot))
+"""
+
+
+def test_a_full_disk_fails_the_write_and_keeps_the_rounds_saved_before(tmp_path):
+    """A real failed write: the kernel refuses to grow the shard past the process's file-size
+    limit (EFBIG, what a full disk's ENOSPC does), in a child process so that it binds it alone."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["REFUSED"].startswith(f"could not write the state of {tmp_path / 'run1' / 'states-00.sqlite'} (partition 0): ")
+    assert lines["REFUSED"].endswith("; the rounds saved before are intact")
+    assert lines["ROUNDS"] == "[1]"
+
+
 def test_a_state_file_of_another_config_is_refused(tmp_path, cfg):
-    d = ss.client_dir(tmp_path, "run1", 0)
+    d = ss.client_slot(tmp_path, "run1", 0)
     ss.save(client_state(3), cfg, d, rnd=3, checkpointed=2)
     other = load_config(None, ['flow="federated"', 'model.name="mlp"', "federated.clients=2", "training.lr=0.5"])
     with pytest.raises(ResumeError, match=r"different config \(differs in: training.lr\)"):
@@ -72,4 +129,4 @@ def test_the_state_root_is_the_nodes_then_the_environments_then_next_to_the_chec
     assert ss.state_root({"partition-id": 0}) == tmp_path / "env"
     assert ss.state_root({NODE_STATE_DIR: str(tmp_path / "node")}) == tmp_path / "node"
     with pytest.raises(ValueError, match="not a plain name"):
-        ss.client_dir(tmp_path, "../elsewhere", 0)
+        ss.client_slot(tmp_path, "../elsewhere", 0)

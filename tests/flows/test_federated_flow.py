@@ -164,17 +164,6 @@ def test_same_config_and_seed_give_the_same_run(finished, tmp_path):
     assert all(torch.equal(again.weights[k], v) for k, v in result.weights.items())
 
 
-def test_inprocess_backend_matches_flowers_ray_engine(tmp_path):
-    # Ray gives each client actor ray_cpus_per_client threads; torch's float reductions depend
-    # on the thread count, so the actors get as many as this process uses.
-    common = ["tracking.log_model=false", "tracking.log_plots=false", "federated.clients=2",
-              f"federated.ray_cpus_per_client={torch.get_num_threads()}"]
-    ours = run_federated(fed_config(tmp_path / "a", *common))
-    ray = run_federated(fed_config(tmp_path / "b", *common, 'federated.backend="ray"'))
-    assert np.array_equal(ours.matrix, ray.matrix)
-    assert all(torch.equal(ours.weights[k], ray.weights[k]) for k in ours.weights)
-
-
 def task_config(tmp_path, *extra):
     """Task-incremental Split-Digits (2 tasks of 5 classes, a head each), 2 clients, 1 round, 1 epoch."""
     return fed_config(tmp_path, 'stream.scenario="task"', "federated.clients=2", "federated.rounds=1",
@@ -206,6 +195,10 @@ def test_a_task_stream_is_learned_with_a_head_per_task(task_run):
 
 
 def test_a_task_stream_gives_the_same_run_on_flowers_ray_engine(task_run, tmp_path):
+    """Flower's Ray engine (a local Ray instance) and the in-process backend give the same bits: the
+    matrix and every weight, heads and class masks included. Ray's actors get as many threads as
+    this process uses (torch's float reductions depend on the thread count). A class-incremental
+    run on a two-node Ray cluster is checked the same way in tests/clients/test_ray_cluster.py."""
     _, ours = task_run
     ray = run_federated(task_config(tmp_path, 'federated.backend="ray"', "tracking.log_model=false"))
     assert np.array_equal(ours.matrix, ray.matrix, equal_nan=True)
@@ -301,35 +294,36 @@ def interrupted_after_round_4(tmp_path):
     return cfg, client, run_id
 
 
-def test_a_corrupt_client_state_file_stops_the_resumed_run_naming_the_file(tmp_path):
+def test_a_corrupt_client_state_stops_the_resumed_run_naming_it(tmp_path):
+    import sqlite3
+
     from lifelong.clients import state_store
 
     cfg, client, run_id = interrupted_after_round_4(tmp_path)
-    folder = state_store.state_root() / run_id
-    assert {p.name for p in folder.iterdir()} == {"0", "1", "2"}  # every client saved its own state
-    assert all(sorted(state_store.saved_rounds(folder / c)) == [3, 4] for c in "012")
-    bad = folder / "1" / "round-4.pt"
-    bad.write_bytes(b"\0" * 100)
+    slots = [state_store.client_slot(state_store.state_root(), run_id, c) for c in range(3)]
+    assert all(state_store.saved_rounds(s) == [3, 4] for s in slots)  # every client saved its own state
+    assert {p.name for p in slots[0].run_dir.iterdir()} <= {f"states-{i:02d}.sqlite{w}" for i in range(16)
+                                                           for w in ("", "-wal", "-shm")}  # rows, not files
+    with sqlite3.connect(slots[1].shard) as db:
+        db.execute("UPDATE states SET records = ? WHERE partition = 1 AND round = 4", (b"\0" * 100,))
     out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
     assert out.exit_code == 2, out.output
-    assert f"refused client state: checkpoint {bad} is unreadable" in out.output
+    assert f"refused client state: the state of round 4 in {slots[1]} is unreadable" in " ".join(out.output.split())
     assert client.get_run(run_id).info.status == "FAILED"
 
 
 def test_a_client_whose_saved_state_is_missing_stops_the_resumed_run_naming_it(tmp_path):
-    """Client 1's state folder is gone when the run resumes (another client-state-dir, a wiped
-    disk): it trained before the checkpoint, so it refuses to go on with an empty replay memory."""
-    import shutil
-
+    """Client 1's state is gone when the run resumes (another client-state-dir, a wiped disk): it
+    trained before the checkpoint, so it refuses to go on with an empty replay memory."""
     from lifelong.clients import state_store
 
     cfg, client, run_id = interrupted_after_round_4(tmp_path)
-    missing = state_store.state_root() / run_id / "1"
-    shutil.rmtree(missing)
+    slot = state_store.client_slot(state_store.state_root(), run_id, 1)
+    state_store.forget(slot)
     out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", cfg.tracking.uri])
     assert out.exit_code == 2, out.output
-    assert f"refused client state: partition 1 trained in round 4 of this run, but no state it saved by then is in {missing}" \
-        in " ".join(out.output.split())
+    assert (f"refused client state: partition 1 trained in round 4 of this run, but no state it saved by then is in "
+            f"{slot.run_dir}") in " ".join(out.output.split())
     assert client.get_run(run_id).info.status == "FAILED"
 
 
@@ -525,3 +519,43 @@ def test_federated_oneprompt_resumes_as_an_unbroken_run(oneprompt_run):
     assert sorted((rnd, m["vor-ran"]) for rnd, m in replies) == [(4, 1), (4, 1)]
     assert np.array_equal(resumed.matrix, full.matrix)
     assert all(torch.equal(resumed.weights[k], v) for k, v in full.weights.items())
+
+
+def test_a_grid_that_keeps_only_the_cohort_in_memory_gives_the_same_run(tmp_path):
+    """A generated population of 60 clients, 10 a round, replay: with the in-process grid letting
+    each client's Context go after its round (it reloads its replay memory from the state store
+    when next sampled), the run's every accuracy equals the run that keeps every Context."""
+    import json
+
+    from lifelong.clients.inprocess import InProcessGrid
+    from lifelong.clients.launch import default_client_app
+
+    sizes = []
+    original = InProcessGrid._deliver
+
+    def deliver(self, msg):  # how many clients' states the grid holds after each message
+        reply = original(self, msg)
+        sizes.append(len(self.contexts))
+        return reply
+
+    def run(release: bool, name: str):
+        cfg = fed_config(tmp_path / name, 'stream.name="population"', "stream.population.panel=20",
+                         "tracking.log_model=false", "tracking.log_plots=false",
+                         "federated.clients=60", "federated.fraction=0.17", "training.epochs=1",
+                         f"federated.release_client_states={str(release).lower()}")
+        return cfg, run_federated(cfg, client_app=default_client_app())
+
+    InProcessGrid._deliver = deliver
+    try:
+        _, kept = run(False, "kept")
+        kept_sizes, sizes[:] = list(sizes), []
+        cfg, released = run(True, "released")
+    finally:
+        InProcessGrid._deliver = original
+    assert np.array_equal(kept.matrix, released.matrix) and kept.summary == released.summary
+    assert max(kept_sizes) > 20 and max(sizes) == 0  # 4 rounds of 10 clients kept; none once its round is done
+    client = client_for(cfg.tracking.uri)
+    table = json.loads(open(client.download_artifacts(released.run_id, "clients.json", str(tmp_path))).read())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    again = {r["partition_id"] for r in rows if r["round"] > 1} & {r["partition_id"] for r in rows if r["round"] == 1}
+    assert again and all(r["restored_from"] is None for r in rows)  # reloaded its own state: no come-back

@@ -205,7 +205,7 @@ def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
     The unbroken run is in-process: both backends give the same bits (test_federated_flow's
     test_inprocess_backend_matches_flowers_ray_engine) when the actors get as many threads as we use.
     """
-    from lifelong.clients.state_store import saved_rounds
+    from lifelong.clients.state_store import client_slot, saved_rounds
     from lifelong.flows.federated import run_federated
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
@@ -239,8 +239,8 @@ def test_a_killed_ray_run_resumes_to_the_same_final_metrics(tmp_path):
     # Killed within round 4 (the last): the checkpoint is round 3's, or round 4's when the kill came
     # just after it was written; either way the run never said it ended.
     assert 3 <= done <= 4
-    states = home / "client-state" / run.info.run_id
-    assert all(any(r <= done for r in saved_rounds(states / p)) for p in ("0", "1"))
+    assert all(any(r <= done for r in saved_rounds(client_slot(home / "client-state", run.info.run_id, p)))
+               for p in (0, 1))
     out = subprocess.run([*lifelong, "--resume", run.info.run_id, "--tracking-uri", uri], env=env,
                          capture_output=True, text=True, timeout=400, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
