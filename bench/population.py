@@ -46,10 +46,12 @@ def run(out_dir: Path | None = None) -> dict:
 
 def _child(n: int, out_dir: Path) -> dict:
     os.environ["LIFELONG_CLIENT_STATE_DIR"] = str(out_dir / f"client-state-{n}")
+    os.environ["LIFELONG_HOME"] = str(out_dir / f"home-{n}")  # the server's checkpoints
     import lifelong  # noqa: F401
     from lifelong.clients import state_store
     from lifelong.clients.inprocess import InProcessGrid
     from lifelong.clients.launch import inprocess_grid
+    from lifelong.flows.checkpoints import checkpoint_file
     from lifelong.flows.federated import open_federated_run, serve
 
     io = {"written": 0, "read": 0}
@@ -79,30 +81,42 @@ def _child(n: int, out_dir: Path) -> dict:
     cfg = bench_config("configs/federated_population.toml",
                        [*OVERRIDES, f"federated.clients={n}", f"federated.fraction={COHORT / n}"], uri)
     run_id = open_federated_run(cfg, uri)
+    before = _rss_mb("VmRSS")
     t = time.perf_counter()
-    result = serve(inprocess_grid(cfg), cfg, run_id, uri)
+    # Checkpointed after every round, as every federated run is: clients save their state then.
+    result = serve(inprocess_grid(cfg), cfg, run_id, uri, checkpoint=checkpoint_file(run_id))
     total = time.perf_counter() - t
     rounds = len(starts)
     folder = Path(os.environ["LIFELONG_CLIENT_STATE_DIR"]) / run_id
     return {"clients": n, "rounds": rounds, "seconds": total,
             # From one round's messages to the next's (the first round's start-up left out).
             "round_s_median": statistics.median(b - a for a, b in zip(starts[1:], starts[2:])),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "store_mb": sum(f.stat().st_size for f in folder.glob("*")) / 2**20,
-            "store_files": len(list(folder.glob("*"))),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_rounds_mb": before,
+            "store_mb": sum(f.stat().st_size for f in folder.glob("*.sqlite")) / 2**20,
+            "store_files": len(list(folder.glob("*.sqlite"))),
+            # SQLite's write-ahead logs beside the shards (folded back into them as they fill).
+            "store_wal_mb": sum(f.stat().st_size for f in folder.glob("*.sqlite-wal")) / 2**20,
             "written_mb_per_round": io["written"] / rounds / 2**20, "read_mb_per_round": io["read"] / rounds / 2**20,
             "contexts_held_max": held[0], "release_states": cfg.federated.release_states,
             "final_avg_acc": float(result.matrix[-1].mean())}
 
 
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
 def report(r: dict) -> str:
     lines = [f"Population scale (generated population, {r['cohort']} clients a round, replay per client)",
-             f"  {'clients':>8} {'peak RSS':>9} {'s/round':>8} {'store':>8} {'files':>5} {'write/rd':>9} "
+             f"  {'clients':>8} {'peak RSS':>9} {'s/round':>8} {'store (+log)':>15} {'shards':>6} {'write/rd':>9} "
              f"{'read/rd':>8} {'in memory':>9} {'avg acc':>7}"]
     for row in r["sizes"].values():
         lines.append(f"  {row['clients']:>8} {row['peak_rss_mb']:>6.0f} MB {row['round_s_median']:>8.2f} "
-                     f"{row['store_mb']:>5.1f} MB {row['store_files']:>5} {row['written_mb_per_round']:>6.2f} MB "
-                     f"{row['read_mb_per_round']:>5.2f} MB {row['contexts_held_max']:>9} {row['final_avg_acc']:>7.3f}")
+                     f"{row['store_mb']:>5.1f} (+{row['store_wal_mb']:>4.1f}) MB {row['store_files']:>6} "
+                     f"{row['written_mb_per_round']:>6.2f} MB {row['read_mb_per_round']:>5.2f} MB "
+                     f"{row['contexts_held_max']:>9} {row['final_avg_acc']:>7.3f}")
     worst = max(row["peak_rss_mb"] for row in r["sizes"].values())
     lines.append(f"  round at 10^5 / round at 10^3: {r['round_s_ratio_100000_over_1000']:.2f} (target <= 1.2); "
                  f"peak RSS at most {worst:.0f} MB (target <= 1536)")

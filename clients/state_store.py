@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,14 +99,29 @@ def client_slot(root: Path, run: str, partition_id: int) -> Slot:
     return Slot(root / run, int(partition_id))
 
 
+#: Open connections of this process, by shard, the most recently used last: opening one per round
+#: and closing it cost more than the write (closing the last connection folds SQLite's write-ahead
+#: log back into the file). At most one run's worth stay open (each holds three files).
+_OPEN: OrderedDict[tuple[int, Path], sqlite3.Connection] = OrderedDict()
+
+
 def _connect(shard: Path, create: bool) -> sqlite3.Connection | None:
+    key = (os.getpid(), shard)  # (a forked process, e.g. a Ray worker, opens its own)
+    if key in _OPEN:
+        if shard.exists():
+            _OPEN.move_to_end(key)
+            return _OPEN[key]
+        _OPEN.pop(key).close()  # the run's folder was removed: start again
     if not create and not shard.exists():
         return None
     shard.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(shard, timeout=60.0)  # (other processes of the host may be writing)
+    db = sqlite3.connect(shard, timeout=60.0, check_same_thread=False)  # (other processes may be writing)
     db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for a writer
     db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed row of an intact disk
     db.execute(_SCHEMA)
+    _OPEN[key] = db
+    while len(_OPEN) > SHARDS:
+        _OPEN.popitem(last=False)[1].close()
     return db
 
 
@@ -114,22 +130,14 @@ def saved_rounds(slot: Slot) -> list[int]:
     db = _connect(slot.shard, create=False)
     if db is None:
         return []
-    try:
-        return [r for (r,) in db.execute("SELECT round FROM states WHERE partition = ? ORDER BY round",
-                                         (slot.partition,))]
-    finally:
-        db.close()
+    return [r for (r,) in db.execute("SELECT round FROM states WHERE partition = ? ORDER BY round", (slot.partition,))]
 
 
 def saved_partitions(run_dir: Path) -> set[int]:
     """The partitions whose state the run's store in ``run_dir`` holds."""
     out: set[int] = set()
     for shard in sorted(run_dir.glob("states-*.sqlite")):
-        db = _connect(shard, create=False)
-        try:
-            out.update(p for (p,) in db.execute("SELECT DISTINCT partition FROM states"))
-        finally:
-            db.close()
+        out.update(p for (p,) in _connect(shard, create=False).execute("SELECT DISTINCT partition FROM states"))
     return out
 
 
@@ -137,11 +145,8 @@ def forget(slot: Slot) -> None:
     """Remove every state ``slot`` holds (the client starts over)."""
     db = _connect(slot.shard, create=False)
     if db is not None:
-        try:
-            with db:
-                db.execute("DELETE FROM states WHERE partition = ?", (slot.partition,))
-        finally:
-            db.close()
+        with db:
+            db.execute("DELETE FROM states WHERE partition = ?", (slot.partition,))
 
 
 def records(state: RecordDict) -> dict:
@@ -169,14 +174,11 @@ def save(state: RecordDict, cfg: Config, slot: Slot, rnd: int, checkpointed: int
                              "records": records(state)})
     try:
         db = _connect(slot.shard, create=True)
-        try:
-            with db:
-                db.execute("INSERT OR REPLACE INTO states VALUES (?, ?, ?)", (slot.partition, rnd, data))
-                # The newest round at or below the server's checkpoint, and every later one, stay.
-                db.execute("DELETE FROM states WHERE partition = ? AND round < (SELECT MAX(round) FROM states "
-                           "WHERE partition = ? AND round <= ?)", (slot.partition, slot.partition, checkpointed))
-        finally:
-            db.close()
+        with db:
+            db.execute("INSERT OR REPLACE INTO states VALUES (?, ?, ?)", (slot.partition, rnd, data))
+            # The newest round at or below the server's checkpoint, and every later one, stay.
+            db.execute("DELETE FROM states WHERE partition = ? AND round < (SELECT MAX(round) FROM states "
+                       "WHERE partition = ? AND round <= ?)", (slot.partition, slot.partition, checkpointed))
     except (sqlite3.OperationalError, OSError) as exc:
         # SQLite names no OS error: a write it could not make is SQLITE_FULL or SQLITE_IOERR_WRITE.
         name = getattr(exc, "sqlite_errorname", "")
@@ -194,13 +196,10 @@ def restore(state: RecordDict, cfg: Config, slot: Slot, resume_round: int) -> in
     db = _connect(slot.shard, create=False)
     if db is None:
         return None
-    try:
-        with db:  # after the server's checkpoint: the resumed run trains them again
-            db.execute("DELETE FROM states WHERE partition = ? AND round > ?", (slot.partition, resume_round))
-        row = db.execute("SELECT round, records FROM states WHERE partition = ? ORDER BY round DESC LIMIT 1",
-                         (slot.partition,)).fetchone()
-    finally:
-        db.close()
+    with db:  # after the server's checkpoint: the resumed run trains them again
+        db.execute("DELETE FROM states WHERE partition = ? AND round > ?", (slot.partition, resume_round))
+    row = db.execute("SELECT round, records FROM states WHERE partition = ? ORDER BY round DESC LIMIT 1",
+                     (slot.partition,)).fetchone()
     if row is None:
         return None
     rnd, data = row

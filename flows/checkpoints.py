@@ -92,7 +92,9 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
         "server": strategy.server_state(),
         "trace": [(p.iteration, p.experience, p.accuracies) for p in trace.points],
         "rows": [list(r) for r in rows],
-        "client_rows": [r.tolist() for r in client_rows or []],
+        # Arrays, not lists: a population's rows are 10^5 clients long, and pickling a list of
+        # floats per round cost seconds at that size.
+        "client_rows": [np.asarray(r, dtype=float) for r in client_rows or []],
         "pending": list(pending or []),
     }
     write_checkpoint(state, path)

@@ -268,7 +268,7 @@ class ServerLoop:
         #: Per-client continual evaluation (tasks/client_eval.py): after each experience, every
         #: client's accuracy on its own test share of each experience (clients × experiences).
         self.client_rows: list[np.ndarray] = []
-        self.test_shares: dict[int, list[torch.Tensor]] = {}  # each experience's, per client
+        self.test_shares: dict[int, client_eval.ShareIndex] = {}  # each experience's, per client
         self.config_json = json.dumps(cfg.model_dump(mode="json"))
         self.arrays = from_state_dict(initial_weights(cfg))
         self.done_rounds = 0
@@ -391,9 +391,10 @@ class ServerLoop:
         return {i: correct_predictions(self.model, *self.stream.test_tensors(i), self.cfg.training.eval_batch_size,
                                        self.device) for i in experiences}
 
-    def _test_shares(self, experience: int) -> list[torch.Tensor]:
+    def _test_shares(self, experience: int) -> client_eval.ShareIndex:
         if experience not in self.test_shares:
-            self.test_shares[experience] = client_test_indices(self.cfg, self.stream, experience)
+            self.test_shares[experience] = client_eval.ShareIndex.of(client_test_indices(self.cfg, self.stream,
+                                                                                         experience))
         return self.test_shares[experience]
 
     def _client_row(self, experience: int, correct: dict[int, torch.Tensor]) -> None:
@@ -491,7 +492,7 @@ class ServerLoop:
         if self.ledger is not None:
             privacy_ledger.log_ledger(client, run_id, self.ledger, self.fed.clients, cfg.tracking.log_plots)
         if len(self.client_rows) == n_exp:
-            sizes = [[len(idx) for idx in self._test_shares(e)] for e in range(n_exp)]
+            sizes = [self._test_shares(e).sizes.tolist() for e in range(n_exp)]
             client.log_dict(run_id, client_eval.matrix_table(self.client_rows, sizes), tracking.CLIENT_MATRIX_FILE)
             if cfg.tracking.log_plots:
                 spreads = [client_eval.spread(client_eval.seen_accuracy(r, e)) for e, r in enumerate(self.client_rows)]

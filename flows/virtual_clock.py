@@ -189,7 +189,7 @@ class VirtualClock:
         self.starts = 0
         self.rows: list[list[float]] = []
         self.hourly: list[dict[str, float]] = []
-        self.test_shares: dict[int, list[torch.Tensor]] = {}
+        self.test_shares: dict[int, client_eval.ShareIndex] = {}
         #: Each client's latest report of its personalised model's accuracy on its own test share
         #: of each experience it had seen (learners with local state, without DP).
         self.personal: dict[int, list[float]] = {}
@@ -509,9 +509,10 @@ class VirtualClock:
         return dict(zip(self.private, private_mean(clipped, p.noise_multiplier, p.clip, denominator, self.noise)))
 
     # -- evaluation -------------------------------------------------------------------------------
-    def _shares(self, experience: int) -> list[torch.Tensor]:
+    def _shares(self, experience: int) -> client_eval.ShareIndex:
         if experience not in self.test_shares:
-            self.test_shares[experience] = client_test_indices(self.cfg, self.stream, experience)
+            self.test_shares[experience] = client_eval.ShareIndex.of(client_test_indices(self.cfg, self.stream,
+                                                                                         experience))
         return self.test_shares[experience]
 
     def evaluate(self, t: float, what: str, index: float) -> None:

@@ -18,16 +18,41 @@ operator reads: a mean can hide clients the model has forgotten entirely.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
-def client_accuracies(correct: torch.Tensor, shares: list[torch.Tensor]) -> np.ndarray:
+@dataclass(frozen=True)
+class ShareIndex:
+    """The clients' disjoint index shares of one test split, flattened once, so that every
+    client's accuracy is one ``bincount`` — a population's 10^5 clients in milliseconds, where a
+    loop over the shares took a tenth of a second each time."""
+
+    indices: np.ndarray  # every share's indices, client after client
+    owner: np.ndarray  # the client of each of them
+    sizes: np.ndarray  # each client's share size
+
+    @classmethod
+    def of(cls, shares: list[torch.Tensor]) -> ShareIndex:
+        sizes = np.fromiter((len(s) for s in shares), dtype=np.int64, count=len(shares))
+        nonempty = [shares[i] for i in np.flatnonzero(sizes)]
+        indices = torch.cat(nonempty).numpy() if nonempty else np.zeros(0, dtype=np.int64)
+        return cls(indices, np.repeat(np.arange(len(shares)), sizes), sizes)
+
+    def accuracies(self, correct: torch.Tensor) -> np.ndarray:
+        hits = np.bincount(self.owner, weights=correct.numpy()[self.indices].astype(np.float64),
+                           minlength=len(self.sizes))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.sizes > 0, hits / self.sizes, np.nan)
+
+
+def client_accuracies(correct: torch.Tensor, shares: list[torch.Tensor] | ShareIndex) -> np.ndarray:
     """Each client's accuracy from a test split's per-sample ``correct`` flags and the clients'
     index shares of that split (NaN for an empty share)."""
-    hits = correct.to(torch.float64)
-    return np.array([float(hits[idx].mean()) if len(idx) else np.nan for idx in shares])
+    index = shares if isinstance(shares, ShareIndex) else ShareIndex.of(shares)
+    return index.accuracies(correct)
 
 
 def seen_accuracy(row: np.ndarray, experience: int) -> np.ndarray:

@@ -76,3 +76,14 @@ def test_each_client_is_tested_on_its_own_classes_in_its_own_mix(partition):
             assert np.all(np.abs(tested - expected) < 1)  # proportional, to the sample
             assert np.all(tested[trained == 0] == 0)  # never tested on a class it did not train on
     assert [torch.equal(a, b) for a, b in zip(shares, client_test_indices(cfg, stream, 1))] == [True] * 4
+
+
+def test_the_flattened_shares_give_what_a_loop_over_the_shares_gives():
+    gen = torch.Generator().manual_seed(0)
+    correct = torch.rand(500, generator=gen) > 0.4
+    order = torch.randperm(500, generator=gen)
+    cuts = [0, 0, 7, 7, 120, 121, 400, 500]  # empty shares too
+    shares = [order[a:b] for a, b in zip(cuts, cuts[1:])]
+    looped = [correct[s].double().mean().item() if len(s) else np.nan for s in shares]
+    np.testing.assert_allclose(ce.ShareIndex.of(shares).accuracies(correct), looped)
+    assert ce.ShareIndex.of(shares).sizes.tolist() == [0, 7, 0, 113, 1, 279, 100]
