@@ -8,7 +8,8 @@ gradient-inversion attack, so the two reports sit side by side.
 A command of its own file so the main command stays small; ``cli/main.py`` registers it with
 ``app.command("audit")(audit)``. Torch, MLflow and the flow are imported inside the command, so
 ``lifelong --help`` stays fast. Bad input (a config that is not federated, too many samples, an
-invalid config) is one red line and exit 2, as ``lifelong run`` does.
+invalid config) is one red line and exit 2, as ``lifelong run`` does. ``--certify`` turns a
+VIOLATION verdict into exit 1 (before the attack runs), for a CI job or a release gate.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def audit(
                                                             "clients (Steinke et al. 2023)")] = False,
     canaries: Annotated[int, typer.Option(help="--privacy: canaries, each included with probability 1/2")] = 1000,
     significance: Annotated[float, typer.Option(help="--privacy: the bound holds with probability 1 - this")] = 0.05,
+    certify: Annotated[bool, typer.Option("--certify", help="--privacy: exit 1 when the audit proves more leakage "
+                                                            "than the accountant claims (a release gate, a CI job)")] = False,
 ) -> None:
     """Attack one client's update with gradient inversion (DLG/iDLG), without and with DP; with
     --privacy, first audit the DP guarantee with canary clients."""
@@ -51,14 +54,21 @@ def audit(
         fail(str(exc))
     from lifelong.flows.privacy_audit import run_audit
 
+    if certify and not privacy:
+        fail("--certify: it certifies the canary audit's verdict; add --privacy")
     if privacy:
         from lifelong.flows.canary_audit import check_canary_audit, run_canary_audit
 
         try:
-            check_canary_audit(cfg, canaries, significance)
-            print_canary_audit(run_canary_audit(cfg, canaries, significance))
+            check_canary_audit(cfg, canaries, significance, certify)
+            result = run_canary_audit(cfg, canaries, significance)
         except ValueError as exc:  # an impossible privacy budget, bad audit settings
             fail(str(exc))
+        print_canary_audit(result)
+        if certify and not result.consistent:
+            typer.secho(f"certification failed: the audit proves epsilon >= {result.empirical_epsilon:.3f}, more than "
+                        f"the {result.claimed_epsilon:.3f} the accountant claims", fg="red", err=True)
+            raise typer.Exit(1)
         typer.echo("")
     try:
         result = run_audit(cfg, AttackSettings(samples, iterations, labels, distance, optimizer))

@@ -76,7 +76,11 @@ class CanaryAuditResult:
         return None if self.claimed_epsilon is None else self.empirical_epsilon <= self.claimed_epsilon
 
 
-def check_canary_audit(cfg: Config, canaries: int, significance: float) -> list[str]:
+def check_canary_audit(cfg: Config, canaries: int, significance: float, certify: bool = False) -> list[str]:
+    if certify and cfg.privacy.clipping == "off":
+        raise CanaryAuditError('--certify: the config has no user-level DP (privacy.clipping = "off"), so the '
+                               "accountant claims no epsilon and there is no bound to certify; add a [privacy] "
+                               "section or drop --certify")
     if cfg.flow != "federated":
         raise CanaryAuditError(f'audit --privacy: the config\'s flow is "{cfg.flow}", not "federated"; the canary '
                                "audit checks user-level DP of federated rounds")

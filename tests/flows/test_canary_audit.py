@@ -41,15 +41,27 @@ def test_with_dp_the_bound_never_exceeds_the_accountants_epsilon(tmp_path, seed)
     assert r.empirical_epsilon <= r.claimed_epsilon and r.consistent
 
 
-def test_noise_10x_too_small_is_caught(tmp_path, monkeypatch):
+def test_noise_10x_too_small_is_caught_and_fails_certification(tmp_path, monkeypatch):
+    """A broken implementation (noise 10x too small, patched in this test only): the audit's lower
+    bound exceeds the accountant's claim, and `lifelong audit --privacy --certify` exits 1."""
+    import re
+
     real = clipping.add_gaussian_noise
 
     def broken(summed, noise_multiplier, bound, generator=None):
         return real(summed, noise_multiplier / 10, bound, generator)
 
     monkeypatch.setattr(clipping, "add_gaussian_noise", broken)  # (private_mean calls it)
-    r = audit(tmp_path, *DP)
-    assert r.empirical_epsilon > r.claimed_epsilon and not r.consistent
+    (tmp_path / "c.toml").write_text("")
+    out = CliRunner().invoke(cli, ["audit", str(tmp_path / "c.toml"), "--privacy", "--certify",
+                                   *[a for s in [*BASE, *DP, f'tracking.uri="sqlite:///{tmp_path / "a.db"}"']
+                                     for a in ("--set", s)]])
+    assert out.exit_code == 1, out.output
+    claimed = float(re.search(r"claimed epsilon ([\d.]+)", out.output).group(1))
+    proved = float(re.search(r"empirical epsilon >= ([\d.]+)", out.output).group(1))
+    assert proved > claimed and "verdict: VIOLATION" in out.output
+    assert "certification failed: the audit proves epsilon >=" in " ".join(out.output.split())
+    assert "PSNR" not in out.output  # stopped before the attack
 
 
 def test_the_bound_helper_on_hand_made_scores():
@@ -66,6 +78,12 @@ def test_bad_audit_input_is_refused(tmp_path):
         audit(tmp_path, canaries=5)
     with pytest.raises(CanaryAuditError, match='flow is "continual"'):
         run_canary_audit(load_config(None, []), canaries=100)
+    (tmp_path / "c.toml").write_text("")
+    out = CliRunner().invoke(cli, ["audit", str(tmp_path / "c.toml"), "--privacy", "--certify",
+                                   *[a for s in BASE for a in ("--set", s)]])
+    assert out.exit_code == 2 and "--certify: the config has no user-level DP" in " ".join(out.output.split())
+    out = CliRunner().invoke(cli, ["audit", str(tmp_path / "c.toml"), "--certify", *[a for s in BASE for a in ("--set", s)]])
+    assert out.exit_code == 2 and "--certify: it certifies the canary audit's verdict; add --privacy" in out.output
 
 
 def test_the_cli_prints_both_reports(tmp_path):
