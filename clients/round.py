@@ -63,12 +63,15 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
             # An empty state in a checkpointed run: a resumed run's first message (the server says
             # up to which round), or a node that died and came back mid-run (a new SuperNode
             # process, fresh Context): it goes on from the newest state it saved before this round.
-            # Or a virtual client whose Context the in-process grid let go after its last round.
-            upto = int(conf[protocol.RESUME_ROUND]) if protocol.RESUME_ROUND in conf else server_round - 1
+            # Or a virtual client whose Context the in-process grid let go after its last round of
+            # this process's run (a resumed run's included): its newest state is its own, from
+            # before this round, whatever round the run resumed from.
+            released = bool(node_config.get(protocol.NODE_RELEASED))
+            upto = server_round - 1 if released or protocol.RESUME_ROUND not in conf else int(conf[protocol.RESUME_ROUND])
             restored = state_store.restore(state, cfg, saved, upto)
             if restored is None and protocol.TRAINED_PARTITIONS in conf:
                 _check_nothing_was_saved(conf, partition_id, saved)
-            if node_config.get(protocol.NODE_RELEASED) and protocol.RESUME_ROUND not in conf:
+            if released:
                 if restored is None:
                     raise ResumeError(f"{state_store.REFUSED}: partition {partition_id} saved its state after its "
                                       f"last round, but {saved} holds none; was the run's state folder removed?")

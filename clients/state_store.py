@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,30 +100,49 @@ def client_slot(root: Path, run: str, partition_id: int) -> Slot:
     return Slot(root / run, int(partition_id))
 
 
+#: Set on every machine whose client-state folder is shared with other machines (a Ray cluster
+#: resuming from shared storage): SQLite's write-ahead log needs one host, so the shards then use
+#: its rollback journal instead (about 1 ms more a save; it needs a filesystem with working locks).
+SHARED_ENV_VAR = "LIFELONG_CLIENT_STATE_SHARED"
+
 #: Open connections of this process, by shard, the most recently used last: opening one per round
 #: and closing it cost more than the write (closing the last connection folds SQLite's write-ahead
-#: log back into the file). At most one run's worth stay open (each holds three files).
-_OPEN: OrderedDict[tuple[int, Path], sqlite3.Connection] = OrderedDict()
+#: log back into the file). At most one run's worth stay open (each holds three files). Each is
+#: kept with its file's identity, so a shard deleted and made again is opened again.
+_OPEN: OrderedDict[Path, tuple[tuple[int, int], sqlite3.Connection]] = OrderedDict()
+_LOCK = threading.Lock()
+# A forked child must not use (or close) its parent's connections: it opens its own.
+os.register_at_fork(after_in_child=_OPEN.clear)
 
 
 def _connect(shard: Path, create: bool) -> sqlite3.Connection | None:
-    key = (os.getpid(), shard)  # (a forked process, e.g. a Ray worker, opens its own)
-    if key in _OPEN:
-        if shard.exists():
-            _OPEN.move_to_end(key)
-            return _OPEN[key]
-        _OPEN.pop(key).close()  # the run's folder was removed: start again
-    if not create and not shard.exists():
-        return None
-    shard.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(shard, timeout=60.0, check_same_thread=False)  # (other processes may be writing)
-    db.execute("PRAGMA journal_mode=WAL")  # readers do not wait for a writer
-    db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses no committed row of an intact disk
-    db.execute(_SCHEMA)
-    _OPEN[key] = db
-    while len(_OPEN) > SHARDS:
-        _OPEN.popitem(last=False)[1].close()
-    return db
+    with _LOCK:
+        try:
+            st = shard.stat()
+            identity = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            identity = None
+        if shard in _OPEN:
+            if _OPEN[shard][0] == identity:
+                _OPEN.move_to_end(shard)
+                return _OPEN[shard][1]
+            _OPEN.pop(shard)[1].close()  # the run's folder was removed (and maybe made again)
+        if not create and identity is None:
+            return None
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        # One connection per shard per process, used by whichever thread runs a client's round.
+        db = sqlite3.connect(shard, timeout=60.0, check_same_thread=False)
+        shared = os.environ.get(SHARED_ENV_VAR, "") not in ("", "0")
+        db.execute(f"PRAGMA journal_mode={'DELETE' if shared else 'WAL'}")  # WAL: readers do not wait for a writer
+        # A process that dies loses no committed row; a power cut may lose the last rounds of a
+        # WAL (the server's checkpoint then names a round the client no longer has: refused).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(_SCHEMA)
+        st = shard.stat()
+        _OPEN[shard] = ((st.st_dev, st.st_ino), db)
+        while len(_OPEN) > SHARDS:
+            _OPEN.popitem(last=False)[1][1].close()
+        return db
 
 
 def saved_rounds(slot: Slot) -> list[int]:
@@ -137,7 +157,9 @@ def saved_partitions(run_dir: Path) -> set[int]:
     """The partitions whose state the run's store in ``run_dir`` holds."""
     out: set[int] = set()
     for shard in sorted(run_dir.glob("states-*.sqlite")):
-        out.update(p for (p,) in _connect(shard, create=False).execute("SELECT DISTINCT partition FROM states"))
+        db = _connect(shard, create=False)
+        if db is not None:  # (removed meanwhile)
+            out.update(p for (p,) in db.execute("SELECT DISTINCT partition FROM states"))
     return out
 
 
@@ -179,7 +201,7 @@ def save(state: RecordDict, cfg: Config, slot: Slot, rnd: int, checkpointed: int
             # The newest round at or below the server's checkpoint, and every later one, stay.
             db.execute("DELETE FROM states WHERE partition = ? AND round < (SELECT MAX(round) FROM states "
                        "WHERE partition = ? AND round <= ?)", (slot.partition, slot.partition, checkpointed))
-    except (sqlite3.OperationalError, OSError) as exc:
+    except (sqlite3.DatabaseError, OSError) as exc:  # (a corrupt shard: "file is not a database")
         # SQLite names no OS error: a write it could not make is SQLITE_FULL or SQLITE_IOERR_WRITE.
         name = getattr(exc, "sqlite_errorname", "")
         full = name.startswith(("SQLITE_FULL", "SQLITE_IOERR")) or getattr(exc, "errno", None) in (
@@ -193,20 +215,25 @@ def restore(state: RecordDict, cfg: Config, slot: Slot, resume_round: int) -> in
     """Load the newest state at or below ``resume_round`` into ``state``; the round it is from,
     or None when the client had not trained by then. Raises ``ResumeError`` (starting with
     ``REFUSED``, naming the store) for a corrupt state or one of another config."""
-    db = _connect(slot.shard, create=False)
-    if db is None:
-        return None
-    with db:  # after the server's checkpoint: the resumed run trains them again
-        db.execute("DELETE FROM states WHERE partition = ? AND round > ?", (slot.partition, resume_round))
-    row = db.execute("SELECT round, records FROM states WHERE partition = ? ORDER BY round DESC LIMIT 1",
-                     (slot.partition,)).fetchone()
+    try:
+        db = _connect(slot.shard, create=False)
+        if db is None:
+            return None
+        with db:  # after the server's checkpoint: the resumed run trains them again
+            db.execute("DELETE FROM states WHERE partition = ? AND round > ?", (slot.partition, resume_round))
+        row = db.execute("SELECT round, records FROM states WHERE partition = ? ORDER BY round DESC LIMIT 1",
+                         (slot.partition,)).fetchone()
+    except sqlite3.DatabaseError as exc:  # not a database, a corrupt page
+        raise ResumeError(f"{REFUSED}: {slot} cannot be read ({exc}); remove the run's client-state folder "
+                          f"({slot.run_dir}) to restart its clients without their state") from None
     if row is None:
         return None
     rnd, data = row
     where = f"the state of round {rnd} in {slot}"
     try:
         saved = read_checkpoint_bytes(data, where, cfg, VERSION, "Lifelong client state",
-                                      "; delete the client's state folder to restart the run without it")
+                                      f"; remove the run's client-state folder ({slot.run_dir}) to restart its clients "
+                                      "without their state")
         loaded = record_dict(saved["records"])
     except ResumeError as exc:
         raise ResumeError(f"{REFUSED}: {exc}") from None

@@ -122,7 +122,8 @@ class StreamConfig(_Section):
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
     #: Share of the (remaining) training split carved out, stratified and seeded, as a validation
     #: split that the run evaluates on *instead of* the test split: for choosing hyperparameters
-    #: (``lifelong sweep``'s ``[protocol]``) without ever reading the test split.
+    #: (``lifelong sweep``'s ``[protocol]``) without ever reading the test split. (A generated
+    #: population draws fresh validation data from its panel instead: any value > 0 selects it.)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     #: The generated population's settings (``stream.name = "population"`` only).
     population: PopulationConfig | None = None
@@ -438,7 +439,7 @@ class FederatedConfig(_Section):
     backend: Literal["inprocess", "ray"] = "inprocess"
     #: In-process backend: let each client's state go from memory after its round (it reloads what
     #: it saved to its disk store when sampled again), so only a round's cohort is in memory.
-    #: Default: above 1,000 clients (``release_states``).
+    #: Default: above 1,000 clients (``release_states``). Not on the virtual clock.
     release_client_states: bool | None = None
     #: Ray backend: CPUs per client actor (the engine runs ``cores // num_cpus`` clients at once).
     ray_cpus_per_client: float = Field(1.0, gt=0)
@@ -802,6 +803,9 @@ class Config(_Section):
             if self.federated.backend != "inprocess":
                 raise ValueError(f"clock: the virtual clock runs its clients in process; set federated.backend "
                                  f"= \"inprocess\" (got {self.federated.backend!r})")
+            if self.federated.release_client_states:
+                raise ValueError("federated.release_client_states: the virtual clock keeps its clients' states "
+                                 "in memory (its checkpoints save them); remove the key for a run on the clock")
             if isinstance(spec, OnePromptSpec):
                 raise ValueError("clock: oneprompt's VOR phase needs the server's word that an experience ends, "
                                  "which clients on their own clocks do not get; use naive or replay (with plugins)")
@@ -834,6 +838,8 @@ class Config(_Section):
         if self.stream.holdout_fraction:
             raise ValueError("stream.holdout_fraction: a generated population holds nothing apart to pretrain on; "
                              "remove the key")
+        if self.seed < 0:
+            raise ValueError(f"seed: a generated population draws its clients from a seed >= 0, got {self.seed}")
         if self.flow != "federated":
             return self
         fed, panel = self.federated, (self.stream.population or PopulationConfig()).panel

@@ -130,3 +130,22 @@ def test_the_state_root_is_the_nodes_then_the_environments_then_next_to_the_chec
     assert ss.state_root({NODE_STATE_DIR: str(tmp_path / "node")}) == tmp_path / "node"
     with pytest.raises(ValueError, match="not a plain name"):
         ss.client_slot(tmp_path, "../elsewhere", 0)
+
+
+def test_a_shard_that_is_no_database_is_refused_and_a_removed_run_folder_starts_again(tmp_path, cfg):
+    import shutil
+
+    from lifelong.checkpoints import CheckpointWriteError
+
+    d = ss.client_slot(tmp_path, "run1", 0)
+    ss.save(client_state(1), cfg, d, rnd=1, checkpointed=0)
+    shutil.rmtree(tmp_path / "run1")  # with this process's connection to its shard still open
+    ss.save(client_state(2), cfg, d, rnd=2, checkpointed=1)
+    assert ss.saved_rounds(d) == [2] and d.shard.exists()  # written to the new file, not the deleted one
+    bad = ss.client_slot(tmp_path, "run2", 3)
+    bad.shard.parent.mkdir()
+    bad.shard.write_bytes(b"not a database" * 300)
+    with pytest.raises(ResumeError, match=rf"^{ss.REFUSED}: {bad.shard} \(partition 3\) cannot be read"):
+        ss.restore(RecordDict(), cfg, bad, resume_round=5)
+    with pytest.raises(CheckpointWriteError, match=rf"could not write the state of {bad.shard} \(partition 3\)"):
+        ss.save(client_state(1), cfg, bad, rnd=1, checkpointed=0)

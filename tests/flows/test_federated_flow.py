@@ -1,6 +1,7 @@
 """End to end: federated continual learning through Prefect, Flower and MLflow."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -524,9 +525,9 @@ def test_federated_oneprompt_resumes_as_an_unbroken_run(oneprompt_run):
 def test_a_grid_that_keeps_only_the_cohort_in_memory_gives_the_same_run(tmp_path):
     """A generated population of 60 clients, 10 a round, replay: with the in-process grid letting
     each client's Context go after its round (it reloads its replay memory from the state store
-    when next sampled), the run's every accuracy equals the run that keeps every Context."""
-    import json
-
+    when next sampled), the run's every accuracy equals the run that keeps every Context — and so
+    does such a run stopped in round 3 and resumed, whose clients of round 3 sampled again in round
+    4 must reload their round-3 state, not the state of the round the run resumed from."""
     from lifelong.clients.inprocess import InProcessGrid
     from lifelong.clients.launch import default_client_app
 
@@ -538,24 +539,41 @@ def test_a_grid_that_keeps_only_the_cohort_in_memory_gives_the_same_run(tmp_path
         sizes.append(len(self.contexts))
         return reply
 
-    def run(release: bool, name: str):
-        cfg = fed_config(tmp_path / name, 'stream.name="population"', "stream.population.panel=20",
-                         "tracking.log_model=false", "tracking.log_plots=false",
-                         "federated.clients=60", "federated.fraction=0.17", "training.epochs=1",
-                         f"federated.release_client_states={str(release).lower()}")
-        return cfg, run_federated(cfg, client_app=default_client_app())
+    def config(release: bool, name: str):
+        return fed_config(tmp_path / name, 'stream.name="population"', "stream.population.panel=20",
+                          "tracking.log_model=false", "tracking.log_plots=false",
+                          "federated.clients=60", "federated.fraction=0.17", "training.epochs=1",
+                          f"federated.release_client_states={str(release).lower()}")
 
     InProcessGrid._deliver = deliver
     try:
-        _, kept = run(False, "kept")
+        kept = run_federated(config(False, "kept"), client_app=default_client_app())
         kept_sizes, sizes[:] = list(sizes), []
-        cfg, released = run(True, "released")
+        cfg = config(True, "released")
+        released = run_federated(cfg, client_app=default_client_app())
     finally:
         InProcessGrid._deliver = original
     assert np.array_equal(kept.matrix, released.matrix) and kept.summary == released.summary
     assert max(kept_sizes) > 20 and max(sizes) == 0  # 4 rounds of 10 clients kept; none once its round is done
     client = client_for(cfg.tracking.uri)
-    table = json.loads(open(client.download_artifacts(released.run_id, "clients.json", str(tmp_path))).read())
-    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
-    again = {r["partition_id"] for r in rows if r["round"] > 1} & {r["partition_id"] for r in rows if r["round"] == 1}
-    assert again and all(r["restored_from"] is None for r in rows)  # reloaded its own state: no come-back
+
+    def rows(run_id: str) -> list[dict]:
+        table = json.loads(Path(client.download_artifacts(run_id, "clients.json", str(tmp_path))).read_text())
+        return [dict(zip(table["columns"], r)) for r in table["data"]]
+
+    def sampled(table, rnd: int) -> set[int]:
+        return {r["partition_id"] for r in table if r["round"] == rnd}
+
+    table = rows(released.run_id)
+    assert sampled(table, 1) & (sampled(table, 2) | sampled(table, 3) | sampled(table, 4))
+    assert sampled(table, 3) & sampled(table, 4)  # (what the resumed run below must get right)
+    assert all(r["restored_from"] is None for r in table)  # reloaded its own state: no come-back
+
+    stopped = config(True, "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(stopped, client_app=interrupting_app(3))
+    run_id = client_for(stopped.tracking.uri).search_runs(
+        [client_for(stopped.tracking.uri).get_experiment_by_name("fed").experiment_id])[0].info.run_id
+    out = CliRunner().invoke(cli, ["clients", "launch", "--resume", run_id, "--tracking-uri", stopped.tracking.uri])
+    assert out.exit_code == 0, out.output
+    assert np.array_equal(read_results(run_id, stopped.tracking.uri).matrix, kept.matrix)

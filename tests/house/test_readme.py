@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_readme_is_short_and_starts_with_the_two_set_up_commands():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 250
-    commands = re.findall(r"^(make \w+)", text, flags=re.M)
+    commands = re.findall(r"^(make \w+)", text, flags=re.MULTILINE)
     assert commands[:2] == ["make run", "make test"]
 
 
