@@ -149,3 +149,18 @@ def test_a_shard_that_is_no_database_is_refused_and_a_removed_run_folder_starts_
         ss.restore(RecordDict(), cfg, bad, resume_round=5)
     with pytest.raises(CheckpointWriteError, match=rf"could not write the state of {bad.shard} \(partition 3\)"):
         ss.save(client_state(1), cfg, bad, rnd=1, checkpointed=0)
+
+
+def test_a_folder_shared_between_machines_uses_the_rollback_journal(tmp_path, cfg, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setenv(ss.SHARED_ENV_VAR, "1")  # WAL's shared memory needs one host
+    d = ss.client_slot(tmp_path, "shared", 0)
+    ss.save(client_state(1), cfg, d, rnd=1, checkpointed=0)
+    with sqlite3.connect(d.shard) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    monkeypatch.delenv(ss.SHARED_ENV_VAR)
+    local = ss.client_slot(tmp_path, "local", 0)
+    ss.save(client_state(1), cfg, local, rnd=1, checkpointed=0)
+    with sqlite3.connect(local.shard) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
