@@ -36,7 +36,7 @@ import torch
 
 from bench import flower_baseline
 from bench.overhead import COUNT, count_step
-from bench.setup import bench_config, create_store, out_folder, start_prefect_api, store
+from bench.setup import bench_config, create_store, out_folder, rss_mb, start_prefect_api, store
 
 #: Bare and in-process runs, alternating: the pairs whose ratios' median is the figure.
 PAIRS = 21
@@ -213,23 +213,16 @@ def _memory_child(n: int, out_dir: Path) -> dict:
                                                   f"federated.fraction={10 / n}"], uri)
     grid = inprocess_grid(cfg)
     run_id = open_federated_run(cfg, uri)
-    before = _rss_mb("VmRSS")
+    before = rss_mb("VmRSS")
     # Reset the kernel's peak-RSS mark to the current RSS: the peak below is the rounds' own, not
     # the imports' (torch and Avalanche alone peak above 1 GB while loading).
     Path("/proc/self/clear_refs").write_text("5")
     t = time.perf_counter()
     serve(grid, cfg, run_id, uri)
-    return {"peak_rss_mb": _rss_mb("VmHWM"), "rss_before_rounds_mb": before,
-            "peak_growth_mb": _rss_mb("VmHWM") - before, "seconds": time.perf_counter() - t,
+    return {"peak_rss_mb": rss_mb("VmHWM"), "rss_before_rounds_mb": before,
+            "peak_growth_mb": rss_mb("VmHWM") - before, "seconds": time.perf_counter() - t,
             "clients_materialised": len(grid.contexts), "sampled_per_round": cfg.federated.sampled,
             "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def report(r: dict) -> str:

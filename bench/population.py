@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.setup import bench_config, out_folder, store
+from bench.setup import bench_config, out_folder, rss_mb, store
 
 SIZES = (1_000, 10_000, 100_000)
 COHORT = 100
@@ -83,7 +83,7 @@ def _child(n: int, out_dir: Path) -> dict:
     cfg = bench_config("configs/federated_population.toml",
                        [*OVERRIDES, f"federated.clients={n}", f"federated.fraction={COHORT / n}"], uri)
     run_id = open_federated_run(cfg, uri)
-    before = _rss_mb("VmRSS")
+    before = rss_mb("VmRSS")
     t = time.perf_counter()
     # Checkpointed after every round, as every federated run is: clients save their state then.
     result = serve(inprocess_grid(cfg), cfg, run_id, uri, checkpoint=checkpoint_file(run_id))
@@ -101,13 +101,6 @@ def _child(n: int, out_dir: Path) -> dict:
             "written_mb_per_round": io["written"] / rounds / 2**20, "read_mb_per_round": io["read"] / rounds / 2**20,
             "contexts_held_max": held[0], "release_states": cfg.federated.release_states,
             "final_avg_acc": float(result.matrix[-1].mean())}
-
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
 def report(r: dict) -> str:

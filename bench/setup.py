@@ -48,3 +48,11 @@ def create_store(uri: str) -> float:
     t = time.perf_counter()
     client_for(uri).search_experiments()
     return time.perf_counter() - t
+
+
+def rss_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: the peak), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")

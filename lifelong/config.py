@@ -71,7 +71,7 @@ class PopulationConfig(_Section):
     #: Features per sample (a flat vector: use ``model.name = "mlp"``).
     features: int = Field(32, ge=2)
     #: Median samples per client and experience; sizes are log-normal (heavy-tailed, as client
-    #: sizes are in real federations) with this shape, clipped to ``[1, size_max]``. 0: all equal.
+    #: sizes are in real federations) with shape ``size_sigma`` (0: all equal), clipped to ``[1, size_max]``.
     size_median: int = Field(24, ge=1)
     size_sigma: float = Field(1.0, ge=0)
     size_max: int = Field(1000, ge=1)
