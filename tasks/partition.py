@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lifelong.config import Config
-from lifelong.tasks.streams import Stream, experience_share, samples_dataset
+from lifelong.tasks.streams import Stream, experience_share
 
 Method = Literal["iid", "dirichlet", "shards"]
 
@@ -177,11 +177,7 @@ def client_tensors(cfg: Config, stream: Stream, experience: int, partition_id: i
 def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
     """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
     if stream.population is not None:  # drawn anew each round: no population's worth of shares kept
-        import copy
-
-        share = copy.copy(stream.train_stream[experience])
-        share._dataset = samples_dataset(*stream.population.client_data(partition_id, experience))
-        return share
+        return experience_share(stream, experience, samples=stream.population.client_data(partition_id, experience))
     split = (_split_key(cfg, experience), id(stream))
     if split not in _SHARE_EXPERIENCES:
         _SHARE_EXPERIENCES.clear()  # one experience's shares at a time

@@ -373,8 +373,9 @@ def samples_dataset(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor):
     return tensor_dataset(x, y, task_labels=int(labels[0]) if len(labels) <= 1 else [int(v) for v in t])
 
 
-def experience_share(stream: Stream, i: int, indices: torch.Tensor):
-    """Experience ``i`` of the training stream restricted to ``indices`` (one client's share).
+def experience_share(stream: Stream, i: int, indices: torch.Tensor | None = None, samples=None):
+    """Experience ``i`` of the training stream holding one client's share: its ``indices`` into the
+    experience, or its own ``samples`` (x, y, task) — a generated population's client's data.
 
     A shallow copy: the share keeps the experience's index, task label and class list (the
     experience's classes, even those the client happens to hold no sample of).
@@ -382,5 +383,5 @@ def experience_share(stream: Stream, i: int, indices: torch.Tensor):
     import copy
 
     exp = copy.copy(stream.train_stream[i])
-    exp._dataset = exp.dataset.subset(indices.tolist())
+    exp._dataset = samples_dataset(*samples) if samples is not None else exp.dataset.subset(indices.tolist())
     return exp
