@@ -76,6 +76,11 @@ def test_a_landed_file_is_learned_by_the_scheduled_continuation(tmp_path):
             write(tmp_path / "data", 1, (5, 6, 7, 8, 9))
             v2 = wait_for("no version 2", lambda: next(
                 (v for v in registry.lineage(uri, NAME) if v.version == "2"), None), proc, server.api_url)
+            # Registered first, then judged by the gates, then made champion: wait for the last step
+            # (reading it at once raced the run's promotion).
+            v2 = wait_for("version 2 never became champion", lambda: next(
+                (v for v in registry.lineage(uri, NAME) if v.version == "2" and "champion" in v.aliases), None),
+                proc, server.api_url)
         finally:
             proc.stop(signal.SIGINT)
     fields = registry.lineage_fields(v2)
