@@ -59,16 +59,16 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
     if protocol.STATE_RUN in conf and learner.keeps_state:
         saved = state_store.client_slot(state_store.state_root(node_config),
                                         str(conf[protocol.STATE_RUN]), partition_id)
+        resume_rounds = [int(r) for r in conf.get(protocol.RESUME_ROUNDS, [])]
         if not list(state.keys()):
-            # An empty state in a checkpointed run: a resumed run's first message (the server says
-            # up to which round), or a node that died and came back mid-run (a new SuperNode
-            # process, fresh Context): it goes on from the newest state it saved before this round.
-            # Or a virtual client whose Context the in-process grid let go after its last round of
-            # this process's run (a resumed run's included): its newest state is its own, from
-            # before this round, whatever round the run resumed from.
+            # An empty state in a checkpointed run: a resumed run's first message, a node that died
+            # and came back mid-run (a new SuperNode process, fresh Context; in a resumed run too),
+            # or a virtual client whose Context the in-process grid let go after its last round of
+            # this process's run: it goes on from the newest state it saved before this round that
+            # this attempt of the run can go on from (``state_store``: none after the round a
+            # resume went on from, unless this attempt saved it).
             released = bool(node_config.get(protocol.NODE_RELEASED))
-            upto = server_round - 1 if released or protocol.RESUME_ROUND not in conf else int(conf[protocol.RESUME_ROUND])
-            restored = state_store.restore(state, cfg, saved, upto)
+            restored = state_store.restore(state, cfg, saved, server_round - 1, resume_rounds)
             if restored is None and protocol.TRAINED_PARTITIONS in conf:
                 _check_nothing_was_saved(conf, partition_id, saved)
             if released:
@@ -87,7 +87,7 @@ def train_reply(content: RecordDict, state: RecordDict, node_config: Mapping[str
     if protocol.LEDGER_RUNS in conf:
         metrics[protocol.PRIOR_DP_ROUNDS] = _record_dp_round(conf, cfg, node_config, partition_id, server_round)
     if saved is not None:
-        state_store.save(state, cfg, saved, server_round, int(conf[protocol.SAVED_ROUND]))
+        state_store.save(state, cfg, saved, server_round, int(conf[protocol.SAVED_ROUND]), len(resume_rounds))
     return RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(metrics)})
 
 

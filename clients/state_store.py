@@ -12,14 +12,16 @@ own records, and the server, which cannot reach them, only says which round they
   run's store and deletes its rounds older than the newest one at or below the server's
   checkpointed round — at most one round more than needed: the server may die after the
   client's round r and before its own checkpoint of r;
-* a resumed run's messages also carry ``protocol.RESUME_ROUND``; a client whose ``Context.state`` is
-  empty (every client of the new Flower run, until it trains) loads its newest round at or below
-  that round — or starts empty if it had not trained by then — and deletes the newer ones, which
-  the resumed run redoes;
-* a client whose ``Context.state`` is empty in the middle of a run that is not resumed — its
-  SuperNode died and a new one came back with the same partition, or the in-process grid let a
-  virtual client's context go after its round (``clients/inprocess.py``) — loads its newest round
-  from before the current round, and goes on from the memory it had.
+* a resumed run's messages also carry ``protocol.RESUME_ROUNDS``: the round each resume of the
+  run went on from, oldest first. Their number is the run's *attempt* (0: never resumed), and each
+  row records the attempt that wrote it;
+* a client whose ``Context.state`` is empty — every client of a resumed run until it trains, a
+  SuperNode that died and came back with the same partition (in a resumed run too), a virtual
+  client whose context the in-process grid let go after its round (``clients/inprocess.py``) —
+  loads its newest row from before the current round that this run can go on from: one its own
+  attempt wrote, or one an earlier attempt wrote at or below the round the next attempt resumed
+  from. The others — rounds an interrupted attempt trained after the checkpoint it was resumed
+  from, which the resumed run redoes — are deleted; with none left it starts empty.
 
 ``<root>``: the node config's ``client-state-dir``
 (``flower-supernode --node-config "partition-id=0 num-partitions=2 client-state-dir='/data/lifelong'"``),
@@ -46,6 +48,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +74,7 @@ VERSION = 1
 SHARDS = 16
 _SCHEMA = """CREATE TABLE IF NOT EXISTS states (
     partition INTEGER NOT NULL, round INTEGER NOT NULL, records BLOB NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (partition, round)) WITHOUT ROWID"""
 
 
@@ -138,11 +142,22 @@ def _connect(shard: Path, create: bool) -> sqlite3.Connection | None:
         # WAL (the server's checkpoint then names a round the client no longer has: refused).
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(_SCHEMA)
+        _add_attempt_column(db)
         st = shard.stat()
         _OPEN[shard] = ((st.st_dev, st.st_ino), db)
         while len(_OPEN) > SHARDS:
             _OPEN.popitem(last=False)[1][1].close()
         return db
+
+
+def _add_attempt_column(db: sqlite3.Connection) -> None:
+    """A shard written before rows recorded their attempt: its rows are the first attempt's."""
+    if "attempt" not in {c[1] for c in db.execute("PRAGMA table_info(states)")}:
+        try:
+            db.execute("ALTER TABLE states ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.OperationalError as exc:  # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def saved_rounds(slot: Slot) -> list[int]:
@@ -189,15 +204,17 @@ def record_dict(saved: dict) -> RecordDict:
     return RecordDict({k: from_state_dict(v) if kind == "arrays" else ConfigRecord(v) for k, (kind, v) in saved.items()})
 
 
-def save(state: RecordDict, cfg: Config, slot: Slot, rnd: int, checkpointed: int) -> None:
-    """Write the state after round ``rnd``; keep only what a resume from ``checkpointed`` or later
-    needs. In one transaction: a failed write (a full disk) leaves the rounds saved before."""
+def save(state: RecordDict, cfg: Config, slot: Slot, rnd: int, checkpointed: int, attempt: int = 0) -> None:
+    """Write the state after round ``rnd`` of the run's ``attempt``; keep only what a resume from
+    ``checkpointed`` or later needs. In one transaction: a failed write (a full disk) leaves the
+    rounds saved before."""
     data = checkpoint_bytes({"version": VERSION, "config": config_fingerprint(cfg), "round": rnd,
                              "records": records(state)})
     try:
         db = _connect(slot.shard, create=True)
         with db:
-            db.execute("INSERT OR REPLACE INTO states VALUES (?, ?, ?)", (slot.partition, rnd, data))
+            db.execute("INSERT OR REPLACE INTO states (partition, round, records, attempt) VALUES (?, ?, ?, ?)",
+                       (slot.partition, rnd, data, attempt))
             # The newest round at or below the server's checkpoint, and every later one, stay.
             db.execute("DELETE FROM states WHERE partition = ? AND round < (SELECT MAX(round) FROM states "
                        "WHERE partition = ? AND round <= ?)", (slot.partition, slot.partition, checkpointed))
@@ -211,16 +228,23 @@ def save(state: RecordDict, cfg: Config, slot: Slot, rnd: int, checkpointed: int
                                    + "; the rounds saved before are intact") from exc
 
 
-def restore(state: RecordDict, cfg: Config, slot: Slot, resume_round: int) -> int | None:
-    """Load the newest state at or below ``resume_round`` into ``state``; the round it is from,
-    or None when the client had not trained by then. Raises ``ResumeError`` (starting with
-    ``REFUSED``, naming the store) for a corrupt state or one of another config."""
+def restore(state: RecordDict, cfg: Config, slot: Slot, upto: int, resume_rounds: Sequence[int] = ()) -> int | None:
+    """Load into ``state`` the newest state at or below round ``upto`` that the run's current
+    attempt can go on from (``resume_rounds``: the round each resume went on from, oldest first;
+    see the module's docstring); the round it is from, or None when there is none. Raises
+    ``ResumeError`` (starting with ``REFUSED``, naming the store) for a corrupt state or one of
+    another config."""
+    attempt = len(resume_rounds)
     try:
         db = _connect(slot.shard, create=False)
         if db is None:
             return None
-        with db:  # after the server's checkpoint: the resumed run trains them again
-            db.execute("DELETE FROM states WHERE partition = ? AND round > ?", (slot.partition, resume_round))
+        with db:  # rows this attempt cannot go on from: the rounds it trains (again)
+            db.execute("DELETE FROM states WHERE partition = ? AND (round > ? OR attempt > ?)",
+                       (slot.partition, upto, attempt))
+            for earlier in range(attempt):  # after the round the next attempt resumed from: redone since
+                db.execute("DELETE FROM states WHERE partition = ? AND attempt = ? AND round > ?",
+                           (slot.partition, earlier, min(resume_rounds[earlier:])))
         row = db.execute("SELECT round, records FROM states WHERE partition = ? ORDER BY round DESC LIMIT 1",
                          (slot.partition,)).fetchone()
     except sqlite3.DatabaseError as exc:  # not a database, a corrupt page

@@ -78,9 +78,11 @@ def checkpoint_file(run_id: str) -> Path:
 
 
 def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayRecord, strategy, trace,
-               rows, pending: list | None = None, client_rows: list | None = None) -> None:
+               rows, pending: list | None = None, client_rows: list | None = None,
+               resume_rounds: list[int] | None = None) -> None:
     """``pending``: metric values not yet sent to MLflow (``MLflowLogger.pending``); ``client_rows``:
-    the per-client accuracy rows so far (clients × experiences arrays)."""
+    the per-client accuracy rows so far (clients × experiences arrays); ``resume_rounds``: the round
+    each resume of the run went on from (``begin_attempt``)."""
     from lifelong.bridges.flower.records import to_state_dict  # Flower's import only for federated runs
 
     state = {
@@ -96,8 +98,20 @@ def save_round(path: Path, cfg: Config, run_id: str, rnd: int, arrays: ArrayReco
         # floats per round cost seconds at that size.
         "client_rows": [np.asarray(r, dtype=float) for r in client_rows or []],
         "pending": list(pending or []),
+        "resume_rounds": list(resume_rounds or []),
     }
     write_checkpoint(state, path)
+
+
+def begin_attempt(path: Path, state: dict) -> list[int]:
+    """A resume of the run whose checkpoint ``state`` (loaded from ``path``) is: the round every
+    resume went on from, this one's last, written back at once. Its length numbers the attempt,
+    which each client row records (``clients/state_store.py``): a row an earlier attempt saved
+    after the round the next one resumed from was trained again since, and is never loaded —
+    even by an attempt that itself died before its first checkpoint."""
+    rounds = [*state.get("resume_rounds", []), int(state["round"])]
+    write_checkpoint({**state, "resume_rounds": rounds}, path)
+    return rounds
 
 
 def load_round(path: Path, cfg: Config) -> dict:

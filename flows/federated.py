@@ -56,6 +56,7 @@ from lifelong.bridges.avalanche.oneprompt import seen_classes
 from lifelong.bridges.flower import protocol
 from lifelong.bridges.flower.dp_fedavg import AdaptiveClipping, UserLevelDP
 from lifelong.bridges.flower.fedavg import ContinualFedAvg
+from lifelong.bridges.flower.prompt_grid import PromptGrid
 from lifelong.bridges.flower.records import from_state_dict, to_state_dict
 from lifelong.checkpoints import ResumeError
 from lifelong.clients import state_store
@@ -64,6 +65,7 @@ from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, 
 from lifelong.env import default_tracking_uri
 from lifelong.flows import health, privacy_ledger
 from lifelong.flows.checkpoints import (
+    begin_attempt,
     checkpoint_file,
     load_round,
     restore_server,
@@ -272,6 +274,8 @@ class ServerLoop:
         self.config_json = json.dumps(cfg.model_dump(mode="json"))
         self.arrays = from_state_dict(initial_weights(cfg))
         self.done_rounds = 0
+        #: The round each resume of this run went on from, oldest first (its clients' attempt).
+        self.resume_rounds: list[int] = []
         self.last_evaluated = -1
         self.previous_state: dict[str, torch.Tensor] | None = None  # the last evaluated global model
         self.t0 = time.perf_counter()
@@ -300,6 +304,8 @@ class ServerLoop:
             self.arrays, self.done_rounds = restore_server(resume, self.strategy, self.trace, self.rows,
                                                            self.fed.rounds, bool(self.cfg.strategies[0].plugins),
                                                            self.client_rows)
+            if self.checkpoint is not None:  # this attempt, in the checkpoint before its clients save a row
+                self.resume_rounds = begin_attempt(self.checkpoint, resume)
             self.logger.restore(resume.get("pending", []))  # values not yet in MLflow when it was saved
             if self.progress is not None:
                 for e, row in enumerate(self.rows):
@@ -308,7 +314,7 @@ class ServerLoop:
         if self.checkpoint is not None:
             self.client_keys = {protocol.STATE_RUN: self.run_id, protocol.SAVED_ROUND: self.done_rounds}
             if resume is not None:
-                self.client_keys[protocol.RESUME_ROUND] = self.done_rounds
+                self.client_keys[protocol.RESUME_ROUNDS] = self.resume_rounds
                 last = {}
                 for o in self.strategy.outcomes:
                     if o.status == "ok" and o.partition_id is not None and o.round <= self.done_rounds:
@@ -379,7 +385,7 @@ class ServerLoop:
         if self.checkpoint is not None and server_round:
             # What MLflow does not have yet goes into the checkpoint: a resumed run logs it then.
             save_round(self.checkpoint, self.cfg, self.run_id, rnd, arrays, self.strategy, self.trace, self.rows,
-                       self.logger.pending(), self.client_rows)
+                       self.logger.pending(), self.client_rows, self.resume_rounds)
             # From the next round on, clients may drop their state of rounds before this one.
             self.client_keys[protocol.SAVED_ROUND] = rnd
             self.train_config[protocol.SAVED_ROUND] = rnd  # the record Flower sends every round
@@ -621,7 +627,7 @@ FLOWER_RUN_TAG = "flwr.run_id"
 def server_main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(context.run_config)
     uri = str(context.run_config.get("tracking-uri") or cfg.tracking.uri or default_tracking_uri())
-    result = run_server(grid, cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"},
+    result = run_server(PromptGrid(grid), cfg, uri, {FLOWER_RUN_TAG: str(context.run_id), "lifelong.backend": "deployment"},
                         resume=str(context.run_config.get("resume", "") or "") or None)
     logging.getLogger("lifelong.federated").warning(
         "federated run finished: average accuracy %.3f, MLflow run %s (%s)",

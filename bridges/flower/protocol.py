@@ -28,10 +28,11 @@ REPORT_PERSONAL = "report-personal"
 #: Rounds before this ``strategy.start``: the global round is ``ROUND_OFFSET + SERVER_ROUND``.
 ROUND_OFFSET = "round-offset"
 #: Checkpointed runs: the MLflow run id the client's saved state belongs to, the last round the
-#: server has durably checkpointed, and (a resumed run) the round to go on from.
+#: server has durably checkpointed, and (a resumed run) the round each resume of the run went on
+#: from, oldest first (a list; its length is the run's attempt: ``clients/state_store.py``).
 STATE_RUN = "state-run"
 SAVED_ROUND = "checkpointed-round"
-RESUME_ROUND = "resume-round"
+RESUME_ROUNDS = "resume-rounds"
 #: A resumed run's: the partitions that had trained by the resume round, and the last round each did
 #: (a client of these whose saved state is missing refuses to go on empty).
 TRAINED_PARTITIONS = "trained-partitions"

@@ -41,12 +41,62 @@ def test_a_resume_loads_the_newest_state_at_or_below_the_servers_round(tmp_path,
     for r in (2, 4, 5):
         ss.save(client_state(r), cfg, d, rnd=r, checkpointed=0)
     state = RecordDict()
-    assert ss.restore(state, cfg, d, resume_round=4) == 4
+    assert ss.restore(state, cfg, d, upto=4) == 4
     assert st.read_progress(state) == {"trained": 4, "consolidated": 3}
     assert torch.equal(st.read_tensors(state, st.REPLAY)["0/x"], torch.full((2, 3), 4.0))
     assert ss.saved_rounds(d) == [2, 4]  # round 5 is trained again by the resumed run
-    assert ss.restore(RecordDict(), cfg, d, resume_round=1) is None  # it had not trained by round 1
-    assert ss.restore(RecordDict(), cfg, ss.client_slot(tmp_path, "run1", 7), resume_round=9) is None
+    assert ss.restore(RecordDict(), cfg, d, upto=1) is None  # it had not trained by round 1
+    assert ss.restore(RecordDict(), cfg, ss.client_slot(tmp_path, "run1", 7), upto=9) is None
+
+
+def test_a_node_back_in_a_resumed_run_loads_what_this_attempt_saved_not_the_stale_rounds(tmp_path, cfg):
+    """Attempt 0 saved rounds 2 and 5 and died after its checkpoint of round 4 (its round 5 is
+    redone). Attempt 1 went on from round 4; the client trained in its rounds 6 and 7, then its
+    SuperNode died and came back: in round 9 it loads round 7, this attempt's, not the resume round's."""
+    d = ss.client_slot(tmp_path, "run1", 3)
+    for r in (2, 5):
+        ss.save(client_state(r), cfg, d, rnd=r, checkpointed=1, attempt=0)
+    state = RecordDict()
+    assert ss.restore(state, cfg, d, upto=5, resume_rounds=[4]) == 2  # its first message, round 6
+    assert ss.saved_rounds(d) == [2]  # round 5 of the dead attempt: gone
+    for r in (6, 7):
+        ss.save(client_state(r), cfg, d, rnd=r, checkpointed=5, attempt=1)
+    state = RecordDict()
+    assert ss.restore(state, cfg, d, upto=8, resume_rounds=[4]) == 7
+    assert st.read_progress(state)["trained"] == 7
+
+
+def test_rows_of_an_attempt_that_died_before_its_first_checkpoint_are_never_loaded(tmp_path, cfg):
+    """Attempt 1 went on from round 4 and died before checkpointing; the client had saved its
+    round 5 and 6 there. Attempt 2 also goes on from round 4 (the checkpoint did not move): a
+    client first asked in round 8 must load round 3, not attempt 1's round 6; nor may a row of an
+    attempt later than the current one be used."""
+    d = ss.client_slot(tmp_path, "run1", 4)
+    ss.save(client_state(3), cfg, d, rnd=3, checkpointed=2, attempt=0)
+    for r in (5, 6):
+        ss.save(client_state(r), cfg, d, rnd=r, checkpointed=4, attempt=1)
+    assert ss.restore(RecordDict(), cfg, d, upto=7, resume_rounds=[4, 4]) == 3
+    assert ss.saved_rounds(d) == [3]
+    ss.save(client_state(5), cfg, d, rnd=5, checkpointed=4, attempt=3)
+    assert ss.restore(RecordDict(), cfg, d, upto=7, resume_rounds=[4, 4]) == 3
+
+
+def test_a_store_written_before_rows_had_attempts_reads_as_the_first_attempts(tmp_path, cfg):
+    import sqlite3
+
+    d = ss.client_slot(tmp_path, "old", 0)
+    d.run_dir.mkdir()
+    data = None
+    ss.save(client_state(2), cfg, ss.client_slot(tmp_path, "new", 0), rnd=2, checkpointed=1)
+    with sqlite3.connect(ss.client_slot(tmp_path, "new", 0).shard) as db:
+        (data,) = db.execute("SELECT records FROM states").fetchone()
+    with sqlite3.connect(d.shard) as db:  # the schema before: no attempt column
+        db.execute("CREATE TABLE states (partition INTEGER NOT NULL, round INTEGER NOT NULL, records BLOB NOT NULL, "
+                   "PRIMARY KEY (partition, round)) WITHOUT ROWID")
+        db.executemany("INSERT INTO states VALUES (0, ?, ?)", [(2, data), (5, data)])
+    assert ss.restore(RecordDict(), cfg, d, upto=6, resume_rounds=[4]) == 2  # round 5 was after the resume
+    ss.save(client_state(6), cfg, d, rnd=6, checkpointed=4, attempt=1)
+    assert ss.saved_rounds(d) == [2, 6]
 
 
 def test_a_corrupt_state_is_refused_naming_the_store(tmp_path, cfg):
@@ -57,7 +107,7 @@ def test_a_corrupt_state_is_refused_naming_the_store(tmp_path, cfg):
     with sqlite3.connect(d.shard) as db:
         db.execute("UPDATE states SET records = ? WHERE partition = 0", (b"half a file",))
     with pytest.raises(ResumeError, match=rf"^{ss.REFUSED}: the state of round 3 in {d.shard} \(partition 0\) is unreadable"):
-        ss.restore(RecordDict(), cfg, d, resume_round=3)
+        ss.restore(RecordDict(), cfg, d, upto=3)
 
 
 def test_a_population_of_clients_is_sixteen_files_and_clients_keep_apart(tmp_path, cfg):
@@ -65,7 +115,7 @@ def test_a_population_of_clients_is_sixteen_files_and_clients_keep_apart(tmp_pat
         ss.save(client_state(pid + 1), cfg, ss.client_slot(tmp_path, "run1", pid), rnd=1, checkpointed=0)
     assert sorted(p.name for p in (tmp_path / "run1").glob("*.sqlite")) == [f"states-{i:02d}.sqlite" for i in range(16)]
     state = RecordDict()
-    assert ss.restore(state, cfg, ss.client_slot(tmp_path, "run1", 17), resume_round=1) == 1
+    assert ss.restore(state, cfg, ss.client_slot(tmp_path, "run1", 17), upto=1) == 1
     assert st.read_progress(state)["trained"] == 18  # partition 17's own (its shard also holds 1 and 33)
     ss.forget(ss.client_slot(tmp_path, "run1", 1))
     assert ss.saved_rounds(ss.client_slot(tmp_path, "run1", 1)) == []
@@ -118,7 +168,7 @@ def test_a_state_file_of_another_config_is_refused(tmp_path, cfg):
     ss.save(client_state(3), cfg, d, rnd=3, checkpointed=2)
     other = load_config(None, ['flow="federated"', 'model.name="mlp"', "federated.clients=2", "training.lr=0.5"])
     with pytest.raises(ResumeError, match=r"different config \(differs in: training.lr\)"):
-        ss.restore(RecordDict(), other, d, resume_round=3)
+        ss.restore(RecordDict(), other, d, upto=3)
 
 
 def test_the_state_root_is_the_nodes_then_the_environments_then_next_to_the_checkpoints(tmp_path, monkeypatch):
@@ -146,7 +196,7 @@ def test_a_shard_that_is_no_database_is_refused_and_a_removed_run_folder_starts_
     bad.shard.parent.mkdir()
     bad.shard.write_bytes(b"not a database" * 300)
     with pytest.raises(ResumeError, match=rf"^{ss.REFUSED}: {bad.shard} \(partition 3\) cannot be read"):
-        ss.restore(RecordDict(), cfg, bad, resume_round=5)
+        ss.restore(RecordDict(), cfg, bad, upto=5)
     with pytest.raises(CheckpointWriteError, match=rf"could not write the state of {bad.shard} \(partition 3\)"):
         ss.save(client_state(1), cfg, bad, rnd=1, checkpointed=0)
 
