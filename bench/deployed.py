@@ -8,6 +8,9 @@ MLflow (written by the server after it aggregated the round), so both sides are 
 clock at the same point; the first round is left out (it starts the node workers, and in-process
 it builds the stream), and the figure is the median of the others.
 
+Flower's floor (``bench/flower_floor.py``): a round of a ClientApp that replies at once, on the
+same kind of deployment with as many SuperNodes, in the same run: what no client code can go below.
+
 The per-message ClientApp processes write their start-up time and peak RSS
 (``LIFELONG_CLIENTAPP_PROFILE``, ``clients/app.py``); the bench compares that peak with a bare
 ``python -c "import torch"`` measured in the same run. ``LIFELONG_NODE_WORKER=off`` (each message
@@ -25,6 +28,7 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
+from bench import flower_floor
 from bench.setup import bench_config, create_store, out_folder, store
 
 CONFIG = "configs/federated.toml"
@@ -83,6 +87,7 @@ def run(out_dir: Path | None = None) -> dict:
     nodes = cfg.federated.clients
     inprocess = run_federated(cfg)
     warm = deployed(out_dir, uri, SETS, worker=True, nodes=nodes)
+    floor = flower_floor.run(out_dir, nodes)
     cold = deployed(out_dir, uri, ["stream.n_experiences=2", *SETS[1:]], worker=False, nodes=nodes)
     inproc_rounds = round_seconds(uri, inprocess.run_id)
     torch_rss = bare_torch_rss_mb()
@@ -95,6 +100,9 @@ def run(out_dir: Path | None = None) -> dict:
         "deployed_over_inprocess": median(warm["round_s"][1:] or warm["round_s"])
         / median(inproc_rounds[1:] or inproc_rounds),
         "deployed_without_worker_over_inprocess": median(cold["round_s"]) / median(inproc_rounds[1:] or inproc_rounds),
+        "flower_floor": floor,
+        "flower_floor_round_median_s": floor["round_median_s"],
+        "flower_floor_over_inprocess": floor["round_median_s"] / median(inproc_rounds[1:] or inproc_rounds),
         "clientapp_startup_median_s": median(warm["clientapp_startup_s"]),
         "bare_torch_rss_mb": torch_rss,
         "clientapp_rss_over_bare_torch": warm["clientapp_peak_rss_mb"] / torch_rss,
@@ -111,6 +119,8 @@ def report(r: dict) -> str:
         f"  deployed round, warm nodes {r['deployed_round_median_s']:6.2f} s  (rounds "
         f"{', '.join(f'{s:.2f}' for s in w['round_s'])}; first left out)",
         f"    deployed / in-process {r['deployed_over_inprocess']:.1f} (target <= 1.5)",
+        f"  Flower's floor: a round whose ClientApp does nothing, same deployment "
+        f"{r['flower_floor_round_median_s']:6.2f} s  = {r['flower_floor_over_inprocess']:.1f} x in-process",
         f"  deployed round, no worker  {statistics.median(c['round_s']):6.2f} s  "
         f"({r['deployed_without_worker_over_inprocess']:.1f} x in-process; each message imports the stack)",
         f"  ClientApp message process: start-up {r['clientapp_startup_median_s']:.2f} s (median of {w['messages']}), "
