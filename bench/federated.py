@@ -124,11 +124,16 @@ def run(out_dir: Path | None = None) -> dict:
         # Flower's own run_simulation on the same workload, right after ours (same machine state).
         flower_baseline.prepare(cfg, out_dir / "flower-baseline")
         runs.append(("flower_ray", lambda: flower_baseline.run(cfg, out_dir / "flower-baseline")))
+        # The same, its clients also importing Avalanche, the learning library a Lifelong client runs.
+        runs.append(("flower_ray_avalanche",
+                     lambda: flower_baseline.run(cfg, out_dir / "flower-baseline", import_avalanche=True)))
         for name, fn in runs:
             COUNT["steps"] = 0
             seconds = fn()
             if name == "flower_ray":
                 flower_run, seconds = seconds, seconds["seconds"]
+            elif name == "flower_ray_avalanche":
+                seconds = seconds["seconds"]
             if name in ("bare", "inprocess"):
                 times[name].append(seconds)
             else:
@@ -150,6 +155,8 @@ def run(out_dir: Path | None = None) -> dict:
         # The target: our Ray backend (the whole flow) at most Flower's own run_simulation.
         "flower_run_simulation_s": times["flower_ray"], "flower_run_simulation_final_acc": flower_run["final_acc"],
         "ray_over_flower_run_simulation": times["ray"] / times["flower_ray"],
+        "flower_run_simulation_with_avalanche_s": times["flower_ray_avalanche"],
+        "ray_over_flower_run_simulation_with_avalanche": times["ray"] / times["flower_ray_avalanche"],
         # Ray's actors step in other processes: this process's hook does not see them.
         "optimizer_steps": {"bare": steps["bare"], "inprocess": steps["inprocess"], "flow": steps["flow"]},
         "same_steps": len({steps["bare"], steps["inprocess"], steps["flow"]}) == 1,
@@ -241,6 +248,8 @@ def report(r: dict) -> str:
         f"  Flower's own run_simulation  {r['flower_run_simulation_s']:6.2f} s  (plain FedAvg and PyTorch clients, "
         f"final accuracy {r['flower_run_simulation_final_acc']:.3f}); our Ray flow / it "
         f"{r['ray_over_flower_run_simulation']:.2f} (target <= 1)",
+        f"  the same, its clients importing Avalanche {r['flower_run_simulation_with_avalanche_s']:6.2f} s; "
+        f"our Ray flow / it {r['ray_over_flower_run_simulation_with_avalanche']:.2f}",
         f"  optimizer steps: {r['optimizer_steps']} -> {'same' if r['same_steps'] else 'DIFFERENT'}",
         "  peak memory, in-process backend, 10 clients sampled per round (Permuted-Digits, replay):",
     ]

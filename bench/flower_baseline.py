@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 DATA_ENV = "BENCH_FLOWER_DATA"
+#: "1": each client process also imports Avalanche's training package (once, at its first
+#: message), as a Lifelong client must: the baseline with the learning library's start-up cost.
+AVALANCHE_ENV = "BENCH_FLOWER_IMPORT_AVALANCHE"
 
 
 def prepare(cfg, folder: Path) -> None:
@@ -85,6 +88,8 @@ def client_app():
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if os.environ.get(AVALANCHE_ENV) == "1":
+            import avalanche.training  # noqa: F401  (a no-op after the process's first message)
         data, model = _load(Path(os.environ[DATA_ENV]))
         pid, e = int(context.node_config["partition-id"]), int(msg.content["config"]["experience"])
         x, y = data["shares"][(e, pid)]
@@ -99,9 +104,10 @@ def client_app():
     return app
 
 
-def run(cfg, folder: Path) -> dict:
+def run(cfg, folder: Path, import_avalanche: bool = False) -> dict:
     """Seconds of Flower's ``run_simulation`` over the whole workload (Ray's start included, as
-    our Ray figure includes it), and the final global model's mean accuracy (a sanity check)."""
+    our Ray figure includes it), and the final global model's mean accuracy (a sanity check).
+    ``import_avalanche``: the clients' processes also import Avalanche (``AVALANCHE_ENV``)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
@@ -133,6 +139,7 @@ def run(cfg, folder: Path) -> dict:
 
     quiet_flower()
     os.environ[DATA_ENV] = str(folder.resolve())  # Ray's workers inherit this process's environment
+    os.environ[AVALANCHE_ENV] = "1" if import_avalanche else "0"
     repo = str(Path(__file__).resolve().parents[1])  # and find this module (the ClientApp's code) there
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     backend = {"client_resources": {"num_cpus": cfg.federated.ray_cpus_per_client, "num_gpus": 0.0},
