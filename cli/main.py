@@ -13,6 +13,7 @@ import lifelong  # noqa: F401  (prepares Prefect's environment before anything i
 from lifelong.cli.audit import audit as audit_command
 from lifelong.cli.common import check_before_work, fail
 from lifelong.cli.privacy import privacy_app
+from lifelong.cli.prune import prune as prune_command
 from lifelong.cli.registry import registry_app
 from lifelong.cli.schedule import schedule as schedule_command
 from lifelong.cli.stack import stack_app
@@ -174,6 +175,7 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(privacy_app, name="privacy")
 app.command("schedule")(schedule_command)
 app.command("audit")(audit_command)
+app.command("prune")(prune_command)
 app.add_typer(stack_app, name="stack")
 
 
