@@ -97,6 +97,7 @@ class ClientLearner:
         self.spec = cfg.strategies[0]
         self.stream = build_stream(cfg.stream, cfg.seed)
         self.device = resolve_device(cfg.training.device)
+        self._drawn: dict[int, tuple] = {}  # a population client's samples, per experience: drawn once
 
     @property
     def keeps_state(self) -> bool:
@@ -106,8 +107,18 @@ class ClientLearner:
         nothing to save to disk (``clients/state_store.py``)."""
         return bool(self.spec.plugins) or isinstance(self.spec, ReplaySpec) or self.cfg.privacy.sample is not None
 
+    def tensors(self, experience: int) -> tuple:
+        """This client's (x, y, task) training samples of ``experience``; a generated population's
+        are drawn once per learner (one round), not for each use."""
+        if self.stream.population is None:
+            return client_tensors(self.cfg, self.stream, experience, self.pid)
+        if experience not in self._drawn:
+            self._drawn[experience] = client_tensors(self.cfg, self.stream, experience, self.pid)
+        return self._drawn[experience]
+
     def share(self, experience: int):
-        return client_share(self.cfg, self.stream, experience, self.pid)
+        samples = self.tensors(experience) if self.stream.population is not None else None
+        return client_share(self.cfg, self.stream, experience, self.pid, samples)
 
     @property
     def evaluates_personal_model(self) -> bool:
@@ -203,7 +214,7 @@ class ClientLearner:
                                          ends_experience, round_seed(cfg.seed, server_round, self.pid))
         share = self.share(experience)
         if worker.batches is not None:
-            worker.batches.tensors = client_tensors(cfg, stream, experience, self.pid)
+            worker.batches.tensors = self.tensors(experience)
         with quiet_avalanche_deprecations():
             # Opacus' backward hooks on the first layer, whose input needs no gradient: harmless
             # (per-sample gradients come from the output's), but PyTorch says so every round.

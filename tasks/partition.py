@@ -174,10 +174,13 @@ def client_tensors(cfg: Config, stream: Stream, experience: int, partition_id: i
     return tuple(a[indices] for a in stream.train_tensors(experience))
 
 
-def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int):
-    """Client ``partition_id``'s share of ``experience``, as an Avalanche experience."""
+def client_share(cfg: Config, stream: Stream, experience: int, partition_id: int, samples=None):
+    """Client ``partition_id``'s share of ``experience``, as an Avalanche experience. ``samples``:
+    a population client's (x, y, task) as ``client_tensors`` drew them (else drawn here)."""
     if stream.population is not None:  # drawn anew each round: no population's worth of shares kept
-        return experience_share(stream, experience, samples=stream.population.client_data(partition_id, experience))
+        if samples is None:
+            samples = stream.population.client_data(partition_id, experience)
+        return experience_share(stream, experience, samples=samples)
     split = (_split_key(cfg, experience), id(stream))
     if split not in _SHARE_EXPERIENCES:
         _SHARE_EXPERIENCES.clear()  # one experience's shares at a time

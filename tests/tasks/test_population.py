@@ -65,3 +65,27 @@ def test_what_splits_a_pooled_stream_is_refused_for_a_population():
         load_config(None, ["stream.population.features=8"])
     with pytest.raises(ConfigError, match=r"stream.population.size_max: 10 is below size_median 24"):
         pop_config("stream.population.size_max=10")
+
+
+def test_a_client_round_draws_the_clients_data_once(monkeypatch):
+    """The tensor batches a plain learner trains on and the Avalanche share it is built around
+    come from one draw of the client's samples (they were drawn twice)."""
+    from flwr.app import RecordDict
+
+    from lifelong.clients.learner import ClientLearner
+    from lifelong.flows.federated import initial_weights
+    from lifelong.tasks.population import Population
+
+    cfg = pop_config('strategies=[{name="naive", plugins=[{name="ewc", lam=1.0}]}]',
+                     "training.epochs=1")
+    learner = ClientLearner(cfg, 7, RecordDict())  # (the stream, and its panel's pooled splits, built)
+    draws = []
+    original = Population.client_data
+
+    def counted(self, client, experience, split="train"):
+        draws.append((client, experience, split))
+        return original(self, client, experience, split)
+
+    monkeypatch.setattr(Population, "client_data", counted)
+    learner.train_round(initial_weights(cfg), 0, 1, ends_experience=True)
+    assert [d for d in draws if d[0] == 7] == [(7, 0, "train")]
