@@ -14,6 +14,7 @@ outlive every run: never touched.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,12 @@ class RunFolders:
 
     @property
     def size(self) -> int:
-        return sum(f.stat().st_size for folder in self.folders for f in folder.rglob("*") if f.is_file())
+        total = 0
+        for folder in self.folders:
+            for f in folder.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):  # a running run's WAL may come and go
+                    total += f.stat().st_size if f.is_file() else 0
+        return total
 
 
 def run_folders(checkpoints: Path, client_state: Path) -> list[RunFolders]:
@@ -70,6 +76,8 @@ def prune(tracking_uri: TrackingUri = None,
     from lifelong.env import default_tracking_uri, state_dir
 
     uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        fail(f"no MLflow store at {uri}: no run is known to have finished (pass --tracking-uri)", 1)
     try:
         registry.check_store(uri)
     except registry.StoreUnavailable as exc:

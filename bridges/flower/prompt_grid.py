@@ -3,8 +3,8 @@
 Flower 1.42's grid for a deployed ServerApp (``flwr.superlink.grid.http_grid``) sends a round's
 messages and then asks the SuperLink for the replies every 3 s (hard-coded), so each round waits
 on average 1.5 s, and up to 3 s, after its last reply has arrived. ``PromptGrid`` wraps that grid
-and asks again after 0.05 s, backing off to 0.5 s while replies are slow to come: a reply is seen
-within 0.5 s, at the cost of a few more small requests to the SuperLink. Everything else is the
+and asks again after 0.05 s, backing off (×1.5 an ask) to 0.5 s: a reply is seen within 0.5 s,
+at the cost of a few more small requests to the SuperLink (at most 2 a second after the first). Everything else is the
 wrapped grid's. (The SuperNode's own 3-second wait for new messages is in ``flower-supernode``
 and stays: ``docs/federated.md``, "What a deployed round costs".)
 """
@@ -60,9 +60,11 @@ class PromptGrid(Grid):
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (end is not None and time.monotonic() >= end):
                 break
-            wait = FIRST_WAIT_S if got else min(LONGEST_WAIT_S, wait * 1.5)  # the others may be close behind
+            wait = min(LONGEST_WAIT_S, wait * 1.5)  # (at most 2 asks a second once replies are slow)
             time.sleep(wait if end is None else max(0.0, min(wait, end - time.monotonic())))
         return replies
 
     def __getattr__(self, name: str):  # anything else a caller reads from Flower's grid
+        if name == "grid":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.grid, name)

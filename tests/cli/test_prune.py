@@ -58,3 +58,11 @@ def test_an_unreachable_store_removes_nothing(tmp_path, monkeypatch):
     out = CliRunner().invoke(cli, ["prune", "--tracking-uri", "http://127.0.0.1:9"])
     assert out.exit_code == 1 and "error:" in out.output
     assert (tmp_path / "home" / "checkpoints" / "abc").exists()
+
+
+def test_a_store_that_does_not_exist_is_not_created(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFELONG_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "checkpoints" / "abc").mkdir(parents=True)
+    out = CliRunner().invoke(cli, ["prune", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert out.exit_code == 1 and "no MLflow store" in out.output
+    assert not (tmp_path / "none.db").exists() and (tmp_path / "home" / "checkpoints" / "abc").exists()
