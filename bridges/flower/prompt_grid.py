@@ -4,9 +4,9 @@ Flower 1.42's grid for a deployed ServerApp (``flwr.superlink.grid.http_grid``) 
 messages and then asks the SuperLink for the replies every 3 s (hard-coded), so each round waits
 on average 1.5 s, and up to 3 s, after its last reply has arrived. ``PromptGrid`` wraps that grid
 and asks again after 0.05 s, backing off (×1.5 an ask) to 0.5 s: a reply is seen within 0.5 s,
-at the cost of a few more small requests to the SuperLink (at most 2 a second after the first). Everything else is the
-wrapped grid's. (The SuperNode's own 3-second wait for new messages is in ``flower-supernode``
-and stays: ``docs/federated.md``, "What a deployed round costs".)
+at the cost of a few more small requests to the SuperLink (at most 2 a second after the first).
+Everything else is the wrapped grid's. (The SuperNode's own 3-second wait for new messages is in
+``flower-supernode`` and stays: ``docs/federated.md``, "What a deployed round costs".)
 """
 
 from __future__ import annotations
