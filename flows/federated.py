@@ -91,7 +91,6 @@ from lifelong.tasks.partition import (
     PartitionError,
     class_histograms,
     client_indices,
-    client_test_indices,
     experience_labels,
 )
 from lifelong.tasks.standardize import stats_params
@@ -270,7 +269,7 @@ class ServerLoop:
         #: Per-client continual evaluation (tasks/client_eval.py): after each experience, every
         #: client's accuracy on its own test share of each experience (clients × experiences).
         self.client_rows: list[np.ndarray] = []
-        self.test_shares: dict[int, client_eval.ShareIndex] = {}  # each experience's, per client
+        self.test_shares = client_eval.TestShares(cfg, self.stream)  # each experience's, per client
         self.config_json = json.dumps(cfg.model_dump(mode="json"))
         self.arrays = from_state_dict(initial_weights(cfg))
         self.done_rounds = 0
@@ -397,17 +396,11 @@ class ServerLoop:
         return {i: correct_predictions(self.model, *self.stream.test_tensors(i), self.cfg.training.eval_batch_size,
                                        self.device) for i in experiences}
 
-    def _test_shares(self, experience: int) -> client_eval.ShareIndex:
-        if experience not in self.test_shares:
-            self.test_shares[experience] = client_eval.ShareIndex.of(client_test_indices(self.cfg, self.stream,
-                                                                                         experience))
-        return self.test_shares[experience]
-
     def _client_row(self, experience: int, correct: dict[int, torch.Tensor]) -> None:
         """Every client's accuracy on its own test share of each experience, and their spread."""
         row = np.full((self.fed.clients, self.n_exp), np.nan)
         for i, flags in correct.items():
-            row[:, i] = client_eval.client_accuracies(flags, self._test_shares(i))
+            row[:, i] = client_eval.client_accuracies(flags, self.test_shares[i])
         self.client_rows.append(row)
         spread = client_eval.spread(client_eval.seen_accuracy(row, experience))
         self.logger.log_values({f"clients/acc_{k}": v for k, v in spread.items()}, experience)
@@ -428,7 +421,7 @@ class ServerLoop:
         experiences seen so far, and their spread (``clients/round_acc_*``, step: the round)."""
         row = np.full((self.fed.clients, self.n_exp), np.nan)
         for i in range(experience + 1):
-            row[:, i] = client_eval.client_accuracies(correct[i], self._test_shares(i))
+            row[:, i] = client_eval.client_accuracies(correct[i], self.test_shares[i])
         spread = client_eval.spread(client_eval.seen_accuracy(row, experience))
         self.logger.log_values({f"clients/round_acc_{k}": v for k, v in spread.items()}, rnd)
 
@@ -498,7 +491,7 @@ class ServerLoop:
         if self.ledger is not None:
             privacy_ledger.log_ledger(client, run_id, self.ledger, self.fed.clients, cfg.tracking.log_plots)
         if len(self.client_rows) == n_exp:
-            sizes = [self._test_shares(e).sizes.tolist() for e in range(n_exp)]
+            sizes = [self.test_shares[e].sizes.tolist() for e in range(n_exp)]
             client.log_dict(run_id, client_eval.matrix_table(self.client_rows, sizes), tracking.CLIENT_MATRIX_FILE)
             if cfg.tracking.log_plots:
                 spreads = [client_eval.spread(client_eval.seen_accuracy(r, e)) for e, r in enumerate(self.client_rows)]

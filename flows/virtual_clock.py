@@ -110,7 +110,6 @@ from lifelong.tasks.evaluation import correct_predictions
 from lifelong.tasks.fleet import Fleet, build_fleet
 from lifelong.tasks.metrics import matrix_summary
 from lifelong.tasks.models import build_stream_model
-from lifelong.tasks.partition import client_test_indices
 from lifelong.tasks.streams import build_stream
 
 CLOCK_VERSION = 1
@@ -189,7 +188,7 @@ class VirtualClock:
         self.starts = 0
         self.rows: list[list[float]] = []
         self.hourly: list[dict[str, float]] = []
-        self.test_shares: dict[int, client_eval.ShareIndex] = {}
+        self.test_shares = client_eval.TestShares(cfg, self.stream)
         #: Each client's latest report of its personalised model's accuracy on its own test share
         #: of each experience it had seen (learners with local state, without DP).
         self.personal: dict[int, list[float]] = {}
@@ -509,12 +508,6 @@ class VirtualClock:
         return dict(zip(self.private, private_mean(clipped, p.noise_multiplier, p.clip, denominator, self.noise)))
 
     # -- evaluation -------------------------------------------------------------------------------
-    def _shares(self, experience: int) -> client_eval.ShareIndex:
-        if experience not in self.test_shares:
-            self.test_shares[experience] = client_eval.ShareIndex.of(client_test_indices(self.cfg, self.stream,
-                                                                                         experience))
-        return self.test_shares[experience]
-
     def evaluate(self, t: float, what: str, index: float) -> None:
         self.model.load_state_dict(self.state)
         reached = [self.fleet.experience_at(c, t) for c in range(self.n)]
@@ -530,7 +523,7 @@ class VirtualClock:
             return
         per_exp = np.full((self.n, self.n_exp), np.nan)
         for e, flags in correct.items():
-            per_exp[:, e] = client_eval.client_accuracies(flags, self._shares(e))
+            per_exp[:, e] = client_eval.client_accuracies(flags, self.test_shares[e])
         own = client_eval.reached_accuracy(per_exp, np.array(reached))
         values = {f"clock/acc_exp{e}": a for e, a in accs.items()}
         values["clock/avg_acc_reached"] = float(np.mean(list(accs.values()))) if accs else float("nan")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lifelong.tasks.partition import client_test_indices
+
 
 @dataclass(frozen=True)
 class ShareIndex:
@@ -46,6 +48,19 @@ class ShareIndex:
                            minlength=len(self.sizes))
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.sizes > 0, hits / self.sizes, np.nan)
+
+
+class TestShares:
+    """Each experience's ``ShareIndex`` of the clients' test shares, built on first use: what a
+    flow that evaluates every client keeps for its run."""
+
+    def __init__(self, cfg, stream):
+        self.cfg, self.stream, self._built = cfg, stream, {}
+
+    def __getitem__(self, experience: int) -> ShareIndex:
+        if experience not in self._built:
+            self._built[experience] = ShareIndex.of(client_test_indices(self.cfg, self.stream, experience))
+        return self._built[experience]
 
 
 def client_accuracies(correct: torch.Tensor, shares: list[torch.Tensor] | ShareIndex) -> np.ndarray:
