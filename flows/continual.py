@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EvaluationPlugin
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -25,11 +24,11 @@ from lifelong import registry, tracking
 from lifelong.bridges.avalanche.checkpoint import NotCheckpointable, check_checkpointable, load_learner_state
 from lifelong.bridges.avalanche.health import GradientNormPlugin
 from lifelong.bridges.avalanche.learners import (
+    SilentEvaluator,
     build_learner,
     quiet_avalanche_deprecations,
     resolve_device,
 )
-from lifelong.bridges.avalanche.mlflow_logger import AvalancheMLflowLogger
 from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
@@ -104,9 +103,10 @@ class Learner:
             EpochProgressPlugin(self.progress, index),
             self.gradients,
         ]
-        self.strategy = build_learner(spec, self.model, cfg.training, plugins,
-                                      EvaluationPlugin(loggers=[AvalancheMLflowLogger(self.logger)]), stream.n_classes, cfg.seed,
-                                      sample_dp=sample_dp_config(cfg))
+        # Avalanche computes no metric here (ContinualEvalPlugin evaluates; the steps flush the
+        # logger): its evaluator stays out of the training callbacks.
+        self.strategy = build_learner(spec, self.model, cfg.training, plugins, SilentEvaluator(loggers=[]),
+                                      stream.n_classes, cfg.seed, sample_dp=sample_dp_config(cfg))
         self.start = 0  # the first experience to train (later than 0 when resumed)
         self.t0 = time.perf_counter()  # the cost row of a sweep: wall time since this process took over
         self.checkpoint: Path | None = None  # where this learner's checkpoints go

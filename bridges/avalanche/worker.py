@@ -2,7 +2,7 @@
 (a *worker*, as in pfl-research), lent to each client in turn, and the pieces that make a small
 client round cheap under Avalanche: a template that skips its per-round model and optimizer checks
 once they can find nothing (``WorkerNaive``), tensor minibatches in place of Avalanche's loader
-(``ShareBatches``), an evaluator that takes no part in training (``SilentEvaluator``), a seeding
+(``ShareBatches``), an evaluator that takes no part in training (``learners.SilentEvaluator``), a seeding
 that skips CUDA where there is none (``seed_round``), and a replay memory that the client fills
 at experience boundaries only (``ClientReplayBuffer``). What a client keeps between rounds lives
 in its ``Context.state`` (``clients/state.py``); the round itself is ``clients/learner.py``'s.
@@ -17,11 +17,11 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 from avalanche.training.determinism.rng_manager import RNGManager
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
 
 from lifelong.bridges.avalanche.checkpoint import buffer_state, load_buffer_state
-from lifelong.bridges.avalanche.learners import build_learner, resolve_device
+from lifelong.bridges.avalanche.learners import SilentEvaluator, build_learner, resolve_device
 from lifelong.bridges.avalanche.oneprompt import OnePromptPlugin
 from lifelong.bridges.avalanche.plugin import RegularizerPlugin
 from lifelong.bridges.avalanche.sample_dp import SampleDPPlugin, sample_dp_config
@@ -51,26 +51,6 @@ class LossMeter(SupervisedPlugin):
         n = len(strategy.mb_y)
         self.total += float(strategy.loss.detach()) * n
         self.count += n
-
-
-class SilentEvaluator(EvaluationPlugin):
-    """An evaluator that takes no part in training callbacks.
-
-    Avalanche's template needs an ``EvaluationPlugin``, but a client computes no Avalanche metrics
-    (the server evaluates the global model). The stock plugin forwards every ``before_*`` and
-    ``after_*`` callback to its metrics and, even with none, first builds a logging view of the
-    experience: about a tenth of a small client round (measured with cProfile on the bench
-    workload). Here callbacks resolve to a no-op; everything else is the stock plugin.
-    """
-
-    def __getattribute__(self, item: str):
-        if item.startswith(("before_", "after_")):
-            return _no_callback
-        return super().__getattribute__(item)
-
-
-def _no_callback(strategy, **kwargs) -> None:
-    return None
 
 
 class ShareBatches(SupervisedPlugin):
