@@ -105,7 +105,7 @@ class Learner:
         ]
         # Avalanche computes no metric here (ContinualEvalPlugin evaluates; the steps flush the
         # logger): its evaluator stays out of the training callbacks.
-        self.strategy = build_learner(spec, self.model, cfg.training, plugins, SilentEvaluator(loggers=[]),
+        self.strategy = build_learner(spec, self.model, cfg.training, plugins, SilentEvaluator(),
                                       stream.n_classes, cfg.seed, sample_dp=sample_dp_config(cfg))
         self.start = 0  # the first experience to train (later than 0 when resumed)
         self.t0 = time.perf_counter()  # the cost row of a sweep: wall time since this process took over

@@ -44,6 +44,11 @@ class SilentEvaluator(EvaluationPlugin):
     to a no-op; everything else is the stock plugin.
     """
 
+    def __init__(self):
+        with warnings.catch_warnings():  # "no loggers": none is wanted, nothing is computed to log
+            warnings.filterwarnings("ignore", message="No loggers specified")
+            super().__init__(loggers=[])
+
     def __getattribute__(self, item: str):
         if item.startswith(("before_", "after_")):
             return _no_callback

@@ -185,7 +185,7 @@ def build_worker(cfg: Config, stream: Stream) -> Worker:
     meter = LossMeter()
     with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
         warnings.simplefilter("ignore", UserWarning)
-        evaluator = SilentEvaluator(loggers=[])
+        evaluator = SilentEvaluator()
     memory = ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
     batches = ShareBatches() if memory is None and sample_dp_config(cfg) is None else None
     strategy = build_learner(spec, model, cfg.training, [meter, *([batches] if batches else [])], evaluator,
