@@ -95,6 +95,7 @@ def prefect_share(cfg) -> dict:
     plot logging, alternated twice in one process: what Prefect's orchestration costs."""
     import lifelong.flows.continual as fc
     from lifelong.config import load_config
+    from lifelong.env import in_process_flow_runs
 
     cfg = load_config(None, []).model_validate({**cfg.model_dump(mode="json", by_alias=True),
                                                 "tracking": {**cfg.tracking.model_dump(mode="json"),
@@ -116,7 +117,11 @@ def prefect_share(cfg) -> dict:
             setattr(fc, n, tasks[n] if mode == "prefect" else counted(tasks[n].fn))
         calls["n"] = 0
         t = time.perf_counter()
-        fc.continual_flow(cfg) if mode == "prefect" else fc.continual_flow.fn(cfg)
+        if mode == "prefect":
+            with in_process_flow_runs():  # as run_continual calls it
+                fc.continual_flow(cfg)
+        else:
+            fc.continual_flow.fn(cfg)
         times[mode].append(time.perf_counter() - t)
     for n in steps:
         setattr(fc, n, tasks[n])

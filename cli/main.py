@@ -56,9 +56,11 @@ def run(
         resume_run(cfg, resume)
         return
     if cfg.flow == "multitask":
+        from lifelong.env import in_process_flow_runs
         from lifelong.flows.multitask import multitask_flow
 
-        print_multitask_table(multitask_flow(cfg))
+        with in_process_flow_runs():
+            print_multitask_table(multitask_flow(cfg))
         return
     if cfg.flow == "federated":
         from lifelong.flows.federated import run_federated
@@ -294,7 +296,10 @@ def sweep(
     except (ConfigError, ValueError) as exc:
         fail(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))
 
-    tables = sweep_flow([str(p) for p in configs], seeds, set_, str(out) if out else None)
+    from lifelong.env import in_process_flow_runs
+
+    with in_process_flow_runs():  # the cells' flows too: they run inside the sweep's
+        tables = sweep_flow([str(p) for p in configs], seeds, set_, str(out) if out else None)
     for t in tables:
         typer.echo(f"\n{t.title}\n{t.markdown()}")
     if out:

@@ -32,7 +32,7 @@ from lifelong.bridges.avalanche.learners import (
 from lifelong.bridges.avalanche.sample_dp import sample_dp_config
 from lifelong.checkpoints import ResumeError, config_fingerprint  # noqa: F401  (the CLI's too)
 from lifelong.config import Config, JointSpec, strategy_label, validate_config
-from lifelong.env import default_tracking_uri
+from lifelong.env import default_tracking_uri, in_process_flow_runs
 from lifelong.flows import continuation as cont
 from lifelong.flows import health
 from lifelong.flows.checkpoints import checkpoint_path, load_checkpoint, save_checkpoint
@@ -418,4 +418,5 @@ def run_continual(cfg: Config, resume: str | None = None) -> ContinualResult:
     """Entry point for Python users and the CLI: seeds are set per strategy inside the flow.
     ``resume``: an interrupted run's id (see :func:`continual_flow`)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    return continual_flow(cfg, resume)
+    with in_process_flow_runs():
+        return continual_flow(cfg, resume)

@@ -62,7 +62,7 @@ from lifelong.checkpoints import ResumeError
 from lifelong.clients import state_store
 from lifelong.clients.learner import frozen_keys
 from lifelong.config import Config, OnePromptSpec, load_config, strategy_label, validate_config
-from lifelong.env import default_tracking_uri
+from lifelong.env import default_tracking_uri, in_process_flow_runs
 from lifelong.flows import health, privacy_ledger
 from lifelong.flows.checkpoints import (
     begin_attempt,
@@ -724,9 +724,11 @@ def run_federated(cfg: Config, client_app=None, resume: str | None = None) -> Fe
     if cfg.clock is not None:  # clients that come and go on a virtual clock
         from lifelong.flows.virtual_clock import clock_flow
 
-        return clock_flow(cfg, client_app, resume=resume)
+        with in_process_flow_runs():
+            return clock_flow(cfg, client_app, resume=resume)
     if cfg.federated.ray_address is not None:
         from lifelong.clients.launch import check_ray_address
 
         check_ray_address(cfg.federated.ray_address)  # before the run is opened
-    return federated_flow(cfg, client_app, resume)
+    with in_process_flow_runs():
+        return federated_flow(cfg, client_app, resume)

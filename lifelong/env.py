@@ -7,6 +7,8 @@ Prefect reads its settings when it is first imported, so this runs from
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -49,3 +51,26 @@ def configure_environment() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
+
+
+@contextmanager
+def in_process_flow_runs() -> Iterator[None]:
+    """Flows Lifelong runs in its own process run without Prefect's flow-run heartbeats, unless
+    the user set their frequency (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, or a Prefect profile).
+
+    Prefect 3.7 sends a heartbeat every 180 s by default, from a thread that sleeps in 1 s steps,
+    and a flow run that ends waits for that thread to wake: up to 1 s idle at the end of every
+    run (0.35 s on the default pipeline, ``python -m bench overhead``), in every ``lifelong
+    run``, every cell of a sweep and every test. Heartbeats let an automation on a Prefect server
+    mark a run whose process died as crashed. A run Lifelong starts records its own state
+    instead (its MLflow status, checkpoints, ``--resume``). Flows that a Prefect worker or a
+    served deployment runs (schedules, arrivals) keep their heartbeats: this wraps direct calls only.
+    """
+    import prefect.settings
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={prefect.settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
