@@ -52,7 +52,6 @@ def configure_environment() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
-
 @contextmanager
 def in_process_flow_runs() -> Iterator[None]:
     """Flows Lifelong runs in its own process run without Prefect's flow-run heartbeats, unless

@@ -39,9 +39,8 @@ class SilentEvaluator(EvaluationPlugin):
     the continual flow evaluates with its own plugin (``tasks/evaluation.py``) and a federated
     client not at all (the server evaluates the global model). The stock plugin forwards every
     ``before_*`` and ``after_*`` callback to its metrics and, even with none, first builds a
-    logging view of the experience: about a tenth of a small client round, and of the default
-    pipeline's training (measured with cProfile on the bench workloads). Here callbacks resolve
-    to a no-op; everything else is the stock plugin.
+    logging view of the experience: about a tenth of a small client round (measured with cProfile
+    on the bench workload). Here callbacks resolve to a no-op; everything else is the stock plugin.
     """
 
     def __init__(self):

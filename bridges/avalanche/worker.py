@@ -10,7 +10,6 @@ in its ``Context.state`` (``clients/state.py``); the round itself is ``clients/l
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -183,9 +182,7 @@ def build_worker(cfg: Config, stream: Stream) -> Worker:
     model = build_stream_model(cfg.model, stream)  # the server's keys: every task's head already
     model.to(resolve_device(cfg.training.device))
     meter = LossMeter()
-    with warnings.catch_warnings():  # "no loggers": the server evaluates, not the client
-        warnings.simplefilter("ignore", UserWarning)
-        evaluator = SilentEvaluator()
+    evaluator = SilentEvaluator()  # the server evaluates, not the client
     memory = ClientReplayBuffer(spec.mem_size) if isinstance(spec, ReplaySpec) else None
     batches = ShareBatches() if memory is None and sample_dp_config(cfg) is None else None
     strategy = build_learner(spec, model, cfg.training, [meter, *([batches] if batches else [])], evaluator,
