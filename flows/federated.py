@@ -721,14 +721,13 @@ def run_federated(cfg: Config, client_app=None, resume: str | None = None) -> Fe
     ``lifelong.clients.app.app``, e.g. one made to fail in a test; ``resume``: an interrupted run's id)."""
     if cfg.flow != "federated":
         cfg = validate_config({**cfg.model_dump(mode="json"), "flow": "federated"})
-    if cfg.clock is not None:  # clients that come and go on a virtual clock
-        from lifelong.flows.virtual_clock import clock_flow
-
-        with in_process_flow_runs():
-            return clock_flow(cfg, client_app, resume=resume)
-    if cfg.federated.ray_address is not None:
-        from lifelong.clients.launch import check_ray_address
-
-        check_ray_address(cfg.federated.ray_address)  # before the run is opened
     with in_process_flow_runs():
+        if cfg.clock is not None:  # clients that come and go on a virtual clock
+            from lifelong.flows.virtual_clock import clock_flow
+
+            return clock_flow(cfg, client_app, resume=resume)
+        if cfg.federated.ray_address is not None:
+            from lifelong.clients.launch import check_ray_address
+
+            check_ray_address(cfg.federated.ray_address)  # before the run is opened
         return federated_flow(cfg, client_app, resume)
