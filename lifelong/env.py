@@ -1,4 +1,5 @@
-"""Where Lifelong keeps its state, and the environment Prefect and MLflow need.
+"""Where Lifelong keeps its state, and the process environment it needs: Prefect's and MLflow's
+settings, how flows run in process, and which of Avalanche's dependencies load.
 
 Prefect reads its settings when it is first imported, so this runs from
 ``lifelong/__init__.py``, before any flow module imports Prefect.
@@ -6,7 +7,9 @@ Prefect reads its settings when it is first imported, so this runs from
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +33,34 @@ def prefect_home(home: Path) -> dict[str, str]:
     store's path from ``~/.prefect`` whatever ``PREFECT_HOME`` says (the server settings' default
     does not see the home setting), and warns at every server start where that is not writable."""
     return {"PREFECT_HOME": str(home), "PREFECT_SERVER_MEMO_STORE_PATH": str(Path(home) / "memo_store.toml")}
+
+
+#: qpsolvers' backends that import JAX, and which Avalanche never calls (``hide_jax_qp_backends``).
+_JAX_QP_BACKENDS = frozenset({"qpsolvers.solvers.jaxopt_osqp_", "qpsolvers.solvers.qpax_"})
+
+
+class _HideJaxQpBackends(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in _JAX_QP_BACKENDS:
+            raise ImportError(f"{name}: not loaded by Lifelong (lifelong.env.hide_jax_qp_backends)")
+        return None  # every other module: the next finder's
+
+
+def hide_jax_qp_backends() -> None:
+    """Keep qpsolvers from importing JAX in every process that imports Avalanche.
+
+    Avalanche imports qpsolvers for GEM, and qpsolvers imports every QP backend it finds
+    installed. avalanche-lib requires ``qpsolvers[open_source_solvers]``, which installs two
+    backends built on JAX (jaxopt's OSQP and qpax). Importing them costs about 1.2 s of CPU, out
+    of ~7 s for the whole stack (``python -c "import lifelong.flows.federated"``, measured with and
+    without). That cost falls on the CLI, every SuperNode's worker and every Ray actor. Avalanche
+    only asks qpsolvers for ``solver="quadprog"`` (``avalanche/training/plugins/gem.py``), and pip
+    cannot leave out one extra's packages. So the two backend modules are hidden from qpsolvers,
+    which skips a backend whose import fails and registers the rest as before. JAX itself stays
+    importable (the canary audit's jax-privacy uses it).
+    """
+    if not any(isinstance(f, _HideJaxQpBackends) for f in sys.meta_path):
+        sys.meta_path.insert(0, _HideJaxQpBackends())
 
 
 def configure_environment() -> None:
