@@ -18,6 +18,7 @@ from lifelong.cli.registry import registry_app
 from lifelong.cli.schedule import schedule as schedule_command
 from lifelong.cli.stack import stack_app
 from lifelong.config import ConfigError, load_config
+from lifelong.env import in_process_flow_runs
 
 app = typer.Typer(
     name="lifelong",
@@ -56,7 +57,6 @@ def run(
         resume_run(cfg, resume)
         return
     if cfg.flow == "multitask":
-        from lifelong.env import in_process_flow_runs
         from lifelong.flows.multitask import multitask_flow
 
         with in_process_flow_runs():
@@ -295,8 +295,6 @@ def sweep(
                 check_before_work(cfg)
     except (ConfigError, ValueError) as exc:
         fail(f"{path}: {exc}" if not str(exc).startswith(str(path)) else str(exc))
-
-    from lifelong.env import in_process_flow_runs
 
     with in_process_flow_runs():  # the cells' flows too: they run inside the sweep's
         tables = sweep_flow([str(p) for p in configs], seeds, set_, str(out) if out else None)

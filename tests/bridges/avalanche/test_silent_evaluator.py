@@ -1,4 +1,5 @@
-"""The evaluator the continual flow and the federated worker give Avalanche: silent, and no part of training."""
+"""The evaluator the continual flow and the federated worker give Avalanche: silent, and no part of
+training."""
 
 import warnings
 
@@ -13,7 +14,8 @@ from lifelong.tasks.streams import build_stream
 
 
 def test_it_is_made_without_a_warning():
-    # Avalanche warns "No loggers specified" for an evaluator without loggers: `make run` printed it.
+    # Avalanche warns "No loggers specified" for an evaluator without loggers (run_continual printed it
+    # while the continual flow built SilentEvaluator(loggers=[])).
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SilentEvaluator()
